@@ -1,0 +1,3 @@
+"""ouroboros-jax: reinforcement learning of language models with verifiable rewards."""
+
+__version__ = "0.1.0"

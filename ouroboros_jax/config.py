@@ -1,0 +1,524 @@
+"""Typed experiment configuration: frozen dataclasses, one per concern.
+
+Every experiment is one `ExperimentConfig`. Each field is overridable from the
+command line with a dotted name (`--model.d_model 128`), `--help` lists every
+field with its type and default, and the whole object is saved as JSON next to
+each run and loads back to an equal object.
+
+Validation happens at construction: a wrong value raises `ConfigError` naming
+the field and the rule it broke. Checks that need the device count (the mesh)
+happen when the mesh is built, with the same kind of error.
+
+Config is read at the edges (trainer, experiment scripts); models, losses and
+verifiers take the explicit values they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+DTYPES = ("float32", "bfloat16")
+ROPE_SCALINGS = ("", "linear", "llama3")
+POLICY_VARIANTS = ("ppo_clip", "gspo", "gspo_token")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+KL_KINDS = ("k1", "k2", "k3")
+OVERLONG_MODES = ("none", "shape", "mask")
+DATA_SOURCES = ("arithmetic", "countdown", "jsonl", "tfds", "humaneval")
+
+
+class ConfigError(ValueError):
+    """A configuration value broke a rule; the message names the field and the rule."""
+
+
+def _require(ok: bool, field_name: str, rule: str, value: Any = None) -> None:
+    if not ok:
+        shown = "" if value is None else f" (got {value!r})"
+        raise ConfigError(f"{field_name}: {rule}{shown}")
+
+
+def _one_of(value: Any, choices: Sequence[Any], field_name: str) -> None:
+    _require(value in choices, field_name, f"must be one of {list(choices)}", value)
+
+
+def _positive(value: float, field_name: str) -> None:
+    _require(value > 0, field_name, "must be positive", value)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder LM architecture and numerics (Llama 3 / Qwen2 / Qwen3 families).
+
+    When `path` names a Hugging Face checkpoint directory, the experiment loads
+    the architecture and weights from it and the architecture fields here are
+    replaced by the checkpoint's; otherwise a model of this shape is initialised.
+    """
+
+    family: str = "qwen2"
+    vocab_size: int = 64
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    d_ff: int = 128
+    rope_theta: float = 10_000.0
+    rope_scaling: str = ""
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    o_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    max_seq_len: int = 2048
+    dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        _one_of(self.family, FAMILIES, "model.family")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            _positive(getattr(self, name), f"model.{name}")
+        _require(self.head_dim > 0 and self.head_dim % 2 == 0, "model.head_dim",
+                 "must be a positive even number (rotary embeddings pair dimensions)",
+                 self.head_dim)
+        _require(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",
+                 f"must divide model.n_heads={self.n_heads} (grouped-query attention)",
+                 self.n_kv_heads)
+        _one_of(self.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
+        _positive(self.rope_scaling_factor, "model.rope_scaling_factor")
+        _one_of(self.dtype, DTYPES, "model.dtype")
+        _one_of(self.compute_dtype, DTYPES, "model.compute_dtype")
+        _positive(self.max_seq_len, "model.max_seq_len")
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads sharing one key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings included, counted once when tied)."""
+        d, h = self.d_model, self.head_dim
+        attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
+        attn += (self.n_heads + 2 * self.n_kv_heads) * h if self.qkv_bias else 0
+        attn += d if self.o_bias else 0
+        attn += 2 * h if self.qk_norm else 0
+        layer = attn + 3 * d * self.d_ff + 2 * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.n_layers * layer + d + head
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape over the axes (data, fsdp, tensor); -1 takes the rest."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+        for name, size in sizes.items():
+            _require(size == -1 or size >= 1, name, "must be >= 1, or -1 for the rest", size)
+        _require(list(sizes.values()).count(-1) <= 1, "mesh",
+                 "at most one of data, fsdp, tensor may be -1")
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """The concrete (data, fsdp, tensor) shape for `num_devices` devices."""
+        sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+        fixed = 1
+        for size in sizes.values():
+            fixed *= size if size != -1 else 1
+        wild = [name for name, size in sizes.items() if size == -1]
+        if wild:
+            _require(num_devices % fixed == 0, wild[0],
+                     f"cannot fill: the other axes ({fixed} devices) do not divide the "
+                     f"{num_devices} devices")
+            sizes[wild[0]] = num_devices // fixed
+        else:
+            _require(fixed == num_devices, "mesh",
+                     f"data*fsdp*tensor = {fixed} must equal the device count {num_devices}")
+        return sizes["mesh.data"], sizes["mesh.fsdp"], sizes["mesh.tensor"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Rollout sampling: group size, lengths and the sampling distribution."""
+
+    group_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    prompt_len_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
+    eval_temperature: float = 0.0
+    eval_num_samples: int = 8
+
+    def __post_init__(self) -> None:
+        _positive(self.group_size, "sampling.group_size")
+        _positive(self.max_new_tokens, "sampling.max_new_tokens")
+        _require(self.temperature >= 0, "sampling.temperature", "must be >= 0 (0 is greedy)",
+                 self.temperature)
+        _require(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]", self.top_p)
+        _require(self.top_k >= 0, "sampling.top_k", "must be >= 0 (0 is off)", self.top_k)
+        _require(len(self.prompt_len_buckets) > 0
+                 and list(self.prompt_len_buckets) == sorted(set(self.prompt_len_buckets)),
+                 "sampling.prompt_len_buckets", "must be a non-empty increasing sequence",
+                 self.prompt_len_buckets)
+        _positive(self.eval_num_samples, "sampling.eval_num_samples")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The policy objective, advantages and the DAPO trainer-side parts.
+
+    Named presets with each paper's defaults live in `LOSS_PRESETS`.
+    """
+
+    algorithm: str = "grpo"
+    advantage: str = "grpo"
+    variant: str = "ppo_clip"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    aggregation: str = "seq_mean_token_mean"
+    max_len: int | None = None
+    kl_coef: float = 0.04
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    overlong: str = "none"
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _one_of(self.advantage, ADVANTAGE_MODES, "loss.advantage")
+        _one_of(self.variant, POLICY_VARIANTS, "loss.variant")
+        _one_of(self.aggregation, AGGREGATIONS, "loss.aggregation")
+        _one_of(self.kl_kind, KL_KINDS, "loss.kl_kind")
+        _one_of(self.overlong, OVERLONG_MODES, "loss.overlong")
+        _require(self.clip_low >= 0, "loss.clip_low", "must be >= 0", self.clip_low)
+        _require(self.clip_high >= 0, "loss.clip_high", "must be >= 0", self.clip_high)
+        _require(self.dual_clip is None or self.dual_clip > 1, "loss.dual_clip",
+                 "must be > 1 (the constant c of dual-clip PPO) or None", self.dual_clip)
+        _require(self.kl_coef >= 0, "loss.kl_coef", "must be >= 0", self.kl_coef)
+        _require(self.max_len is None or self.max_len > 0, "loss.max_len",
+                 "must be positive or None", self.max_len)
+        _positive(self.max_sampling_rounds, "loss.max_sampling_rounds")
+        _require(self.overlong_buffer >= 0, "loss.overlong_buffer", "must be >= 0",
+                 self.overlong_buffer)
+        _require(self.overlong != "shape" or self.overlong_buffer > 0, "loss.overlong_buffer",
+                 "must be positive when loss.overlong is 'shape'", self.overlong_buffer)
+
+
+LOSS_PRESETS: dict[str, LossConfig] = {
+    # GRPO, Shao et al. 2024, "DeepSeekMath" (arXiv:2402.03300): token-level PPO clip,
+    # std-normalised group advantages, k3 KL to the reference with beta 0.04,
+    # loss averaged per sequence then over sequences.
+    "grpo": LossConfig(),
+    # Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training" (arXiv:2503.20783):
+    # no std normalisation, token sums divided by a constant (the max length), no KL.
+    "dr_grpo": LossConfig(algorithm="dr_grpo", advantage="dr_grpo",
+                          aggregation="seq_mean_token_sum_norm", kl_coef=0.0),
+    # DAPO, Yu et al. 2025 (arXiv:2503.14476): clip-higher (0.2 / 0.28), token-mean
+    # loss, no KL, dynamic sampling and overlong reward shaping in the trainer.
+    "dapo": LossConfig(algorithm="dapo", clip_low=0.2, clip_high=0.28,
+                       aggregation="token_mean", kl_coef=0.0, dynamic_sampling=True,
+                       overlong="shape", overlong_buffer=16, overlong_penalty=1.0),
+    # GSPO, Zheng et al. 2025, "Group Sequence Policy Optimization" (arXiv:2507.18071):
+    # length-normalised sequence ratio clipped at 3e-4 / 4e-4, no KL.
+    "gspo": LossConfig(algorithm="gspo", variant="gspo", clip_low=3e-4, clip_high=4e-4,
+                       aggregation="seq_mean_token_mean", kl_coef=0.0),
+}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup and an optional cosine decay; global-norm gradient clipping."""
+
+    learning_rate: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive(self.learning_rate, "optimizer.learning_rate")
+        _require(0 <= self.b1 < 1, "optimizer.b1", "must be in [0, 1)", self.b1)
+        _require(0 <= self.b2 < 1, "optimizer.b2", "must be in [0, 1)", self.b2)
+        _require(self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+        _one_of(self.schedule, ("constant", "cosine"), "optimizer.schedule")
+        _require(self.max_grad_norm >= 0, "optimizer.max_grad_norm", "must be >= 0 (0: off)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Batch sizes and the length of the run.
+
+    The rollout batch is `prompts_per_step * sampling.group_size` sequences; it is
+    split into mini-batches (one optimizer step each, `inner_epochs` passes), and
+    each mini-batch into micro-batches whose gradients accumulate in one program.
+    """
+
+    steps: int = 100
+    prompts_per_step: int = 8
+    mini_batch_size: int = 64
+    micro_batch_size: int = 64
+    inner_epochs: int = 1
+    eval_every: int = 50
+    eval_size: int = 64
+    ref_update_every: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "mini_batch_size", "micro_batch_size",
+                     "inner_epochs", "eval_size"):
+            _positive(getattr(self, name), f"train.{name}")
+        _require(self.mini_batch_size % self.micro_batch_size == 0, "train.micro_batch_size",
+                 f"must divide train.mini_batch_size={self.mini_batch_size}",
+                 self.micro_batch_size)
+        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0: off)")
+        _require(self.ref_update_every >= 0, "train.ref_update_every", "must be >= 0 (0: never)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where prompts come from and how they become model input."""
+
+    source: str = "arithmetic"
+    path: str = ""
+    eval_path: str = ""
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    tfds_name: str = ""
+    tfds_data_dir: str = ""
+    split: str = "train"
+    eval_split: str = "test"
+    template: str = "{prompt}"
+    chat_template: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(self.source, DATA_SOURCES, "data.source")
+        _require(self.source != "jsonl" or bool(self.path), "data.path",
+                 "is required when data.source is 'jsonl'")
+        _require(self.source != "tfds" or bool(self.tfds_name), "data.tfds_name",
+                 "is required when data.source is 'tfds'")
+        _require("{prompt}" in self.template, "data.template",
+                 "must contain the placeholder {prompt}", self.template)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints: cadence, retention and resume."""
+
+    directory: str = ""
+    save_every: int = 0
+    keep: int = 3
+    best_metric: str = ""
+    async_save: bool = True
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.save_every >= 0, "checkpoint.save_every", "must be >= 0 (0: off)")
+        _positive(self.keep, "checkpoint.keep")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Run directory and metric writers."""
+
+    run_dir: str = "runs/default"
+    log_every: int = 1
+    console: bool = True
+    jsonl: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self.log_every, "logging.log_every")
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    """Which verifiers score completions, their weights, and the worker pool."""
+
+    names: tuple[str, ...] = ("math",)
+    weights: tuple[float, ...] = (1.0,)
+    num_workers: int = 2
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _require(len(self.names) > 0, "verifier.names", "must name at least one verifier")
+        _require(len(self.weights) == len(self.names), "verifier.weights",
+                 f"must have one weight per name ({len(self.names)})", self.weights)
+        _positive(self.num_workers, "verifier.num_workers")
+        _positive(self.timeout_s, "verifier.timeout_s")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: every concern's config, composed."""
+
+    name: str = "experiment"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+
+    def __post_init__(self) -> None:
+        batch = self.rollout_batch_size
+        _require(batch % self.train.mini_batch_size == 0, "train.mini_batch_size",
+                 f"must divide the rollout batch train.prompts_per_step * "
+                 f"sampling.group_size = {batch}", self.train.mini_batch_size)
+        total = self.sampling.max_new_tokens + self.sampling.prompt_len_buckets[-1]
+        _require(total <= self.model.max_seq_len, "sampling.max_new_tokens",
+                 f"the longest prompt bucket plus max_new_tokens ({total}) exceeds "
+                 f"model.max_seq_len={self.model.max_seq_len}")
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Sequences per rollout: prompts per step times the group size."""
+        return self.train.prompts_per_step * self.sampling.group_size
+
+
+# ---------------------------------------------------------------------------
+# JSON round trip
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+T = TypeVar("T")
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
+        return from_dict(tp, value, _prefix=where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, _prefix: str = "") -> T:
+    """Build a config dataclass from a dict, rejecting unknown fields by name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{_prefix}." if _prefix else ""
+        raise ConfigError(f"unknown config field(s): {', '.join(where + u for u in unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        where = f"{_prefix}.{name}" if _prefix else name
+        kwargs[name] = _coerce(hints[name], value, where)
+    return cls(**kwargs)
+
+
+def save_json(cfg: Any, path: str | os.PathLike[str]) -> None:
+    """Write the whole config as indented JSON."""
+    with open(path, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def load_json(path: str | os.PathLike[str], cls: type[T] = ExperimentConfig) -> T:  # type: ignore[assignment]
+    """Load a config saved by `save_json`; the result equals the saved object."""
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    return from_dict(cls, data)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def parse_cli(
+    default: ExperimentConfig | None = None,
+    args: Sequence[str] | None = None,
+    description: str | None = None,
+) -> ExperimentConfig:
+    """Parse `--section.field value` overrides on top of `default`.
+
+    `--preset NAME` (one of LOSS_PRESETS) swaps the loss section for that preset
+    before the other overrides apply; `--config PATH` starts from a saved JSON config.
+    """
+    import tyro
+
+    argv = list(sys.argv[1:] if args is None else args)
+    base = default or ExperimentConfig()
+    argv, config_path = _pop_option(argv, "--config")
+    if config_path:
+        base = load_json(config_path)
+    argv, preset = _pop_option(argv, "--preset")
+    if preset:
+        if preset not in LOSS_PRESETS:
+            raise ConfigError(f"--preset: must be one of {sorted(LOSS_PRESETS)} (got {preset!r})")
+        base = dataclasses.replace(base, loss=LOSS_PRESETS[preset])
+    return tyro.cli(
+        ExperimentConfig,
+        default=base,
+        args=argv,
+        description=description,
+        use_underscores=True,
+        config=(tyro.conf.FlagConversionOff,),
+    )
+
+
+def _pop_option(argv: list[str], name: str) -> tuple[list[str], str]:
+    out, value = [], ""
+    it = iter(range(len(argv)))
+    for i in it:
+        arg = argv[i]
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+            next(it, None)
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+    return out, value

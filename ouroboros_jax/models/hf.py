@@ -1,0 +1,341 @@
+"""Hugging Face checkpoints: import `config.json` + `*.safetensors`, and export back.
+
+Supported architectures: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+and their ...ForSequenceClassification (num_labels=1) as reward models.
+Weights are read from memory-mapped files straight into their device shards
+when a mesh is given: a host reads only the slices its devices hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ouroboros_jax.config import ConfigError, ModelConfig
+from ouroboros_jax.models.safetensors_io import CheckpointError, SafetensorsFile, save_file
+from ouroboros_jax.models.transformer import LAYER_AXES, Params, dtype_of, param_shapes
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", "lm"),
+    "Qwen2ForCausalLM": ("qwen2", "lm"),
+    "Qwen3ForCausalLM": ("qwen3", "lm"),
+    "LlamaForSequenceClassification": ("llama", "score"),
+    "Qwen2ForSequenceClassification": ("qwen2", "score"),
+    "Qwen3ForSequenceClassification": ("qwen3", "score"),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+# ---------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def config_from_hf(hf: dict[str, Any], *, path: str = "", dtype: str = "float32") -> tuple[ModelConfig, str]:
+    """Translate a Hugging Face `config.json` dict; returns (config, head kind)."""
+    arch = (hf.get("architectures") or [None])[0]
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path}/config.json: unsupported architecture {arch!r}; "
+                              f"supported: {sorted(ARCHITECTURES)}")
+    family, head = ARCHITECTURES[arch]
+    if head == "score" and hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
+        raise CheckpointError(f"{path}/config.json: a reward model needs num_labels=1")
+    if hf.get("mlp_bias"):
+        raise CheckpointError(f"{path}/config.json: mlp_bias=true is not supported")
+    if hf.get("use_sliding_window"):
+        raise CheckpointError(f"{path}/config.json: use_sliding_window=true is not supported")
+    n_heads = hf["num_attention_heads"]
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10_000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise CheckpointError(f"{path}/config.json: rope scaling {kind!r} is not supported "
+                              "(supported: default, linear, llama3)")
+    attention_bias = hf.get("attention_bias", False)
+    try:
+        cfg = ModelConfig(
+            family=family,
+            vocab_size=hf["vocab_size"],
+            d_model=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            d_ff=hf["intermediate_size"],
+            rope_theta=float(theta),
+            rope_scaling="" if kind == "default" else kind,
+            rope_scaling_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            qkv_bias=True if family == "qwen2" else bool(attention_bias),
+            o_bias=bool(attention_bias) if family == "llama" else False,
+            qk_norm=family == "qwen3",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", family != "llama")),
+            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+            dtype=dtype,
+            compute_dtype=dtype,
+            path=path,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path}/config.json: missing field {e.args[0]!r}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    return cfg, head
+
+
+def config_to_hf(cfg: ModelConfig, *, head: str = "lm", dtype: str | None = None) -> dict[str, Any]:
+    """The `config.json` dict that `transformers` reads back to the same model."""
+    arch = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[cfg.family]
+    arch += "ForCausalLM" if head == "lm" else "ForSequenceClassification"
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": MODEL_TYPES[cfg.family],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_seq_len,
+        "torch_dtype": dtype or cfg.dtype,
+        "use_sliding_window": False,
+    }
+    if cfg.family == "llama":
+        out["attention_bias"] = cfg.qkv_bias
+        out["mlp_bias"] = False
+    elif cfg.family == "qwen3":
+        out["attention_bias"] = cfg.qkv_bias
+    if cfg.rope_scaling:
+        scaling: dict[str, Any] = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_scaling_factor}
+        if cfg.rope_scaling == "llama3":
+            scaling |= {"low_freq_factor": cfg.rope_low_freq_factor,
+                        "high_freq_factor": cfg.rope_high_freq_factor,
+                        "original_max_position_embeddings": cfg.rope_original_max_position}
+        out["rope_scaling"] = scaling
+    if head == "score":
+        out["num_labels"] = 1
+        out["id2label"] = {"0": "LABEL_0"}
+        out["label2id"] = {"LABEL_0": 0}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Name and layout mapping: ours -> (HF name template, to_ours, from_ours)
+
+
+def _hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
+    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    t = lambda w: w.T
+    ident = lambda w: w
+    pre = "model.layers.{i}."
+    return {
+        "attn_norm_LD": (pre + "input_layernorm.weight", ident, ident),
+        "q_LDNH": (pre + "self_attn.q_proj.weight", lambda w: w.T.reshape(D, N, H),
+                   lambda w: w.reshape(D, N * H).T),
+        "k_LDKH": (pre + "self_attn.k_proj.weight", lambda w: w.T.reshape(D, K, H),
+                   lambda w: w.reshape(D, K * H).T),
+        "v_LDKH": (pre + "self_attn.v_proj.weight", lambda w: w.T.reshape(D, K, H),
+                   lambda w: w.reshape(D, K * H).T),
+        "o_LNHD": (pre + "self_attn.o_proj.weight", lambda w: w.T.reshape(N, H, D),
+                   lambda w: w.reshape(N * H, D).T),
+        "q_bias_LNH": (pre + "self_attn.q_proj.bias", lambda w: w.reshape(N, H), lambda w: w.reshape(-1)),
+        "k_bias_LKH": (pre + "self_attn.k_proj.bias", lambda w: w.reshape(K, H), lambda w: w.reshape(-1)),
+        "v_bias_LKH": (pre + "self_attn.v_proj.bias", lambda w: w.reshape(K, H), lambda w: w.reshape(-1)),
+        "o_bias_LD": (pre + "self_attn.o_proj.bias", ident, ident),
+        "q_norm_LH": (pre + "self_attn.q_norm.weight", ident, ident),
+        "k_norm_LH": (pre + "self_attn.k_norm.weight", ident, ident),
+        "mlp_norm_LD": (pre + "post_attention_layernorm.weight", ident, ident),
+        "gate_LDF": (pre + "mlp.gate_proj.weight", t, t),
+        "up_LDF": (pre + "mlp.up_proj.weight", t, t),
+        "down_LFD": (pre + "mlp.down_proj.weight", t, t),
+        "embed_VD": ("model.embed_tokens.weight", ident, ident),
+        "final_norm_D": ("model.norm.weight", ident, ident),
+        "lm_head_DV": ("lm_head.weight", t, t),
+        "score_D": ("score.weight", lambda w: w.reshape(-1), lambda w: w.reshape(1, -1)),
+    }
+
+
+class _Reader:
+    """Finds each HF tensor across (possibly sharded) files; converts on the host."""
+
+    def __init__(self, directory: Path, cfg: ModelConfig, dtype: np.dtype):
+        self.dir = directory
+        self.layout = _hf_layout(cfg)
+        self.dtype = dtype
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: corrupt index ({e})") from None
+            self.files = {name: directory / f for name, f in weight_map.items()}
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{directory}: no *.safetensors files found")
+            self.files = {}
+            for f in files:
+                for name in SafetensorsFile(f):
+                    self.files[name] = f
+        self._open = functools.lru_cache(maxsize=None)(SafetensorsFile)
+        self.tensor = functools.lru_cache(maxsize=8)(self._tensor)
+
+    def _tensor(self, ours: str, layer: int | None, want: tuple[int, ...]) -> np.ndarray:
+        template, to_ours, _ = self.layout[ours]
+        name = template.format(i=layer)
+        if name not in self.files:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
+        file = self._open(self.files[name])
+        if name not in file:
+            raise CheckpointError(f"{file.path}: tensor {name!r} is missing (the index names this file)")
+        raw = file[name]
+        if not np.issubdtype(raw.dtype, np.floating) and raw.dtype.name != "bfloat16":
+            raise CheckpointError(f"{file.path}: tensor {name!r} has dtype {raw.dtype}, expected a float")
+        try:
+            out = to_ours(raw)
+        except ValueError:
+            out = None
+        if out is None or out.shape != want:
+            raise CheckpointError(f"{file.path}: tensor {name!r} has shape {raw.shape}, "
+                                  f"which does not fit the model's {want} ({ours})")
+        return np.asarray(out, dtype=self.dtype)
+
+    def read(self, ours: str, shape: tuple[int, ...], index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """The (slice of the) stacked tensor `ours`, converted to our layout."""
+        index = index or tuple(slice(None) for _ in shape)
+        if ours not in LAYER_AXES:
+            return self.tensor(ours, None, shape)[index]
+        layers = range(shape[0])[index[0]]
+        parts = [self.tensor(ours, i, shape[1:])[index[1:]] for i in layers]
+        return np.stack(parts)
+
+
+def load_hf_checkpoint(
+    path: str | os.PathLike[str], *, dtype: str = "float32", mesh: Mesh | None = None
+) -> tuple[ModelConfig, Params]:
+    """Load a Hugging Face checkpoint directory into (model_config, params).
+
+    Args:
+      path: a directory with `config.json` and `model.safetensors`, or sharded
+        `model-0000k-of-0000n.safetensors` files with `model.safetensors.index.json`.
+      dtype: parameter dtype, "float32" or "bfloat16" (also the compute dtype;
+        change `compute_dtype` on the returned config to mix).
+      mesh: when given, every parameter is placed straight into its sharding
+        under `sharding.RULES`; each host reads only the slices it holds.
+    Returns:
+      The architecture config and the params pytree. For a
+      ...ForSequenceClassification checkpoint the params carry `score_D`.
+    """
+    directory = Path(path)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{directory}: config.json not found")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype: must be 'float32' or 'bfloat16' (got {dtype!r})")
+    cfg, head = config_from_hf(hf, path=str(directory), dtype=dtype)
+    reader = _Reader(directory, cfg, np.dtype(dtype_of(dtype)))
+    shapes = param_shapes(cfg, head=head)
+    is_leaf = lambda x: isinstance(x, tuple)
+    if mesh is None:
+        def load(path_, shape):
+            return jnp.asarray(reader.read(path_[-1].key, shape))
+        params = jax.tree_util.tree_map_with_path(load, shapes, is_leaf=is_leaf)
+    else:
+        from ouroboros_jax.sharding import param_shardings
+
+        shardings = param_shardings(cfg, mesh, head=head)
+
+        def load(path_, shape, sharding):
+            ours = path_[-1].key
+            return jax.make_array_from_callback(shape, sharding, lambda idx: reader.read(ours, shape, idx))
+        params = jax.tree_util.tree_map_with_path(load, shapes, shardings, is_leaf=is_leaf)
+    return cfg, params
+
+
+def export_hf_checkpoint(
+    params: Params, cfg: ModelConfig, path: str | os.PathLike[str], *,
+    dtype: str | None = None, max_shard_bytes: int = 4 * 1024**3,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write params as a Hugging Face checkpoint that `transformers` loads.
+
+    Files larger than `max_shard_bytes` are split into
+    `model-0000k-of-0000n.safetensors` with an index, as Hugging Face does.
+    Special token ids (bos/eos/pad) and tokenizer files are carried over from
+    the checkpoint `cfg.path` was loaded from; `extra_config` adds keys to
+    `config.json` (e.g. `pad_token_id`, which a reward model needs for batches).
+    """
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    head = "score" if "score_D" in params else "lm"
+    np_dtype = np.dtype(dtype_of(dtype or cfg.dtype))
+    layout = _hf_layout(cfg)
+    tensors: dict[str, np.ndarray] = {}
+    flat = dict(params)
+    layers = flat.pop("layers")
+    for ours, value in flat.items():
+        template, _, from_ours = layout[ours]
+        tensors[template] = np.ascontiguousarray(from_ours(np.asarray(value).astype(np_dtype)))
+    for ours, stacked in layers.items():
+        template, _, from_ours = layout[ours]
+        host = np.asarray(stacked).astype(np_dtype)
+        for i in range(cfg.n_layers):
+            tensors[template.format(i=i)] = np.ascontiguousarray(from_ours(host[i]))
+    _write_shards(tensors, directory, max_shard_bytes)
+    hf_cfg = config_to_hf(dataclasses.replace(cfg, path=""), head=head, dtype=dtype or cfg.dtype)
+    source = Path(cfg.path) if cfg.path else None
+    if source is not None and (source / "config.json").is_file() and source.resolve() != directory.resolve():
+        old = json.loads((source / "config.json").read_text())
+        hf_cfg |= {k: old[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in old}
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, directory / name)
+    hf_cfg |= extra_config or {}
+    (directory / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    return directory
+
+
+def _write_shards(tensors: dict[str, np.ndarray], directory: Path, max_bytes: int) -> None:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors")
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / fname)
+        weight_map |= {name: fname for name in shard}
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,129 @@
+"""Tokenizer wrapper over `tokenizers` (tokenizer.json) with Hugging Face chat templates.
+
+Chat templates are the Jinja2 strings in `tokenizer_config.json`, rendered in a
+sandboxed environment with the helpers Hugging Face templates expect
+(`raise_exception`, `tojson`, `strftime_now`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ouroboros_jax.models.safetensors_io import CheckpointError
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Text <-> token ids, special tokens, and chat templates."""
+
+    def __init__(self, tokenizer: Any, config: Mapping[str, Any] | None = None):
+        self._tok = tokenizer
+        self.config = dict(config or {})
+        self.chat_template: str | None = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: take "default"
+            named = {t["name"]: t["template"] for t in self.chat_template}
+            self.chat_template = named.get("default", next(iter(named.values())))
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.pad_token = _token_text(self.config.get("pad_token"))
+        self.add_bos = bool(self.config.get("add_bos_token", False))
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load `tokenizer.json` (and `tokenizer_config.json` when present)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        directory = Path(path)
+        tok_file = directory / "tokenizer.json"
+        if not tok_file.is_file():
+            raise CheckpointError(f"{directory}: tokenizer.json not found")
+        try:
+            tok = HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # the Rust library raises its own exception type
+            raise CheckpointError(f"{tok_file}: cannot be read ({e})") from None
+        config: dict[str, Any] = {}
+        cfg_file = directory / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                config = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        template_file = directory / "chat_template.jinja"
+        if template_file.is_file() and "chat_template" not in config:
+            config["chat_template"] = template_file.read_text()
+        return cls(tok, config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def pad_id(self) -> int:
+        for candidate in (self.pad_token, self.eos_token):
+            tid = self.token_to_id(candidate)
+            if tid is not None:
+                return tid
+        return 0
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens only when asked (templates add their own)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        return self._tok.decode_batch([list(b) for b in batch], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Render messages with the checkpoint's chat template (as text)."""
+        if not self.chat_template:
+            raise CheckpointError("tokenizer_config.json has no chat_template")
+        return _compile(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+
+def _raise(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+def _compile(template: str) -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: (
+        json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys))
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)

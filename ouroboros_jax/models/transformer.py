@@ -1,0 +1,285 @@
+"""Pure functional decoder LM for the Llama 3, Qwen2/2.5 and Qwen3 families.
+
+Parameters are a plain dict of arrays; the forward pass is a function of
+(params, config, tokens, positions, key mask, optional KV cache). Layers are
+stacked along a leading L axis and run with `lax.scan`, so a model compiles
+one layer body whatever its depth.
+
+Dimension legend (used in names and einsum strings):
+    B batch, T query time, S key time (cache slots), V vocab, D model,
+    N query heads, K key/value heads, G query heads per kv head, H head dim,
+    F mlp hidden, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from ouroboros_jax.config import ModelConfig
+
+Params = dict[str, Any]
+
+# Logical axis names of every parameter, by parameter name (layer params carry
+# the leading "layers" axis). sharding.py maps these names onto the mesh.
+LAYER_AXES: dict[str, tuple[str | None, ...]] = {
+    "attn_norm_LD": ("layers", "norm"),
+    "q_LDNH": ("layers", "embed", "heads", "head_dim"),
+    "k_LDKH": ("layers", "embed", "kv_heads", "head_dim"),
+    "v_LDKH": ("layers", "embed", "kv_heads", "head_dim"),
+    "o_LNHD": ("layers", "heads", "head_dim", "embed"),
+    "q_bias_LNH": ("layers", "heads", "head_dim"),
+    "k_bias_LKH": ("layers", "kv_heads", "head_dim"),
+    "v_bias_LKH": ("layers", "kv_heads", "head_dim"),
+    "o_bias_LD": ("layers", "norm"),
+    "q_norm_LH": ("layers", "head_dim"),
+    "k_norm_LH": ("layers", "head_dim"),
+    "mlp_norm_LD": ("layers", "norm"),
+    "gate_LDF": ("layers", "embed", "mlp"),
+    "up_LDF": ("layers", "embed", "mlp"),
+    "down_LFD": ("layers", "mlp", "embed"),
+}
+TOP_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed_VD": ("vocab", "embed"),
+    "final_norm_D": ("norm",),
+    "lm_head_DV": ("embed", "vocab"),
+    "score_D": ("norm",),
+}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype({"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name])
+
+
+def param_shapes(cfg: ModelConfig, *, head: str = "lm") -> Params:
+    """Shapes of every parameter, as the same nested dict as the params.
+
+    `head` is "lm" for a language model and "score" for a reward model.
+    """
+    L, D, N, K, H, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads,
+                           cfg.head_dim, cfg.d_ff, cfg.vocab_size)
+    layers = {
+        "attn_norm_LD": (L, D), "q_LDNH": (L, D, N, H), "k_LDKH": (L, D, K, H),
+        "v_LDKH": (L, D, K, H), "o_LNHD": (L, N, H, D), "mlp_norm_LD": (L, D),
+        "gate_LDF": (L, D, F), "up_LDF": (L, D, F), "down_LFD": (L, F, D),
+    }
+    if cfg.qkv_bias:
+        layers |= {"q_bias_LNH": (L, N, H), "k_bias_LKH": (L, K, H), "v_bias_LKH": (L, K, H)}
+    if cfg.o_bias:
+        layers["o_bias_LD"] = (L, D)
+    if cfg.qk_norm:
+        layers |= {"q_norm_LH": (L, H), "k_norm_LH": (L, H)}
+    shapes: Params = {"embed_VD": (V, D), "final_norm_D": (D,), "layers": layers}
+    if head == "score":
+        shapes["score_D"] = (D,)
+    elif not cfg.tie_embeddings:
+        shapes["lm_head_DV"] = (D, V)
+    return shapes
+
+
+def param_logical_axes(cfg: ModelConfig, *, head: str = "lm") -> Params:
+    """Logical axis names for every parameter (same tree as the params)."""
+    shapes = param_shapes(cfg, head=head)
+    out: Params = {k: TOP_AXES[k] for k in shapes if k != "layers"}
+    out["layers"] = {k: LAYER_AXES[k] for k in shapes["layers"]}
+    return out
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, *, head: str = "lm") -> Params:
+    """Random parameters: normal(0, 0.02) matrices, unit norms, zero biases.
+
+    Call it under `jax.jit(..., out_shardings=...)` to create the params sharded
+    (see `sharding.init_sharded`).
+    """
+    shapes = param_shapes(cfg, head=head)
+    dtype = dtype_of(cfg.dtype)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(rng, len(flat))
+    leaves = []
+    for (path, shape), key in zip(flat, keys, strict=True):
+        name = path[-1].key
+        if "norm" in name:
+            leaves.append(jnp.ones(shape, dtype))
+        elif "bias" in name:
+            leaves.append(jnp.zeros(shape, dtype))
+        else:
+            leaves.append((0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+def rms_norm(x: Float[Array, "... D"], scale: Float[Array, " D"], eps: float) -> Float[Array, "... D"]:
+    """RMSNorm computed in float32, cast back before the scale (as Hugging Face does)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies [H/2], with linear or Llama 3 scaling applied."""
+    H = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+    if cfg.rope_scaling == "linear":
+        inv = inv / cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "llama3":
+        factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_position
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"],
+               inv_freq: np.ndarray) -> Float[Array, "B T N H"]:
+    """Rotate halves of the head dimension (the Hugging Face "rotate_half" layout)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # B T H/2
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys and values for every layer: [L, B, S, K, H]."""
+
+    k: Float[Array, "L B S K H"]
+    v: Float[Array, "L B S K H"]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+    """An empty cache of `length` slots, in the compute dtype."""
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, dtype_of(cfg.compute_dtype))
+    return KVCache(zeros, zeros)
+
+
+def _attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, cfg: ModelConfig):
+    B, T, N, H = q_BTNH.shape
+    q = q_BTNH.reshape(B, T, cfg.n_kv_heads, cfg.q_per_kv, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(H)
+    scores = jnp.where(allowed_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
+    return out.reshape(B, T, N, H)
+
+
+def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cache_kv, cache_index):
+    """One decoder layer. Returns the new residual stream and this layer's (k, v)."""
+    cdt = dtype_of(cfg.compute_dtype)
+    w = {k: v.astype(cdt) for k, v in p.items()}
+    h = rms_norm(x_BTD, w["attn_norm_LD"], cfg.norm_eps)
+    q = jnp.einsum("BTD,DNH->BTNH", h, w["q_LDNH"])
+    k = jnp.einsum("BTD,DKH->BTKH", h, w["k_LDKH"])
+    v = jnp.einsum("BTD,DKH->BTKH", h, w["v_LDKH"])
+    if cfg.qkv_bias:
+        q, k, v = q + w["q_bias_LNH"], k + w["k_bias_LKH"], v + w["v_bias_LKH"]
+    if cfg.qk_norm:
+        q = rms_norm(q, w["q_norm_LH"], cfg.norm_eps)
+        k = rms_norm(k, w["k_norm_LH"], cfg.norm_eps)
+    q = apply_rope(q, positions_BT, inv_freq)
+    k = apply_rope(k, positions_BT, inv_freq)
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+    attn = _attention(q, k, v, allowed_BTS, cfg)
+    out = jnp.einsum("BTNH,NHD->BTD", attn, w["o_LNHD"])
+    if cfg.o_bias:
+        out = out + w["o_bias_LD"]
+    x_BTD = x_BTD + out
+    h = rms_norm(x_BTD, w["mlp_norm_LD"], cfg.norm_eps)
+    gate = jnp.einsum("BTD,DF->BTF", h, w["gate_LDF"])
+    up = jnp.einsum("BTD,DF->BTF", h, w["up_LDF"])
+    x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w["down_LFD"])
+    return x_BTD, (k, v)
+
+
+def hidden_states(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: Int[Array, "B T"],
+    positions: Int[Array, "B T"] | None = None,
+    kv_mask: Bool[Array, "B S"] | None = None,
+    cache: KVCache | None = None,
+    cache_index: Int[Array, ""] | int = 0,
+) -> tuple[Float[Array, "B T D"], KVCache | None]:
+    """Final-norm hidden states of a causal decoder, optionally with a KV cache.
+
+    Without a cache the keys are the T input tokens; `kv_mask` [B, T] marks the
+    real (non-pad) ones. With a cache of S slots, the T new tokens are written
+    at slots [cache_index, cache_index + T), query t sits at slot cache_index + t,
+    and `kv_mask` [B, S] marks which slots hold real tokens (including the new
+    ones). A query attends to real keys at or before its own slot.
+
+    Args:
+      positions: rotary positions [B, T]; default 0..T-1 (cache_index offset).
+    Returns:
+      hidden [B, T, D] in the compute dtype, and the updated cache (or None).
+    """
+    B, T = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T)[None] + cache_index, (B, T))
+    S = T if cache is None else cache.k.shape[2]
+    if kv_mask is None:
+        kv_mask = jnp.ones((B, S), bool)
+    q_slot = jnp.arange(T) + cache_index
+    allowed = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]
+    cdt = dtype_of(cfg.compute_dtype)
+    x = params["embed_VD"].astype(cdt)[tokens]
+    inv_freq = rope_inv_freq(cfg)
+
+    def body(x, layer_in):
+        p, kv = layer_in
+        x, new_kv = _layer(cfg, inv_freq, x, p, positions, allowed, kv, cache_index)
+        return x, (new_kv if cache is not None else None)
+
+    if cfg.remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    xs = (params["layers"], None if cache is None else (cache.k, cache.v))
+    x, new_kv = jax.lax.scan(body, x, xs)
+    x = rms_norm(x, params["final_norm_D"], cfg.norm_eps)
+    new_cache = None if cache is None else KVCache(*new_kv)
+    return x, new_cache
+
+
+def lm_head(params: Params, cfg: ModelConfig) -> Float[Array, "D V"]:
+    """The output projection: the tied embedding transposed, or the separate head."""
+    if "lm_head_DV" in params:
+        return params["lm_head_DV"]
+    return params["embed_VD"].T
+
+
+def logits_from_hidden(params: Params, cfg: ModelConfig, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    """Logits in float32 from hidden states."""
+    w = lm_head(params, cfg).astype(hidden.dtype)
+    return jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, model_config: ModelConfig, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+    """Causal LM logits [B, T, V] (float32) for unpadded tokens [B, T]."""
+    hidden, _ = hidden_states(params, model_config, tokens)
+    return logits_from_hidden(params, model_config, hidden)
+
+
+def forward_padded(
+    params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], mask: Bool[Array, "B T"]
+) -> Float[Array, "B T V"]:
+    """Logits for padded rows: pad tokens are invisible and positions skip them."""
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    hidden, _ = hidden_states(params, cfg, tokens, positions, mask)
+    return logits_from_hidden(params, cfg, hidden)
