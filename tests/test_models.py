@@ -227,7 +227,8 @@ def test_shape_mismatch_names_tensor(qwen_dir):
     cfg = json.loads((qwen_dir / "config.json").read_text())
     cfg["intermediate_size"] = 80
     (qwen_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape .* does not fit"):
+    expected = r"tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape .* does not fit"
+    with pytest.raises(CheckpointError, match=expected):
         load_hf_checkpoint(qwen_dir)
 
 

@@ -1,6 +1,11 @@
 """Pure functional decoder LMs (Llama 3, Qwen2/2.5, Qwen3), reward models, HF import/export."""
 
-from ouroboros_jax.models.hf import config_from_hf, config_to_hf, export_hf_checkpoint, load_hf_checkpoint
+from ouroboros_jax.models.hf import (
+    config_from_hf,
+    config_to_hf,
+    export_hf_checkpoint,
+    load_hf_checkpoint,
+)
 from ouroboros_jax.models.reward import reward_scores, token_values
 from ouroboros_jax.models.safetensors_io import CheckpointError
 from ouroboros_jax.models.tokenizer import Tokenizer

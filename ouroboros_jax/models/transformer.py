@@ -264,7 +264,9 @@ def lm_head(params: Params, cfg: ModelConfig) -> Float[Array, "D V"]:
     return params["embed_VD"].T
 
 
-def logits_from_hidden(params: Params, cfg: ModelConfig, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+def logits_from_hidden(
+    params: Params, cfg: ModelConfig, hidden: Float[Array, "B T D"]
+) -> Float[Array, "B T V"]:
     """Logits in float32 from hidden states."""
     w = lm_head(params, cfg).astype(hidden.dtype)
     return jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
