@@ -164,7 +164,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
-    prompt_len_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
+    prompt_len_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
     eval_temperature: float = 0.0
     eval_num_samples: int = 8
 
