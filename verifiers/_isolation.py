@@ -1,0 +1,296 @@
+"""Host facts the sandbox builds on: bubblewrap, sandbox uids, interpreter paths.
+
+Kept apart from ``sandbox.py`` so that the run loop reads top to bottom while
+the platform probing (which differs between root and unprivileged users, and
+between hosts with and without bubblewrap) lives in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+NO_NETWORK = "no_network"
+READONLY_FS = "readonly_fs"
+PID_NAMESPACE = "pid_namespace"
+UNPRIVILEGED_UID = "unprivileged_uid"
+NO_NEW_PRIVS = "no_new_privs"
+RLIMITS = "rlimits"
+PROCESS_GROUP_KILL = "process_group_kill"
+SCRATCH_DIR = "scratch_dir"
+SCRUBBED_ENV = "scrubbed_env"
+OUTPUT_CAP = "output_cap"
+
+ALL_LAYERS = (
+    NO_NETWORK,
+    READONLY_FS,
+    PID_NAMESPACE,
+    UNPRIVILEGED_UID,
+    NO_NEW_PRIVS,
+    RLIMITS,
+    PROCESS_GROUP_KILL,
+    SCRATCH_DIR,
+    SCRUBBED_ENV,
+    OUTPUT_CAP,
+)
+
+LAYER_GAPS = {
+    NO_NETWORK: "programs can open sockets, reach 127.0.0.1 services and the internet",
+    READONLY_FS: "programs can write anywhere their uid may (world-writable /tmp, /var/tmp,"
+    " /dev/shm) and read files outside scratch",
+    PID_NAMESPACE: "programs can see host processes; a child that leaves the process group"
+    " is only reaped by the uid sweep",
+    UNPRIVILEGED_UID: "programs run as the calling user: they can signal or read the"
+    " environment of its other processes (the trainer included), and the process limit is"
+    " shared with them",
+}
+
+# Directories hidden behind an empty read-only tmpfs inside bubblewrap: home
+# directories hold credentials, /run holds sockets (docker, dbus) that a
+# read-only mount does not stop a connect() to, and /tmp holds other users' files.
+MASKED_DIRS = ("/tmp", "/var/tmp", "/run", "/root", "/home")
+
+# Per-run uids start here when the host maps the full uid range (a plain host
+# or a privileged container): far above any uid a distribution hands out.
+_UID_BASE = 100_000_000
+_SLOTS_PER_PROCESS = 64
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """How to start Python inside the sandbox.
+
+    Attributes:
+        executable: resolved path of the interpreter binary.
+        prefixes: installation directories that must stay visible inside bubblewrap.
+    """
+
+    executable: str
+    prefixes: tuple[str, ...]
+
+    @classmethod
+    def current(cls, python: str | None = None) -> Interpreter:
+        """The running interpreter, or the one at ``python``."""
+        exe = os.path.realpath(python or sys.executable)
+        prefixes = {str(Path(exe).parent.parent)}
+        if python is None:
+            prefixes |= {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+        return cls(exe, tuple(sorted(prefixes)))
+
+    def reachable_by_others(self) -> bool:
+        """Whether a uid with no relation to the file owners can execute it."""
+        return all(_others_can_enter(p) for p in Path(self.executable).parents) and bool(
+            os.stat(self.executable).st_mode & stat.S_IXOTH
+        )
+
+    def home_prefix(self) -> str | None:
+        """The installation prefix holding the executable, for descriptor-relative start."""
+        for prefix in self.prefixes:
+            if self.executable.startswith(prefix.rstrip("/") + "/"):
+                return prefix
+        return None
+
+
+def _others_can_enter(directory: Path) -> bool:
+    try:
+        return bool(os.stat(directory).st_mode & stat.S_IXOTH)
+    except OSError:
+        return False
+
+
+def is_root() -> bool:
+    """Whether this process can switch uids (and RLIMIT_NPROC would not bind it)."""
+    return os.geteuid() == 0
+
+
+def find_bwrap() -> str | None:
+    """Path of the bubblewrap binary, if installed."""
+    return shutil.which("bwrap")
+
+
+def bwrap_supports(bwrap: str, flag: str) -> bool:
+    """Whether this bubblewrap version knows ``flag`` (older ones lack ``--size``)."""
+    try:
+        out = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return flag in out.stdout + out.stderr
+
+
+def bwrap_args(
+    bwrap: str,
+    *,
+    interpreter: Interpreter,
+    scratch: str,
+    as_root: bool,
+    disable_userns: bool,
+) -> list[str]:
+    """The bubblewrap command line that wraps one sandboxed process.
+
+    As root bubblewrap runs privileged (it can mount without a user namespace)
+    and the launcher inside switches to the per-run uid, so only CAP_SETUID and
+    CAP_SETGID are kept until then. Unprivileged, a user namespace maps the
+    caller's uid and every capability is dropped.
+    """
+    args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    masked = [d for d in MASKED_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+    for directory in masked:
+        args += ["--tmpfs", directory]
+    for prefix in interpreter.prefixes:
+        mask = next((d for d in masked if _is_within(prefix, d)), None)
+        if mask is None:
+            continue
+        # bubblewrap would create the missing parents 0700; the sandbox uid
+        # has to walk through them to reach the interpreter.
+        for parent in reversed(Path(prefix).parents):
+            if _is_within(str(parent), mask) and str(parent) != mask:
+                args += ["--perms", "0755", "--dir", str(parent)]
+        args += ["--ro-bind", prefix, prefix]
+    args += ["--bind", scratch, scratch]
+    for directory in masked:
+        args += ["--remount-ro", directory]
+    # No --chdir: the scratch directory belongs to the sandbox uid, which the
+    # launcher switches to before entering it.
+    args += ["--chdir", "/", "--hostname", "sandbox", "--die-with-parent", "--new-session"]
+    args += ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+    args += ["--unshare-cgroup-try"]
+    if as_root:
+        args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args += ["--unshare-user", "--cap-drop", "ALL"]
+        if disable_userns:
+            args += ["--disable-userns"]
+    return args + ["--"]
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _uid_range() -> tuple[int, int]:
+    """Usable [low, high) uids: the top of what this user namespace maps."""
+    try:
+        lines = Path("/proc/self/uid_map").read_text().split()
+    except OSError:
+        return _UID_BASE, _UID_BASE + (1 << 28)
+    ranges = [(int(lines[i]), int(lines[i + 2])) for i in range(0, len(lines), 3)]
+    inside, count = max(ranges, key=lambda r: r[1])
+    if count >= _UID_BASE + (1 << 28):
+        return _UID_BASE, _UID_BASE + (1 << 28)
+    # A container maps a small range: take its upper half, away from system uids.
+    low = inside + count // 2
+    return max(low, inside + 1000), inside + count - 1
+
+
+class UidAllocator:
+    """Hands out a uid no other live sandbox uses.
+
+    A uid of its own is what makes RLIMIT_NPROC a per-sandbox limit and lets
+    the fallback mode kill every process a program left behind (all processes
+    of that uid) without touching anyone else's.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: set[int] = set()
+        self._low, self._high = _uid_range()
+
+    def acquire(self) -> int:
+        """A free uid for one run; release it with :meth:`release`."""
+        span = self._high - self._low
+        base = (os.getpid() * _SLOTS_PER_PROCESS) % max(span - _SLOTS_PER_PROCESS, 1)
+        with self._lock:
+            for slot in range(_SLOTS_PER_PROCESS):
+                uid = self._low + base + slot
+                if uid not in self._busy:
+                    self._busy.add(uid)
+                    return uid
+        raise RuntimeError(f"more than {_SLOTS_PER_PROCESS} concurrent sandboxes in one process")
+
+    def release(self, uid: int) -> None:
+        """Return ``uid`` once none of its processes are alive."""
+        with self._lock:
+            self._busy.discard(uid)
+
+
+def _proc_status(pid: str) -> dict[str, str]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def pids_of_uid(uid: int) -> list[int]:
+    """Live processes whose real uid is ``uid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            uids = _proc_status(entry).get("Uid", "").split()
+            if uids and int(uids[0]) == uid:
+                found.append(int(entry))
+    return found
+
+
+def tasks_of_uid(uid: int) -> int:
+    """Threads owned by ``uid``: what RLIMIT_NPROC counts against."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            status = _proc_status(entry)
+            uids = status.get("Uid", "").split()
+            if uids and int(uids[0]) == uid:
+                total += int(status.get("Threads", "1"))
+    return total
+
+
+def kill_uid(uid: int, rounds: int = 20) -> None:
+    """SIGKILL every process of ``uid``.
+
+    ``kill(-1)`` sent *as* that uid reaches all its processes in one kernel
+    pass under the task-list lock, so a forking program cannot outrun it (a
+    process with SIGKILL pending cannot finish a fork). Killing pid by pid from a
+    /proc scan can be outrun, so it is only the fallback when no ``kill`` binary
+    exists.
+    """
+    kill = shutil.which("kill", path="/usr/bin:/bin")
+    if kill:
+        subprocess.run(
+            [kill, "-KILL", "-1"],
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+        return
+    for _ in range(rounds):
+        pids = pids_of_uid(uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def scrubbed_env(scratch: str, extra: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
+    """The whole environment a sandboxed program sees: nothing from the host."""
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": scratch,
+        "TMPDIR": scratch,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+    }
+    env.update(extra)
+    return env
