@@ -1,0 +1,420 @@
+"""Orbax checkpoints of the training state: save, restore, resume after preemption.
+
+The state is any pytree of arrays (step, params, optax state, typed PRNG key,
+reference params or None). Beside it every checkpoint carries a small JSON
+metadata dict: whatever the trainer needs to resume (data position, config as
+`config.to_dict`, last metrics). On disk, under `directory`:
+
+    <step>/state/                   the pytree (orbax StandardSave: tensorstore, sharded)
+    <step>/meta/metadata            the metadata dict, as JSON
+    <step>/metrics/metrics          the ranking metric (only when best_metric is set)
+    <step>/commit_success.txt       written last, inside the temporary directory
+    <step>.orbax-checkpoint-tmp*    a save in flight, or one a crash cut short
+    <step>.unreadable               a committed step that failed to restore, moved aside
+
+What is kept: after each successful save, the `keep` most recent steps and,
+when `best_metric` is set, the one step with the best value of that metric
+among the steps saved with a finite value of it (ties go to the most recent).
+Everything else is deleted, and only once the newer checkpoint has committed.
+
+Crash safety: orbax writes a step into `<step>.orbax-checkpoint-tmp*` and
+renames it to `<step>` only after every file is written, so a process killed
+mid-save leaves at most a temporary directory: restore never reads it and the
+next `Checkpointer` on the directory removes it. A save that fails (a full disk)
+raises `CheckpointError` naming the step and the cause, removes its temporary
+directory and leaves every older checkpoint in place.
+
+Resume contract: `restore_latest(abstract_state(state))` returns the newest
+step that restores, with its state placed in the requested shardings and
+bit-equal to what was saved (typed PRNG keys included), and the metadata dict
+as saved; None when the directory holds no checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from ouroboros_jax.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_UNREADABLE_SUFFIX = ".unreadable"
+_barrier_ids = itertools.count()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or restored; the message names the step and the cause."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A tree holds NaN or inf; the message names the step and the first such leaf."""
+
+
+class Restored(NamedTuple):
+    """One restored checkpoint: its step, the state pytree and the metadata dict."""
+
+    step: int
+    state: Any
+    metadata: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves and restores (state pytree, JSON metadata) pairs under one directory.
+
+    Args:
+        directory: where the step directories live (local path or a gs:// URL).
+        keep: how many of the most recent steps to keep (>= 1).
+        best_metric: name of a metric passed to `save(metrics=...)`; the step with its
+            best value is kept beside the `keep` most recent. Empty: no best tracking.
+        best_mode: "max" or "min": which end of `best_metric` is best.
+        async_save: write in a background thread; `save` returns once the arrays are
+            copied off the device, `wait` blocks until the write has committed.
+    """
+
+    def __init__(self, directory: str | epath.PathLike, *, keep: int = 3, best_metric: str = "",
+                 best_mode: str = "max", async_save: bool = True) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (got {keep})")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min' (got {best_mode!r})")
+        path = epath.Path(directory)
+        # Orbax wants absolute paths; URLs (gs://...) already are.
+        self.directory = path if "://" in str(directory) else path.absolute()
+        self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
+        self.async_save = async_save
+        self._pending: int | None = None  # step of the save in flight
+        self._saved_here: set[int] = set()
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "meta"),
+            options=_manager_options(keep, best_metric, best_mode, async_save))
+
+    @classmethod
+    def from_config(cls, cfg: CheckpointConfig, default_directory: str = "") -> Checkpointer | None:
+        """A Checkpointer for `cfg`, or None when it names no directory.
+
+        Args:
+            cfg: the experiment's checkpoint section. `best_metric` may carry a "min:" or
+                "max:" prefix ("min:eval/loss"); without one, larger is better.
+            default_directory: used when `cfg.directory` is empty (e.g. RUN_DIR/checkpoints).
+
+        Returns:
+            The Checkpointer, or None if neither directory is set.
+        """
+        directory = cfg.directory or default_directory
+        if not directory:
+            return None
+        mode, metric = "max", cfg.best_metric
+        if metric.startswith(("min:", "max:")):
+            mode, metric = metric[:3], metric[4:]
+        return cls(directory, keep=cfg.keep, best_metric=metric, best_mode=mode,
+                   async_save=cfg.async_save)
+
+    # -- saving ---------------------------------------------------------------
+
+    def save(self, step: int, state: Any, metadata: Mapping[str, Any] | None = None,
+             metrics: Mapping[str, Any] | None = None) -> bool:
+        """Start saving `state` and `metadata` as checkpoint `step`.
+
+        With async_save the call returns once the arrays are on the host (so the caller
+        may donate or overwrite them); the files are written in the background. A save
+        still in flight is finished first, and its failure is raised here.
+
+        Args:
+            step: the training step; checkpoint directories are named by it.
+            state: any pytree of arrays (None subtrees allowed).
+            metadata: JSON-able dict (numpy scalars are converted) restored with the state.
+            metrics: scalars for ranking; only `best_metric` is used, and only when finite.
+
+        Returns:
+            True if a save was started; False if this Checkpointer already saved `step`.
+
+        Raises:
+            CheckpointError: this or the previous save failed (older checkpoints are intact).
+            TypeError: metadata is not JSON-serialisable.
+        """
+        self.wait()
+        step = int(step)
+        if step in self._manager.all_steps():
+            if step in self._saved_here:
+                return False
+            # Left by an earlier run that this one resumed before: this run's state wins.
+            log.warning("checkpoint step %d in %s is from an earlier run; replacing it",
+                        step, self.directory)
+            self._manager.delete(step)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(_plain_json(metadata or {})))
+        try:
+            self._manager.save(step, args=args, metrics=self._ranking(metrics), force=True)
+        except Exception as err:  # orbax surfaces I/O errors of any type
+            self._fail(step, err)
+        self._saved_here.add(step)
+        self._pending = step if self.async_save else None
+        return True
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) has committed.
+
+        Raises:
+            CheckpointError: the background save failed; older checkpoints are intact.
+        """
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            self._fail(step, err)
+
+    def _ranking(self, metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
+        if not self.best_metric or not metrics or self.best_metric not in metrics:
+            return None
+        value = float(np.asarray(jax.device_get(metrics[self.best_metric])))
+        # A NaN eval must not win (or block) the best slot: the step is just not ranked.
+        return {self.best_metric: value} if math.isfinite(value) else None
+
+    def _fail(self, step: int | None, err: BaseException) -> None:
+        # Orbax drops steps from its in-memory list on a failed save; the disk is the truth.
+        self._manager.reload()
+        if step is not None:
+            self._saved_here.discard(step)
+            if jax.process_index() == 0:
+                for tmp in self.directory.glob(f"{step}{_TMP_SUFFIX}*"):
+                    tmp.rmtree(missing_ok=True)  # frees the space a full disk needs back
+        previous = self._manager.latest_step()
+        hint = " (disk full: free space or lower checkpoint.keep)" if _is_enospc(err) else ""
+        kept = f"step {previous}" if previous is not None else "none"
+        raise CheckpointError(
+            f"saving checkpoint step {step} to {self.directory} failed: {err!r}{hint}; "
+            f"older checkpoints are intact (latest: {kept})") from err
+
+    # -- restoring ------------------------------------------------------------
+
+    def restore(self, step: int, abstract_state: Any = None) -> Restored:
+        """Restore checkpoint `step`.
+
+        Args:
+            step: a step in `all_steps()`.
+            abstract_state: a pytree of `jax.ShapeDtypeStruct` with shardings (see
+                `abstract_state`) giving the structure (NamedTuples included), dtypes and
+                target placement. None restores the saved structure as plain containers.
+
+        Returns:
+            Restored(step, state, metadata).
+
+        Raises:
+            CheckpointError: no such step, or it does not restore into `abstract_state`.
+        """
+        self.wait()
+        step = int(step)
+        if step not in self._manager.all_steps():
+            raise CheckpointError(f"no checkpoint step {step} in {self.directory} "
+                                  f"(available: {list(self._manager.all_steps())})")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  meta=ocp.args.JsonRestore())
+        try:
+            out = self._manager.restore(step, args=args)
+        except Exception as err:
+            raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: "
+                                  f"{err!r}") from err
+        return Restored(int(step), out.state, dict(out.meta or {}))
+
+    def restore_latest(self, abstract_state: Any = None) -> Restored | None:
+        """Restore the newest checkpoint that restores; None if there is none.
+
+        A committed step that fails to restore (files damaged after the commit) is logged,
+        moved aside to `<step>.unreadable`, and the next older step is tried, so that
+        later saves of this run are not ranked behind it.
+
+        Args:
+            abstract_state: as for `restore`.
+
+        Returns:
+            Restored(step, state, metadata), or None for an empty directory.
+
+        Raises:
+            CheckpointError: every step failed (the newest step's error is raised).
+        """
+        self.wait()
+        failed: list[tuple[int, CheckpointError]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self.restore(step, abstract_state)
+            except CheckpointError as err:
+                log.warning("%s; trying the previous checkpoint", err)
+                failed.append((step, err))
+                continue
+            self._set_aside([s for s, _ in failed])
+            return restored
+        if failed:
+            raise failed[0][1]
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if not steps:
+            return
+        # Every host has finished reading before the primary renames.
+        ocp.multihost.sync_global_processes(f"ouroboros_set_aside_{next(_barrier_ids)}")
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self.directory / f"{step}{_UNREADABLE_SUFFIX}"
+                n = 1
+                while target.exists():
+                    target, n = self.directory / f"{step}{_UNREADABLE_SUFFIX}{n}", n + 1
+                (self.directory / str(step)).rename(target)
+                log.warning("moved unreadable checkpoint step %d to %s", step, target)
+        ocp.multihost.sync_global_processes(f"ouroboros_set_aside_{next(_barrier_ids)}")
+        self._manager.reload()
+
+    # -- queries and lifetime -------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Committed steps on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the best `best_metric`, or None (no tracking, or no ranked step)."""
+        return self._manager.best_step() if self.best_metric else None
+
+    def close(self) -> None:
+        """Finish the save in flight, then release orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _manager_options(keep: int, best_metric: str, best_mode: str,
+                     async_save: bool) -> ocp.CheckpointManagerOptions:
+    policies: list[ocm.PreservationPolicy] = [ocm.LatestN(n=keep)]
+    best_fn = None
+    if best_metric:
+        best_fn = lambda metrics: float(metrics[best_metric])
+        # BestN sorts ascending and keeps the tail: reverse for "min".
+        policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
+                                  keep_checkpoints_without_metrics=False))
+    return ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        # best_fn makes orbax store and reload the metrics; retention is the policy below.
+        best_fn=best_fn, best_mode=best_mode,
+        preservation_policy=ocm.AnyPreservationPolicy(policies),
+    )
+
+
+def _plain_json(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.generic | np.ndarray | jax.Array) and np.ndim(obj) == 0:
+            return np.asarray(obj).item()
+        raise TypeError(f"checkpoint metadata must be JSON-serialisable; got {type(obj).__name__}")
+
+    return json.loads(json.dumps(dict(metadata), default=default))
+
+
+def _is_enospc(err: BaseException | None) -> bool:
+    seen = 0
+    while err is not None and seen < 20:  # walk the cause chain: orbax wraps I/O errors
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Helpers for the trainer
+
+
+def abstract_state(state: Any) -> Any:
+    """The restore target for `state`: shape, dtype and sharding of each array leaf.
+
+    Args:
+        state: a pytree of arrays as the trainer builds it (or `jax.eval_shape`'s output
+            with shardings attached).
+
+    Returns:
+        The same pytree with every array replaced by a `jax.ShapeDtypeStruct` carrying
+        its sharding; other leaves are kept.
+    """
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, np.ndarray | np.generic):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return x
+
+    return jax.tree.map(one, state)
+
+
+def find_nonfinite(tree: Any) -> str | None:
+    """Path of the first floating leaf holding NaN or inf, or None if all are finite.
+
+    One host transfer for the whole tree; integer and PRNG-key leaves are skipped.
+
+    Args:
+        tree: any pytree of arrays or Python numbers.
+
+    Returns:
+        The leaf's path as `jax.tree_util.keystr` writes it (e.g. "['params']['w']"), or None.
+    """
+    leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if _is_floating(x)]
+    on_device = [x for _, x in leaves if isinstance(x, jax.Array)]
+    device_ok = iter(jax.device_get(_all_finite(on_device)) if on_device else ())
+    for path, x in leaves:
+        ok = next(device_ok) if isinstance(x, jax.Array) else np.all(np.isfinite(x))
+        if not ok:
+            return jax.tree_util.keystr(path)
+    return None
+
+
+# One program per tree layout instead of one eager dispatch (and compile) per leaf shape.
+_all_finite = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+
+
+def assert_finite(tree: Any, step: int, name: str = "state") -> None:
+    """Raise NonFiniteError naming `step` and the first non-finite leaf of `tree`.
+
+    Call it before saving, so that a NaN never reaches a checkpoint and the last
+    good one stays the newest.
+
+    Args:
+        tree: the pytree to check (state, loss metrics, ...).
+        step: the training step, for the message.
+        name: what `tree` is, for the message.
+
+    Raises:
+        NonFiniteError: some floating leaf holds NaN or inf.
+    """
+    path = find_nonfinite(tree)
+    if path is not None:
+        raise NonFiniteError(f"step {step}: non-finite value (NaN or inf) in {name}{path}")
+
+
+def _is_floating(x: Any) -> bool:
+    if isinstance(x, float):
+        return True
+    dtype = getattr(x, "dtype", None)
+    # Typed PRNG keys have an extended dtype that is not a number at all.
+    return dtype is not None and not jax.dtypes.issubdtype(dtype, jax.dtypes.extended) \
+        and jnp.issubdtype(dtype, jnp.inexact)
