@@ -33,7 +33,7 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_
 ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 KL_KINDS = ("k1", "k2", "k3")
 OVERLONG_MODES = ("none", "shape", "mask")
-DATA_SOURCES = ("arithmetic", "countdown", "jsonl", "tfds", "humaneval")
+DATA_SOURCES = ("arithmetic", "countdown", "jsonl", "tfds", "humaneval", "reasoning_gym")
 
 
 class ConfigError(ValueError):
@@ -299,6 +299,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class WarmStartConfig:
+    """Supervised warm-start on gold answers before RL (0 steps: off).
+
+    Runs the same update step with the "sft" loss variant (token-mean
+    negative log-likelihood of the answer tokens).
+    """
+
+    steps: int = 0
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, "warmstart.steps", "must be >= 0 (0: off)", self.steps)
+        _positive(self.batch_size, "warmstart.batch_size")
+        _positive(self.learning_rate, "warmstart.learning_rate")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where prompts come from and how they become model input."""
 
@@ -312,11 +330,26 @@ class DataConfig:
     split: str = "train"
     eval_split: str = "test"
     template: str = "{prompt}"
+    system_prompt: str = ""
     chat_template: bool = False
+    answer_format: str = "raw"
+    prompt_overflow: str = "error"
+    digits: int = 3
+    operations: tuple[str, ...] = ("+",)
+    num_numbers: int = 4
+    task: str = ""
     seed: int = 0
 
     def __post_init__(self) -> None:
         _one_of(self.source, DATA_SOURCES, "data.source")
+        _one_of(self.answer_format, ("raw", "gsm8k"), "data.answer_format")
+        _one_of(self.prompt_overflow, ("error", "truncate"), "data.prompt_overflow")
+        _require(1 <= self.digits <= 18, "data.digits", "must be in [1, 18]", self.digits)
+        _require(len(self.operations) > 0 and set(self.operations) <= {"+", "-", "*"}, "data.operations",
+                 "must be a non-empty subset of ('+', '-', '*')", self.operations)
+        _require(2 <= self.num_numbers <= 8, "data.num_numbers", "must be in [2, 8]", self.num_numbers)
+        _require(self.source != "reasoning_gym" or bool(self.task), "data.task",
+                 "is required when data.source is 'reasoning_gym'")
         _require(self.source != "jsonl" or bool(self.path), "data.path",
                  "is required when data.source is 'jsonl'")
         _require(self.source != "tfds" or bool(self.tfds_name), "data.tfds_name",
@@ -385,6 +418,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
