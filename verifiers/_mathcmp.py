@@ -1,0 +1,411 @@
+"""Equivalence of two parsed answers, decided by the gold answer's form.
+
+Order of tests, cheapest and strictest first: identical normalised text;
+exact sympy equality (rationals stay exact: ``0.5`` equals ``1/2`` but
+``0.333`` does not equal ``1/3``); rounding only where a decimal meets a value
+with no finite decimal expansion, and only to the digits the decimal shows;
+numeric evaluation at high precision, then ``simplify(a - b) == 0``.
+
+The gold answer decides the form: gold ``x = 3`` accepts ``3``; a gold interval
+accepts an inequality only in solved form (``-2 < x < 2``), never a restated
+one (``x^2 < 4``); gold tuples are ordered, gold sets and bare lists are not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import sympy as sp
+from sympy.core.relational import Relational
+
+from verifiers._mathnorm import decimal_comma, join_thousands, normalize
+from verifiers._mathparse import Items, ParseError, as_set, parse
+
+# A decimal matches an exact value with no finite expansion when it shows at
+# least this many significant digits and is right to its last digit
+# (rounded or truncated): 0.3333 and 3.142 pass for 1/3 and pi; 0.33 and 3.14 do not.
+MIN_SIGNIFICANT_DIGITS = 4
+_SAMPLE_POINTS = (0.7318, -1.2207, 2.3169, -0.4412, 1.5873)
+_CHOICE = re.compile(r"\(?([A-Ea-e])\)?")
+_MATH_WORDS = {"sin", "cos", "tan", "log", "ln", "exp", "sqrt", "pi", "infty", "frac", "or"}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A normalised, parsed answer.
+
+    Attributes:
+        text: normalised text.
+        value: the parsed value (sympy object or :class:`Items`), None if unparsable.
+        decimals: most decimal places of any decimal literal in it (0: none).
+        sig_digits: fewest significant digits of any decimal literal in it.
+        percent: it carried a percent sign.
+        degrees: it carried a degree sign.
+        textual: it is words (a name, a yes/no, a choice letter), compared as text.
+    """
+
+    text: str
+    value: Any
+    decimals: int = 0
+    sig_digits: int = 99
+    percent: bool = False
+    degrees: bool = False
+    textual: bool = False
+
+
+def _is_textual(text: str) -> bool:
+    if _CHOICE.fullmatch(text):
+        return True
+    words = re.findall(r"[A-Za-z]+", text)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z\s'.\-()]*", text):
+        return False
+    return any(len(w) > 1 and w.lower() not in _MATH_WORDS for w in words)
+
+
+def read_answer(raw: str, *, single_number: bool = False) -> Answer:
+    """Normalise and parse ``raw``; ``single_number`` reads ``1,000`` and ``3,5`` as numbers."""
+    norm = normalize(raw)
+    text = norm.text
+    candidates = [text]
+    if single_number or join_thousands(text):
+        candidates = [c for c in (join_thousands(text), decimal_comma(text)) if c] + candidates
+    if _is_textual(text):
+        return Answer(text, None, percent=norm.percent, degrees=norm.degrees, textual=True)
+    for candidate in candidates:
+        try:
+            value, decimals, sig = _parse_with_pm(candidate)
+        except ParseError:
+            continue
+        return Answer(text, value, decimals, sig, norm.percent, norm.degrees)
+    return Answer(text, None, percent=norm.percent, degrees=norm.degrees)
+
+
+def _parse_with_pm(text: str):
+    """Parse, expanding up to two ``\\pm``/``\\mp`` into the set of their sign choices."""
+    signs = re.findall(r"\\(pm|mp)(?![a-zA-Z])", text)
+    if not signs:
+        return parse(text)
+    if len(signs) > 2:
+        raise ParseError("too many \\pm")
+    values, decimals, sig = [], 0, 99
+    for choice in itertools.product("+-", repeat=len(signs)):
+        variant = text
+        for sign in choice:
+            variant = re.sub(r"\\(pm|mp)(?![a-zA-Z])", sign, variant, count=1)
+        value, d, s = parse(variant)
+        values.append(value)
+        decimals, sig = max(decimals, d), min(sig, s)
+    unique = list(dict.fromkeys(values))
+    value = unique[0] if len(unique) == 1 else Items(tuple(unique), False, "")
+    return value, decimals, sig
+
+
+def is_single_number(answer: Answer) -> bool:
+    """Whether a (gold) answer is one number, which decides how to read ``1,000`` in the prediction."""
+    value = answer.value
+    return isinstance(value, sp.Expr) and value.is_number
+
+
+def equivalent(gold: Answer, pred: Answer) -> bool:
+    """Whether ``pred`` states the same answer as ``gold``."""
+    if gold.text and gold.text.replace(" ", "") == pred.text.replace(" ", ""):
+        return True
+    if gold.textual or gold.value is None:
+        return _text_equal(gold.text, pred.text)
+    if pred.value is None:
+        return False
+    context = _Context(gold, pred)
+    for g in _scaled(gold):
+        for p in _scaled(pred):
+            if _equal(g, p, context):
+                return True
+    return False
+
+
+def _text_equal(gold: str, pred: str) -> bool:
+    choice_g, choice_p = _CHOICE.fullmatch(gold), _CHOICE.match(pred)
+    if choice_g and choice_p and (pred[choice_p.end() :].strip() == "" or pred.startswith("(")):
+        return choice_g.group(1).upper() == choice_p.group(1).upper()
+
+    def key(s: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", s.lower())
+
+    return bool(key(gold)) and key(gold) == key(pred)
+
+
+def _scaled(answer: Answer) -> list:
+    """The readings of an answer's value: as written, and as a fraction when it had a % sign."""
+    values = [answer.value]
+    if answer.percent and isinstance(answer.value, sp.Expr):
+        values.append(answer.value / 100)
+    if answer.degrees and isinstance(answer.value, sp.Expr):
+        values.append(answer.value * sp.pi / 180)
+    return values
+
+
+@dataclass(frozen=True)
+class _Context:
+    gold: Answer
+    pred: Answer
+
+
+def _equal(g: Any, p: Any, ctx: _Context) -> bool:
+    g, p = _canonical(g), _canonical(p)
+    if isinstance(g, Items):
+        return _items_equal(g, p, ctx)
+    if isinstance(g, sp.MatrixBase):
+        return _matrix_equal(g, p, ctx)
+    if isinstance(g, sp.Set):
+        return _sets_equal(g, _to_set(p), ctx)
+    if isinstance(g, Relational | sp.And):
+        return _relation_equal(g, p, ctx)
+    p = _value_of(p)
+    return isinstance(g, sp.Expr) and isinstance(p, sp.Expr) and _expr_equal(g, p, ctx)
+
+
+def _canonical(value: Any) -> Any:
+    """Lists of solved relations in one variable ("x = 1, x = 2") become their solution set."""
+    if isinstance(value, Items) and not value.ordered and value.elements:
+        sets = [_solved_set(e) for e in value.elements]
+        symbols = {_solved_symbol(e) for e in value.elements}
+        if all(s is not None for s in sets) and len(symbols) == 1:
+            return sp.Union(*sets)
+    if isinstance(value, Items) and len(value.elements) == 1 and not value.ordered:
+        return value.elements[0]
+    return value
+
+
+def _value_of(p: Any) -> Any:
+    """What a prediction states as its value: ``x = 3`` states 3, ``{3}`` states 3."""
+    if isinstance(p, Items) and len(p.elements) == 1:
+        p = p.elements[0]
+    # Only a lone variable is an assignment: "x^2 - 4 = 0" does not state 0.
+    if isinstance(p, sp.Eq) and isinstance(p.lhs, sp.Symbol) and p.lhs not in p.rhs.free_symbols:
+        return p.rhs
+    if isinstance(p, sp.Eq) and isinstance(p.rhs, sp.Symbol) and p.rhs not in p.lhs.free_symbols:
+        return p.lhs
+    return p
+
+
+def _expr_equal(a: sp.Expr, b: sp.Expr, ctx: _Context) -> bool:
+    if a == b:
+        return True
+    diff = sp.expand(a - b) if (a.free_symbols or b.free_symbols) else a - b
+    if diff == 0:
+        return True
+    if a.is_number and b.is_number:
+        return _numbers_equal(a, b, ctx)
+    verdict = _sampled_equal(a, b)
+    if verdict is not None:
+        return verdict
+    return sp.simplify(diff) == 0
+
+
+def _numbers_equal(a: sp.Expr, b: sp.Expr, ctx: _Context) -> bool:
+    if isinstance(a, sp.Rational) and isinstance(b, sp.Rational):
+        # Exact values differ; only a decimal that rounds the other may still match.
+        return _rounds_to(a, b, ctx.gold) or _rounds_to(b, a, ctx.pred)
+    if not (a.is_finite and b.is_finite):
+        return False
+    x, y = sp.N(a, 50), sp.N(b, 50)
+    if not (x.is_number and y.is_number):
+        return False
+    if abs(x - y) <= sp.Float(10) ** -40 * max(1, abs(x), abs(y)):
+        return True
+    return _rounds_to(a, b, ctx.gold) or _rounds_to(b, a, ctx.pred)
+
+
+def _rounds_to(decimal: sp.Expr, exact: sp.Expr, written: Answer) -> bool:
+    """Whether ``decimal``, written with ``written.decimals`` places, is ``exact`` to those places."""
+    places = written.decimals
+    if places == 0 or written.sig_digits < MIN_SIGNIFICANT_DIGITS:
+        return False
+    if not isinstance(decimal, sp.Rational) or not (decimal * 10**places).is_integer:
+        return False
+    if isinstance(exact, sp.Rational) and (exact * 10**places).is_integer:
+        return False  # both exact at this precision, and they differ
+    gap = abs(sp.N(decimal - exact, 30))
+    return bool(gap < sp.Rational(1, 10**places))
+
+
+def _sampled_equal(a: sp.Expr, b: sp.Expr) -> bool | None:
+    """Compare at fixed sample points: False on a clear difference, True when all agree.
+
+    Points mix signs so that ``sqrt(x^2)`` and ``x`` differ; None when too few
+    points lie in both domains to say.
+    """
+    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+    agreed = 0
+    for shift in range(len(_SAMPLE_POINTS)):
+        values = {
+            s: _SAMPLE_POINTS[(shift + i) % len(_SAMPLE_POINTS)] * (1 + 0.1 * i)
+            for i, s in enumerate(symbols)
+        }
+        try:
+            x = complex(sp.N(a, 30, subs=values))
+            y = complex(sp.N(b, 30, subs=values))
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+        if x != x or y != y:  # NaN: outside the domain at this point
+            continue
+        if abs(x - y) > 1e-12 * max(1.0, abs(x), abs(y)):
+            return False
+        agreed += 1
+    return True if agreed >= 3 else None
+
+
+def _items_equal(g: Items, p: Any, ctx: _Context) -> bool:
+    if isinstance(p, sp.MatrixBase) and 1 in p.shape:
+        p = Items(tuple(p), True, "()")
+    if isinstance(p, sp.FiniteSet):
+        p = Items(tuple(p.args), False, "{}")
+    interval_like = isinstance(p, sp.Set | Relational | sp.And)
+    if g.ordered and g.brackets == "()" and len(g.elements) == 2 and interval_like:
+        # Gold "(a, b)" may be an open interval; the prediction says which.
+        return _sets_equal(as_set(g), _to_set(p), ctx)
+    if not isinstance(p, Items) or len(p.elements) != len(g.elements):
+        return False
+    if g.ordered:
+        if p.brackets == "{}":
+            return False
+        return all(_equal(x, y, ctx) for x, y in zip(g.elements, p.elements, strict=True))
+    return _matching(list(g.elements), list(p.elements), ctx)
+
+
+def _matching(gold: list, pred: list, ctx: _Context) -> bool:
+    """Whether the elements pair up one to one (order free)."""
+    remaining = list(pred)
+    for element in gold:
+        match = next((i for i, q in enumerate(remaining) if _equal(element, q, ctx)), None)
+        if match is None:
+            return False
+        remaining.pop(match)
+    return not remaining
+
+
+def _matrix_equal(g: sp.MatrixBase, p: Any, ctx: _Context) -> bool:
+    if isinstance(p, Items) and p.ordered and 1 in g.shape:
+        return len(p.elements) == len(g) and all(
+            _equal(x, y, ctx) for x, y in zip(g, p.elements, strict=True)
+        )
+    if not isinstance(p, sp.MatrixBase) or p.shape != g.shape:
+        return False
+    return all(_equal(x, y, ctx) for x, y in zip(g, p, strict=True))
+
+
+def _solved_symbol(value: Any) -> sp.Symbol | None:
+    rels = value.args if isinstance(value, sp.And) else (value,)
+    symbols = set()
+    for rel in rels:
+        if not isinstance(rel, Relational) or isinstance(rel, sp.Ne):
+            return None
+        sides = [s for s in (rel.lhs, rel.rhs) if isinstance(s, sp.Symbol)]
+        others = [s for s in (rel.lhs, rel.rhs) if not isinstance(s, sp.Symbol)]
+        if len(sides) != 1 or len(others) != 1 or others[0].free_symbols:
+            return None
+        symbols.add(sides[0])
+    return symbols.pop() if len(symbols) == 1 else None
+
+
+def _solved_set(value: Any) -> sp.Set | None:
+    """The solution set of a relation in solved form (``x > 3``, ``1 < x <= 2``, ``x = 4``)."""
+    symbol = _solved_symbol(value)
+    if symbol is None:
+        return None
+    try:
+        return value.as_set() if not isinstance(value, sp.Eq) else sp.FiniteSet(_value_of(value))
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+
+
+def _to_set(value: Any) -> sp.Set | None:
+    if isinstance(value, sp.Set):
+        return value
+    if isinstance(value, Relational | sp.And):
+        return _solved_set(value)
+    try:
+        return as_set(value)
+    except ParseError:
+        return sp.FiniteSet(value) if isinstance(value, sp.Expr) else None
+
+
+def _components(s: sp.Set) -> list:
+    return list(s.args) if isinstance(s, sp.Union) else [s]
+
+
+def _sets_equal(g: sp.Set, p: sp.Set | None, ctx: _Context) -> bool:
+    if p is None:
+        return False
+    if g == p:
+        return True
+    gc, pc = _components(g), _components(p)
+    if all(isinstance(c, sp.FiniteSet) for c in gc + pc):
+        elements = [list(itertools.chain(*(c.args for c in parts))) for parts in (gc, pc)]
+        return _matching(elements[0], elements[1], ctx)
+    if len(gc) != len(pc):
+        return False
+    return all(any(_set_part_equal(a, b, ctx) for b in pc) for a in gc)
+
+
+def _set_part_equal(a: sp.Set, b: sp.Set, ctx: _Context) -> bool:
+    if isinstance(a, sp.Interval) and isinstance(b, sp.Interval):
+        return (
+            a.left_open == b.left_open
+            and a.right_open == b.right_open
+            and _equal(a.start, b.start, ctx)
+            and _equal(a.end, b.end, ctx)
+        )
+    if isinstance(a, sp.FiniteSet) and isinstance(b, sp.FiniteSet):
+        return _matching(list(a.args), list(b.args), ctx)
+    return a == b
+
+
+def _relation_equal(g: Relational | sp.And, p: Any, ctx: _Context) -> bool:
+    solved = _solved_set(g)
+    if isinstance(g, sp.Eq):
+        if solved is not None or isinstance(g.lhs, sp.Symbol):
+            value = _value_of(g)
+            if not isinstance(p, Relational | sp.And):
+                return _equal(value, p, ctx)
+            if isinstance(p, sp.Eq) and _value_of(p) is not p and _same_target(g, p):
+                return _equal(value, _value_of(p), ctx)
+        return isinstance(p, sp.Eq) and _proportional(g, p, any_sign=True)
+    if solved is not None:
+        # A solved inequality: its solution set in any notation, same variable if stated.
+        other = _solved_symbol(p) if isinstance(p, Relational | sp.And) else None
+        if isinstance(p, Relational | sp.And) and other != _solved_symbol(g):
+            return False
+        return _sets_equal(solved, _to_set(p), ctx)
+    if isinstance(g, sp.And) or not isinstance(p, Relational) or isinstance(p, sp.And):
+        return isinstance(g, sp.And) and g == p
+    return _proportional(g, p, any_sign=isinstance(g, sp.Ne))
+
+
+def _same_target(g: sp.Eq, p: sp.Eq) -> bool:
+    target = g.lhs if isinstance(g.lhs, sp.Symbol) else g.rhs
+    return target in (p.lhs, p.rhs)
+
+
+_FLIPPED = {sp.Gt: sp.Lt, sp.Ge: sp.Le, sp.Lt: sp.Lt, sp.Le: sp.Le, sp.Eq: sp.Eq, sp.Ne: sp.Ne}
+
+
+def _oriented(rel: Relational) -> tuple[type, sp.Expr]:
+    """``(kind, e)`` with the relation read as ``e kind 0`` and kind in (<, <=, =, !=)."""
+    kind = _FLIPPED[type(rel)]
+    if isinstance(rel, sp.Gt | sp.Ge):
+        return kind, rel.rhs - rel.lhs
+    return kind, rel.lhs - rel.rhs
+
+
+def _proportional(g: Relational, p: Relational, *, any_sign: bool) -> bool:
+    """Whether both relations say the same thing up to a constant factor (positive for inequalities)."""
+    (g_kind, g_expr), (p_kind, p_expr) = _oriented(g), _oriented(p)
+    if g_kind is not p_kind or p_expr == 0:
+        return False
+    ratio = sp.simplify(g_expr / p_expr)
+    if ratio.free_symbols or ratio == 0 or not ratio.is_number:
+        return False
+    return any_sign or bool(ratio.is_positive)
