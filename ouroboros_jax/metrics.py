@@ -1,0 +1,443 @@
+"""Metric writers (console progress line, JSONL, TensorBoard), phase timers and plots.
+
+A `MetricsLogger` takes one dict of scalars per step (JAX arrays or Python
+numbers), moves them to the host in one transfer and hands them to its
+writers. Keys are free-form; these are the names the console line and the
+plots look for, so the trainer should use them:
+
+    reward                mean reward of the step's rollouts
+    accuracy              fraction of completions the verifier accepts
+    kl                    KL to the reference policy
+    entropy               mean per-token entropy of the policy
+    length                mean completion length, in tokens
+    tokens_per_s          generated tokens per second
+    loss                  the policy loss
+    time/sample, time/verify, time/update, time/step
+                          seconds per phase (`PhaseTimer`)
+    eval/<name>           held-out metrics (eval/accuracy, eval/length, ...)
+
+On disk, in the run directory: `metrics.jsonl` (one JSON object per logged
+step: "step", "wall_time" and the metrics; NaN and inf are written as null)
+and TensorBoard event files. `python -m ouroboros_jax.metrics plot RUN_DIR`
+turns metrics.jsonl into PNG curves next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from ouroboros_jax.config import LoggingConfig
+
+METRICS_FILE = "metrics.jsonl"
+# Plot panels: a key is drawn in panel P when one of its "/"-separated parts is P
+# ("reward", "eval/accuracy", "loss/kl", "time/sample").
+PANELS = ("reward", "accuracy", "length", "entropy", "kl", "loss", "time")
+# Console fields: (label, key, format).
+CONSOLE_FIELDS = (
+    ("reward", "reward", ".3f"), ("acc", "accuracy", ".3f"), ("kl", "kl", ".3g"),
+    ("ent", "entropy", ".3f"), ("len", "length", ".1f"), ("tok/s", "tokens_per_s", ",.0f"),
+    ("eval acc", "eval/accuracy", ".3f"), ("s/step", "time/step", ".2f"),
+)
+
+
+class Writer(Protocol):
+    """Receives one step's metrics as Python floats."""
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Python floats for a dict of scalar metrics, with a single device-to-host transfer.
+
+    Args:
+        metrics: name -> JAX array, NumPy value or Python number; each of size 1.
+
+    Returns:
+        name -> float, in the input's order.
+
+    Raises:
+        ValueError: a value holds more than one element (the message names it).
+    """
+    import jax  # here, so that reading and plotting metrics need no JAX
+    import numpy as np
+
+    host = jax.device_get(dict(metrics))  # one transfer for every metric of the step
+    out = {}
+    for name, value in host.items():
+        array = np.asarray(value)
+        if array.size != 1:
+            raise ValueError(f"metric {name!r} must be a scalar, got shape {array.shape}")
+        out[name] = float(array.reshape(()))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Writers
+
+
+def format_progress(step: int, scalars: Mapping[str, float], total_steps: int | None = None) -> str:
+    """The console line: step, then each of CONSOLE_FIELDS present in `scalars`.
+
+    Args:
+        step: the training step.
+        scalars: the step's metrics.
+        total_steps: shown as "step 12/100" when given.
+
+    Returns:
+        e.g. "step 12/100  reward 0.412  acc 0.380  kl 0.00123  len 34.5  tok/s 1,234".
+    """
+    parts = [f"step {step}/{total_steps}" if total_steps else f"step {step}"]
+    for label, key, fmt in CONSOLE_FIELDS:
+        if key in scalars:
+            value = scalars[key]
+            parts.append(f"{label} {value:{fmt}}" if math.isfinite(value) else f"{label} {value}")
+    return "  ".join(parts)
+
+
+class ConsoleWriter:
+    """A live progress line: rewritten in place on a terminal, one line per step otherwise.
+
+    Steps that carry eval/ metrics get a line of their own that stays on screen.
+
+    Args:
+        stream: where to write (default sys.stdout).
+        total_steps: the run's length, for "step k/N".
+        live: rewrite in place with carriage returns; default: whether `stream` is a TTY.
+    """
+
+    def __init__(self, stream: TextIO | None = None, total_steps: int | None = None,
+                 live: bool | None = None) -> None:
+        self.stream = sys.stdout if stream is None else stream
+        self.total_steps = total_steps
+        isatty = getattr(self.stream, "isatty", lambda: False)
+        self.live = isatty() if live is None else live
+        self._open_line = False  # a live line is on screen without its newline
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        line = format_progress(step, scalars, self.total_steps)
+        if not self.live:
+            self.stream.write(line + "\n")
+        else:
+            keep = any(key.startswith("eval/") for key in scalars)
+            # \r returns to the line start, \x1b[K clears what a longer old line left.
+            self.stream.write("\r" + line + "\x1b[K" + ("\n" if keep else ""))
+            self._open_line = not keep
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open_line = False
+
+
+class JsonlWriter:
+    """Appends one JSON object per step to a file, flushed after each line.
+
+    Appending (not truncating) keeps the history of a resumed run in one file;
+    `read_metrics` merges records of the same step.
+
+    Args:
+        path: the .jsonl file; its directory is created.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")  # held open for the run, closed by close()
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        record: dict[str, Any] = {"step": int(step), "wall_time": round(time.time(), 3)}
+        # Strict JSON has no NaN/inf; null marks them so that other tools can read the file.
+        record.update({k: v if math.isfinite(v) else None for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardWriter:
+    """Scalars into TensorBoard event files (tensorboardX).
+
+    Args:
+        logdir: the directory for the event files (the run directory).
+        flush_secs: how often pending events reach the file.
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str], flush_secs: int = 10) -> None:
+        # Imported here: tensorboardX imports torch when it is installed, seconds of start-up.
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(logdir=str(logdir), flush_secs=flush_secs)
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, global_step=step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MetricsLogger:
+    """Fans each step's metrics out to the enabled writers.
+
+    Args:
+        run_dir: where metrics.jsonl and the event files go.
+        console, jsonl, tensorboard: which built-in writers to enable.
+        log_every: write steps that are multiples of it (and any `force`d step).
+        total_steps: shown on the console line.
+        stream: the console's stream (default sys.stdout).
+        writers: further writers, called after the built-in ones.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, console: bool = True, jsonl: bool = True,
+                 tensorboard: bool = True, log_every: int = 1, total_steps: int | None = None,
+                 stream: TextIO | None = None, writers: Sequence[Writer] = ()) -> None:
+        if log_every < 1:
+            raise ValueError(f"log_every must be >= 1 (got {log_every})")
+        self.run_dir = Path(run_dir)
+        self.log_every = log_every
+        self.writers: list[Writer] = []
+        if console:
+            self.writers.append(ConsoleWriter(stream, total_steps))
+        if jsonl:
+            self.writers.append(JsonlWriter(self.run_dir / METRICS_FILE))
+        if tensorboard:
+            self.writers.append(TensorBoardWriter(self.run_dir))
+        self.writers.extend(writers)
+
+    def log(self, step: int, metrics: Mapping[str, Any], *, force: bool = False) -> dict[str, float] | None:
+        """Write one step's metrics (device values are fetched together, once).
+
+        Args:
+            step: the training step.
+            metrics: name -> scalar (JAX array or number).
+            force: write even when `step` is not a multiple of log_every (e.g. the last step).
+
+        Returns:
+            The metrics as floats, or None when the step was skipped (nothing was fetched).
+        """
+        if not force and step % self.log_every:
+            return None
+        scalars = to_scalars(metrics)
+        for writer in self.writers:
+            writer.write(int(step), scalars)
+        return scalars
+
+    def close(self) -> None:
+        """Flush and close every writer."""
+        for writer in self.writers:
+            writer.close()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def logger_from_config(cfg: LoggingConfig, total_steps: int | None = None,
+                       stream: TextIO | None = None) -> MetricsLogger:
+    """The MetricsLogger a LoggingConfig describes (run_dir, writers, log_every)."""
+    return MetricsLogger(cfg.run_dir, console=cfg.console, jsonl=cfg.jsonl,
+                         tensorboard=cfg.tensorboard, log_every=cfg.log_every,
+                         total_steps=total_steps, stream=stream)
+
+
+# ---------------------------------------------------------------------------
+# Timing
+
+
+class PhaseTimer:
+    """Wall time per phase of a step: `with timer.phase("sample"): ...`, then `lap()`.
+
+    JAX dispatches asynchronously: end each phase with a `jax.block_until_ready` on
+    its result, or its device time is billed to whichever phase waits next.
+
+    Args:
+        clock: seconds as a float (injectable for tests).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._totals: dict[str, float] = {}
+        self._lap_start = clock()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block and add it to `name` (repeated phases accumulate)."""
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._totals[name] = self._totals.get(name, 0.0) + self._clock() - start
+
+    def lap(self) -> dict[str, float]:
+        """{"time/<phase>": seconds, ..., "time/step": seconds since the last lap}; resets.
+
+        Returns:
+            The step's timings, ready to merge into its metrics.
+        """
+        now = self._clock()
+        out = {f"time/{name}": total for name, total in self._totals.items()}
+        out["time/step"] = now - self._lap_start
+        self._totals, self._lap_start = {}, now
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Reading and plotting
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, merged per step and sorted by step.
+
+    Records of the same step (a step logged twice, or re-logged after a resume) merge
+    key by key, later ones winning; a line cut short by a killed process is skipped.
+
+    Args:
+        path: a metrics.jsonl file, or a run directory holding one.
+
+    Returns:
+        One dict per step, each with "step" and its metrics (None for NaN/inf).
+    """
+    path = Path(path)
+    path = path / METRICS_FILE if path.is_dir() else path
+    by_step: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                by_step.setdefault(int(record["step"]), {}).update(record)
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def panel_keys(keys: Sequence[str], panel: str) -> list[str]:
+    """The keys drawn in `panel`: those with `panel` as one of their "/"-separated parts."""
+    return sorted(k for k in keys if panel in k.split("/"))
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            steps.append(record["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _draw_panel(ax: Any, records: Sequence[Mapping[str, Any]], panel: str, keys: list[str]) -> None:
+    for key in keys:
+        steps, values = _series(records, key)
+        window = max(1, len(values) // 20)
+        if window > 1:  # noisy RL curves: the raw line faint, a moving average on top
+            line, = ax.plot(steps, values, alpha=0.3, linewidth=1)
+            ax.plot(steps, _smooth(values, window), color=line.get_color(), label=key)
+        else:
+            ax.plot(steps, values, marker="." if len(values) < 50 else None, label=key)
+    ax.set_title(panel)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """PNG curves of a run's metrics.jsonl: one file per panel with data, and curves.png.
+
+    Panels (PANELS) whose keys have no finite value are left out.
+
+    Args:
+        run_dir: the run directory (or its metrics.jsonl).
+        out_dir: where the PNGs go; default: next to metrics.jsonl.
+
+    Returns:
+        The written files, panels first, then curves.png (the overview of all panels).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
+
+    source = Path(run_dir)
+    source = source / METRICS_FILE if source.is_dir() else source
+    out = Path(out_dir) if out_dir is not None else source.parent
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_metrics(source)
+    keys = sorted({k for r in records for k in r} - {"step", "wall_time"})
+    panels = {p: [k for k in panel_keys(keys, p) if _series(records, k)[0]] for p in PANELS}
+    panels = {p: ks for p, ks in panels.items() if ks}
+    written = []
+    for panel, panel_ks in panels.items():
+        fig = Figure(figsize=(6.4, 4.0), dpi=100)
+        FigureCanvasAgg(fig)
+        fig.subplots_adjust(left=0.12, right=0.97, top=0.92, bottom=0.12)
+        _draw_panel(fig.add_subplot(), records, panel, panel_ks)
+        fig.savefig(out / f"{panel}.png")
+        written.append(out / f"{panel}.png")
+    if panels:
+        cols = min(3, len(panels))
+        rows = math.ceil(len(panels) / cols)
+        fig = Figure(figsize=(4.8 * cols, 3.4 * rows), dpi=100)
+        FigureCanvasAgg(fig)
+        # Fixed margins: a tight layout would draw every figure twice.
+        fig.subplots_adjust(left=0.06, right=0.98, top=0.94, bottom=0.1, hspace=0.45, wspace=0.22)
+        for i, (panel, panel_ks) in enumerate(panels.items()):
+            _draw_panel(fig.add_subplot(rows, cols, i + 1), records, panel, panel_ks)
+        fig.savefig(out / "curves.png")
+        written.append(out / "curves.png")
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m ouroboros_jax.metrics plot RUN_DIR [--out DIR]`.
+
+    Args:
+        argv: the arguments after the program name (default: sys.argv[1:]).
+
+    Returns:
+        The exit status.
+    """
+    parser = argparse.ArgumentParser(prog="python -m ouroboros_jax.metrics",
+                                     description="Tools for a run directory's metrics.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    plot = commands.add_parser("plot", help=f"PNG curves from RUN_DIR/{METRICS_FILE}")
+    plot.add_argument("run_dir", help="run directory (or its metrics.jsonl)")
+    plot.add_argument("--out", default=None, help="output directory (default: next to metrics.jsonl)")
+    args = parser.parse_args(argv)
+    try:
+        written = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as err:
+        print(f"plot: no metrics to read: {err}", file=sys.stderr)
+        return 1
+    if not written:
+        print(f"plot: no plottable metrics ({', '.join(PANELS)}) in {args.run_dir}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
