@@ -2,19 +2,17 @@
 
 A `MetricsLogger` takes one dict of scalars per step (JAX arrays or Python
 numbers), moves them to the host in one transfer and hands them to its
-writers. Keys are free-form; these are the names the console line and the
-plots look for, so the trainer should use them:
+writers. Keys are free-form ("/" groups them in TensorBoard); the console line
+shows the first key present of each of CONSOLE_FIELDS:
 
-    reward                mean reward of the step's rollouts
-    accuracy              fraction of completions the verifier accepts
-    kl                    KL to the reference policy
-    entropy               mean per-token entropy of the policy
-    length                mean completion length, in tokens
-    tokens_per_s          generated tokens per second
-    loss                  the policy loss
-    time/sample, time/verify, time/update, time/step
-                          seconds per phase (`PhaseTimer`)
-    eval/<name>           held-out metrics (eval/accuracy, eval/length, ...)
+    reward     reward, reward/mean          kl       kl, train/kl_ref, kl_ref
+    acc        accuracy, train/accuracy     ent      entropy, train/entropy
+    len        length, length/mean          tok/s    tokens_per_s, throughput/tokens_per_s
+    eval acc   eval/accuracy, eval/pass@1, eval/greedy_acc
+    s/step     time/step                    (time/sample, time/verify, time/update: PhaseTimer)
+
+and a plot panel draws every key that one of its aliases matches (PANELS,
+`panel_keys`): reward, accuracy, length, entropy, kl, loss, time.
 
 On disk, in the run directory: `metrics.jsonl` (one JSON object per logged
 step: "step", "wall_time" and the metrics; NaN and inf are written as null)
@@ -38,14 +36,28 @@ from typing import Any, Protocol, TextIO
 from ouroboros_jax.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
-# Plot panels: a key is drawn in panel P when one of its "/"-separated parts is P
-# ("reward", "eval/accuracy", "loss/kl", "time/sample").
-PANELS = ("reward", "accuracy", "length", "entropy", "kl", "loss", "time")
-# Console fields: (label, key, format).
-CONSOLE_FIELDS = (
-    ("reward", "reward", ".3f"), ("acc", "accuracy", ".3f"), ("kl", "kl", ".3g"),
-    ("ent", "entropy", ".3f"), ("len", "length", ".1f"), ("tok/s", "tokens_per_s", ",.0f"),
-    ("eval acc", "eval/accuracy", ".3f"), ("s/step", "time/step", ".2f"),
+# Plot panels and the aliases that put a key in them: a key belongs to a panel when one
+# of its "/"-separated parts is an alias, starts with alias + "_" ("kl_ref"), ends with
+# "_" + alias ("greedy_acc", "pg_loss"), or starts with an alias ending in "@" ("pass@8").
+PANELS: dict[str, tuple[str, ...]] = {
+    "reward": ("reward",),
+    "accuracy": ("accuracy", "acc", "pass@", "maj@"),
+    "length": ("length",),
+    "entropy": ("entropy",),
+    "kl": ("kl",),
+    "loss": ("loss",),
+    "time": ("time",),
+}
+# Console fields: (label, candidate keys (the first present is shown), format).
+CONSOLE_FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("reward", ("reward", "reward/mean"), ".3f"),
+    ("acc", ("accuracy", "train/accuracy"), ".3f"),
+    ("kl", ("kl", "train/kl_ref", "kl_ref"), ".3g"),
+    ("ent", ("entropy", "train/entropy"), ".3f"),
+    ("len", ("length", "length/mean"), ".1f"),
+    ("tok/s", ("tokens_per_s", "throughput/tokens_per_s"), ",.0f"),
+    ("eval acc", ("eval/accuracy", "eval/pass@1", "eval/greedy_acc"), ".3f"),
+    ("s/step", ("time/step",), ".2f"),
 )
 
 
@@ -98,8 +110,9 @@ def format_progress(step: int, scalars: Mapping[str, float], total_steps: int | 
         e.g. "step 12/100  reward 0.412  acc 0.380  kl 0.00123  len 34.5  tok/s 1,234".
     """
     parts = [f"step {step}/{total_steps}" if total_steps else f"step {step}"]
-    for label, key, fmt in CONSOLE_FIELDS:
-        if key in scalars:
+    for label, candidates, fmt in CONSOLE_FIELDS:
+        key = next((k for k in candidates if k in scalars), None)
+        if key is not None:
             value = scalars[key]
             parts.append(f"{label} {value:{fmt}}" if math.isfinite(value) else f"{label} {value}")
     return "  ".join(parts)
@@ -196,19 +209,15 @@ class MetricsLogger:
     Args:
         run_dir: where metrics.jsonl and the event files go.
         console, jsonl, tensorboard: which built-in writers to enable.
-        log_every: write steps that are multiples of it (and any `force`d step).
         total_steps: shown on the console line.
         stream: the console's stream (default sys.stdout).
         writers: further writers, called after the built-in ones.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], *, console: bool = True, jsonl: bool = True,
-                 tensorboard: bool = True, log_every: int = 1, total_steps: int | None = None,
+                 tensorboard: bool = True, total_steps: int | None = None,
                  stream: TextIO | None = None, writers: Sequence[Writer] = ()) -> None:
-        if log_every < 1:
-            raise ValueError(f"log_every must be >= 1 (got {log_every})")
         self.run_dir = Path(run_dir)
-        self.log_every = log_every
         self.writers: list[Writer] = []
         if console:
             self.writers.append(ConsoleWriter(stream, total_steps))
@@ -218,19 +227,26 @@ class MetricsLogger:
             self.writers.append(TensorBoardWriter(self.run_dir))
         self.writers.extend(writers)
 
-    def log(self, step: int, metrics: Mapping[str, Any], *, force: bool = False) -> dict[str, float] | None:
+    @classmethod
+    def from_config(cls, cfg: LoggingConfig, total_steps: int | None = None,
+                    stream: TextIO | None = None) -> MetricsLogger:
+        """The logger a LoggingConfig describes (run_dir and writers).
+
+        `cfg.log_every` is the caller's cadence: the logger writes every step it is given.
+        """
+        return cls(cfg.run_dir, console=cfg.console, jsonl=cfg.jsonl, tensorboard=cfg.tensorboard,
+                   total_steps=total_steps, stream=stream)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Write one step's metrics (device values are fetched together, once).
 
         Args:
             step: the training step.
             metrics: name -> scalar (JAX array or number).
-            force: write even when `step` is not a multiple of log_every (e.g. the last step).
 
         Returns:
-            The metrics as floats, or None when the step was skipped (nothing was fetched).
+            The metrics as Python floats.
         """
-        if not force and step % self.log_every:
-            return None
         scalars = to_scalars(metrics)
         for writer in self.writers:
             writer.write(int(step), scalars)
@@ -246,14 +262,6 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def logger_from_config(cfg: LoggingConfig, total_steps: int | None = None,
-                       stream: TextIO | None = None) -> MetricsLogger:
-    """The MetricsLogger a LoggingConfig describes (run_dir, writers, log_every)."""
-    return MetricsLogger(cfg.run_dir, console=cfg.console, jsonl=cfg.jsonl,
-                         tensorboard=cfg.tensorboard, log_every=cfg.log_every,
-                         total_steps=total_steps, stream=stream)
 
 
 # ---------------------------------------------------------------------------
@@ -328,8 +336,22 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def panel_keys(keys: Sequence[str], panel: str) -> list[str]:
-    """The keys drawn in `panel`: those with `panel` as one of their "/"-separated parts."""
-    return sorted(k for k in keys if panel in k.split("/"))
+    """The keys drawn in `panel` (see PANELS for the matching rule), sorted.
+
+    Args:
+        keys: metric names.
+        panel: a key of PANELS.
+
+    Returns:
+        e.g. for "accuracy": ["accuracy", "eval/greedy_acc", "eval/pass@1"].
+    """
+    def matches(part: str, alias: str) -> bool:
+        if alias.endswith("@"):
+            return part.startswith(alias)
+        return part == alias or part.startswith(alias + "_") or part.endswith("_" + alias)
+
+    aliases = PANELS[panel]
+    return sorted(k for k in keys if any(matches(p, a) for p in k.split("/") for a in aliases))
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:

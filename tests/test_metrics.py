@@ -58,14 +58,12 @@ def test_one_host_transfer_per_step(tmp_path, monkeypatch):
     calls = []
     real = jax.device_get
     monkeypatch.setattr(jax, "device_get", lambda x: calls.append(1) or real(x))
-    logger = M.MetricsLogger(tmp_path, console=False, tensorboard=False, log_every=2)
+    logger = M.MetricsLogger(tmp_path, console=False, tensorboard=False)
     step_metrics = {name: jnp.float32(i) for i, name in enumerate(["reward", "kl", "entropy", "length"])}
-    assert logger.log(1, step_metrics) is None and calls == []  # skipped steps fetch nothing
-    assert logger.log(2, step_metrics) == {"reward": 0.0, "kl": 1.0, "entropy": 2.0, "length": 3.0}
+    assert logger.log(1, step_metrics) == {"reward": 0.0, "kl": 1.0, "entropy": 2.0, "length": 3.0}
     assert len(calls) == 1
-    assert logger.log(3, step_metrics, force=True) is not None and len(calls) == 2
     with pytest.raises(ValueError, match="'logits' must be a scalar"):
-        logger.log(4, {"logits": jnp.ones(3)})
+        logger.log(2, {"logits": jnp.ones(3)})
     logger.close()
 
 
@@ -86,6 +84,10 @@ def test_console_line_content():
     assert line == ("step 12/100  reward 0.412  acc 0.375  kl 0.00123  ent 1.500  len 34.5  "
                     "tok/s 12,346  s/step 2.50")
     assert M.format_progress(3, {"kl": math.nan}) == "step 3  kl nan"
+    trainer_keys = {"reward/mean": 0.5, "accuracy": 0.25, "train/kl_ref": 0.01, "train/entropy": 2.0,
+                    "length/mean": 10.0, "throughput/tokens_per_s": 99.5, "eval/pass@1": 0.125}
+    assert M.format_progress(4, trainer_keys) == ("step 4  reward 0.500  acc 0.250  kl 0.01  ent 2.000  "
+                                                  "len 10.0  tok/s 100  eval acc 0.125")
 
     plain = io.StringIO()
     writer = M.ConsoleWriter(plain)
@@ -106,10 +108,10 @@ def test_console_line_content():
 
 def test_logger_from_config(tmp_path):
     stream = io.StringIO()
-    cfg = LoggingConfig(run_dir=str(tmp_path / "run"), log_every=5, tensorboard=False)
-    with M.logger_from_config(cfg, total_steps=10, stream=stream) as logger:
+    cfg = LoggingConfig(run_dir=str(tmp_path / "run"), tensorboard=False)
+    with M.MetricsLogger.from_config(cfg, total_steps=10, stream=stream) as logger:
         assert [type(w) for w in logger.writers] == [M.ConsoleWriter, M.JsonlWriter]
-        for step in range(1, 11):
+        for step in (5, 10):
             logger.log(step, {"reward": 1.0})
     assert stream.getvalue().splitlines() == ["step 5/10  reward 1.000", "step 10/10  reward 1.000"]
     assert [r["step"] for r in M.read_metrics(tmp_path / "run")] == [5, 10]
@@ -132,11 +134,12 @@ def _fake_run(run_dir: Path, steps: int = 40) -> None:
     rng = np.random.default_rng(0)
     with M.MetricsLogger(run_dir, console=False, tensorboard=False) as logger:
         for step in range(1, steps + 1):
-            logger.log(step, {"reward": step / steps + 0.1 * rng.standard_normal(), "accuracy": step / steps,
-                              "length": 30 - step / 4, "entropy": 2 - step / steps, "kl": 1e-3 * step,
-                              "loss": math.nan, "time/sample": 0.5, "time/update": 0.25})
+            logger.log(step, {"reward/mean": step / steps + 0.1 * rng.standard_normal(),
+                              "accuracy": step / steps, "length/mean": 30 - step / 4,
+                              "train/entropy": 2 - step / steps, "train/kl_ref": 1e-3 * step,
+                              "train/loss": math.nan, "time/sample": 0.5, "time/update": 0.25})
             if step % 10 == 0:
-                logger.log(step, {"eval/accuracy": step / steps})
+                logger.log(step, {"eval/pass@1": step / steps, "eval/greedy_acc": step / steps / 2})
 
 
 def test_plot_run_writes_pngs(tmp_path):
@@ -152,8 +155,13 @@ def test_plot_run_writes_pngs(tmp_path):
         assert path.parent == tmp_path and path.stat().st_size > 5_000
     assert matplotlib.image.imread(tmp_path / "reward.png").shape[:2] == (400, 640)
     assert matplotlib.image.imread(tmp_path / "curves.png").shape[:2] == (680, 1440)
-    assert M.panel_keys(["accuracy", "eval/accuracy", "accuracy_greedy", "reward"], "accuracy") == \
-        ["accuracy", "eval/accuracy"]
+    keys = ["accuracy", "eval/greedy_acc", "eval/pass@8", "eval/maj@8", "reward/mean", "train/kl_ref",
+            "train/kl_loss", "train/pg_loss", "train/clip_frac", "length/max", "eval/length"]
+    assert M.panel_keys(keys, "accuracy") == ["accuracy", "eval/greedy_acc", "eval/maj@8", "eval/pass@8"]
+    assert M.panel_keys(keys, "kl") == ["train/kl_loss", "train/kl_ref"]
+    assert M.panel_keys(keys, "loss") == ["train/kl_loss", "train/pg_loss"]
+    assert M.panel_keys(keys, "length") == ["eval/length", "length/max"]
+    assert M.panel_keys(keys, "reward") == ["reward/mean"]
 
 
 def test_plot_command(tmp_path, monkeypatch, capsys):
