@@ -19,6 +19,7 @@ import marshal
 import math
 import re
 import secrets
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
@@ -203,7 +204,8 @@ def _judge(
     if record is None and _OUTSIDE in records:
         return CaseVerdict("runtime_error", name, records[_OUTSIDE][1].decode("utf-8", "replace"))
     if record is None:
-        return CaseVerdict(*_missing(outcome), test=name)
+        status, detail = _missing(outcome)
+        return CaseVerdict(status, name, detail)
     status, data = record
     detail = data.decode("utf-8", "replace")
     if status != "ok":
@@ -223,6 +225,11 @@ def _missing(outcome: SandboxResult) -> tuple[str, str]:
         return "time_limit", "wall-clock limit reached before this test finished"
     if outcome.output_exceeded:
         return "runtime_error", "output limit exceeded"
+    # Killed by the CPU limit: SIGXCPU, or SIGKILL at the hard limit (bubblewrap
+    # reports a child's death by signal as 128 + signal).
+    code = outcome.returncode
+    if code is not None and abs(code) % 128 in (signal.SIGXCPU, signal.SIGKILL) and code not in (0, 128):
+        return "time_limit", f"CPU time limit reached (exit status {code})"
     tail = outcome.stderr[-300:].decode("utf-8", "replace").strip()
     why = f"program exited (status {outcome.returncode}) before this test ran"
     return "not_run", f"{why}: {tail}" if tail else why

