@@ -178,11 +178,14 @@ class Checkpointer:
             self._fail(step, err)
 
     def _ranking(self, metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
-        if not self.best_metric or not metrics or self.best_metric not in metrics:
+        if not self.best_metric:
             return None
+        # An unranked step gets {} (ranked worst), not None: orbax warns on every save without metrics.
+        if not metrics or self.best_metric not in metrics:
+            return {}
         value = float(np.asarray(jax.device_get(metrics[self.best_metric])))
         # A NaN eval must not win (or block) the best slot: the step is just not ranked.
-        return {self.best_metric: value} if math.isfinite(value) else None
+        return {self.best_metric: value} if math.isfinite(value) else {}
 
     def _fail(self, step: int | None, err: BaseException) -> None:
         # Orbax drops steps from its in-memory list on a failed save; the disk is the truth.
@@ -289,7 +292,11 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """The step with the best `best_metric`, or None (no tracking, or no ranked step)."""
-        return self._manager.best_step() if self.best_metric else None
+        step = self._manager.best_step() if self.best_metric else None
+        if step is None:
+            return None
+        ranked = self._manager.metrics(step) or {}
+        return step if self.best_metric in ranked else None
 
     def close(self) -> None:
         """Finish the save in flight, then release orbax's threads."""
@@ -310,7 +317,10 @@ def _manager_options(keep: int, best_metric: str, best_mode: str,
     policies: list[ocm.PreservationPolicy] = [ocm.LatestN(n=keep)]
     best_fn = None
     if best_metric:
-        best_fn = lambda metrics: float(metrics[best_metric])
+        worst = -math.inf if best_mode == "max" else math.inf
+        # Unranked steps sort as the worst; ties keep step order, so they never take the best slot
+        # from a ranked step, and among themselves the newest (already kept by LatestN) wins.
+        best_fn = lambda metrics: float((metrics or {}).get(best_metric, worst))
         # BestN sorts ascending and keeps the tail: reverse for "min".
         policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
                                   keep_checkpoints_without_metrics=False))

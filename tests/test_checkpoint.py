@@ -143,6 +143,14 @@ def test_keeps_last_n_and_the_best(tmp_path):
     again.close()
 
 
+def test_best_tracking_without_ranked_steps(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2, best_metric="eval/accuracy", async_save=False)
+    for step in (1, 2, 3):
+        ckpt.save(step, _small(step), metrics={"loss": 1.0} if step == 2 else None)
+    assert ckpt.all_steps() == [2, 3] and ckpt.best_step() is None
+    ckpt.close()
+
+
 def test_from_config_min_mode(tmp_path):
     cfg = CheckpointConfig(directory=str(tmp_path), keep=1, best_metric="min:eval/loss", async_save=False)
     ckpt = Checkpointer.from_config(cfg)
