@@ -7,7 +7,7 @@ metadata dict: whatever the trainer needs to resume (data position, config as
 
     <step>/state/                   the pytree (orbax StandardSave: tensorstore, sharded)
     <step>/meta/metadata            the metadata dict, as JSON
-    <step>/metrics/metrics          the ranking metric (only when best_metric is set)
+    <step>/metrics/metrics          the ranking metric (when best_metric is set; {} if unranked)
     <step>/commit_success.txt       written last, inside the temporary directory
     <step>.orbax-checkpoint-tmp*    a save in flight, or one a crash cut short
     <step>.unreadable               a committed step that failed to restore, moved aside
@@ -27,7 +27,8 @@ directory and leaves every older checkpoint in place.
 Resume contract: `restore_latest(abstract_state(state))` returns the newest
 step that restores, with its state placed in the requested shardings and
 bit-equal to what was saved (typed PRNG keys included), and the metadata dict
-as saved; None when the directory holds no checkpoint.
+as saved; None when the directory holds no checkpoint. A resumed run that
+reaches a step the earlier run had saved replaces that step.
 """
 
 from __future__ import annotations
