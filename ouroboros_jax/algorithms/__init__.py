@@ -1,0 +1,51 @@
+"""Pure functions of arrays for RL and preference learning of language models.
+
+Arrays in, ``(loss, metrics)`` out: no flax, no config objects, no ``jax.jit``
+(the one update step that calls these is jitted elsewhere).
+
+Dimension legend: B batch, G group (completions per prompt), T time
+(completion tokens).
+
+- advantages: ``group_advantages`` (GRPO / Dr. GRPO), ``rloo_advantages``,
+  ``batch_normalized_advantages`` (REINFORCE++), ``compute_advantages``.
+- kl: ``kl_penalty`` (k1, k2, k3 per token).
+- aggregation: ``aggregate_loss`` and masked reductions.
+- policy losses: ``policy_loss`` dispatching to ``ppo_clip``, ``gspo``,
+  ``gspo_token``.
+- preferences: ``dpo_loss`` (DPO, IPO), ``spin_loss``, ``bradley_terry_loss``.
+"""
+
+from ouroboros_jax.algorithms.advantages import (
+    ADVANTAGE_MODES,
+    batch_normalized_advantages,
+    compute_advantages,
+    group_advantages,
+    rloo_advantages,
+)
+from ouroboros_jax.algorithms.aggregation import (
+    AGGREGATIONS,
+    aggregate_loss,
+    masked_max,
+    masked_mean,
+    masked_min,
+    masked_std,
+    masked_sum,
+)
+from ouroboros_jax.algorithms.kl import KL_KINDS, kl_penalty
+
+__all__ = [
+    "ADVANTAGE_MODES",
+    "AGGREGATIONS",
+    "KL_KINDS",
+    "aggregate_loss",
+    "batch_normalized_advantages",
+    "compute_advantages",
+    "group_advantages",
+    "kl_penalty",
+    "masked_max",
+    "masked_mean",
+    "masked_min",
+    "masked_std",
+    "masked_sum",
+    "rloo_advantages",
+]

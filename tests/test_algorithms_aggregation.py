@@ -1,0 +1,71 @@
+"""Loss aggregation modes and masked reductions: hand-computed cases, padding, micro-batches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ouroboros_jax.algorithms import AGGREGATIONS, aggregate_loss, masked_mean
+
+NAN = float("nan")
+# Row 0: three tokens summing to 6; row 1: two tokens summing to 11; row 2: padding.
+LOSS = jnp.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, NAN, 0.0], [NAN, NAN, NAN, NAN]])
+MASK = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("token_mean", 17 / 5),  # (1 + 2 + 3 + 5 + 6) / 5
+        ("seq_mean_token_mean", 3.75),  # (6 / 3 + 11 / 2) / 2
+        ("seq_mean_token_sum", 8.5),  # (6 + 11) / 2
+        ("seq_mean_token_sum_norm", 2.125),  # (6 / 4 + 11 / 4) / 2 with max_len = T = 4
+    ],
+)
+def test_hand_computed(mode, expected):
+    np.testing.assert_allclose(aggregate_loss(LOSS, MASK, mode), expected, rtol=1e-6)
+
+
+def test_sum_norm_uses_the_given_constant():
+    got = aggregate_loss(LOSS, MASK, "seq_mean_token_sum_norm", max_len=10)
+    np.testing.assert_allclose(got, 0.85, rtol=1e-6)  # (6 / 10 + 11 / 10) / 2
+
+
+def test_normalizer_overrides_the_denominator():
+    np.testing.assert_allclose(aggregate_loss(LOSS, MASK, "token_mean", normalizer=10.0), 1.7)
+    np.testing.assert_allclose(
+        aggregate_loss(LOSS, MASK, "seq_mean_token_mean", normalizer=4.0), 1.875
+    )  # (2 + 5.5) / 4
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_micro_batches_with_full_batch_normalizer_sum_to_full_batch(mode):
+    rng = np.random.default_rng(0)
+    loss = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    mask = jnp.asarray(rng.random((6, 5)) < 0.7).at[2].set(False)
+    full = aggregate_loss(loss, mask, mode)
+    if mode == "token_mean":
+        normalizer = jnp.sum(mask)
+    else:
+        normalizer = jnp.sum(jnp.any(mask, axis=-1))
+    parts = [aggregate_loss(loss[i : i + 2], mask[i : i + 2], mode, normalizer=normalizer) for i in (0, 2, 4)]
+    np.testing.assert_allclose(sum(parts), full, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_nan_at_masked_positions_gives_zero_gradient(mode):
+    grad = jax.grad(lambda x: aggregate_loss(x, MASK, mode))(LOSS)
+    assert np.all(np.isfinite(grad))
+    assert np.all(np.asarray(grad)[np.asarray(MASK) == 0] == 0.0)
+
+
+def test_empty_mask_gives_zero():
+    zeros = jnp.zeros((2, 3), int)
+    for mode in AGGREGATIONS:
+        assert aggregate_loss(jnp.full((2, 3), NAN), zeros, mode) == 0.0
+    assert masked_mean(jnp.ones(3), jnp.zeros(3)) == 0.0
+
+
+def test_unknown_mode_raises():
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate_loss(LOSS, MASK, "sum")
