@@ -31,21 +31,32 @@ from ouroboros_jax.algorithms.aggregation import (
     masked_std,
     masked_sum,
 )
+from ouroboros_jax.algorithms.gspo import gspo_terms, gspo_token_terms, sequence_log_ratio
 from ouroboros_jax.algorithms.kl import KL_KINDS, kl_penalty
+from ouroboros_jax.algorithms.policy_loss import POLICY_VARIANTS, policy_loss
+from ouroboros_jax.algorithms.ppo_clip import SurrogateTerms, clipped_surrogate, ppo_clip_terms
 
 __all__ = [
     "ADVANTAGE_MODES",
     "AGGREGATIONS",
     "KL_KINDS",
+    "POLICY_VARIANTS",
+    "SurrogateTerms",
     "aggregate_loss",
     "batch_normalized_advantages",
+    "clipped_surrogate",
     "compute_advantages",
     "group_advantages",
+    "gspo_terms",
+    "gspo_token_terms",
     "kl_penalty",
     "masked_max",
     "masked_mean",
     "masked_min",
     "masked_std",
     "masked_sum",
+    "policy_loss",
+    "ppo_clip_terms",
     "rloo_advantages",
+    "sequence_log_ratio",
 ]
