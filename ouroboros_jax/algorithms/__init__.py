@@ -35,17 +35,22 @@ from ouroboros_jax.algorithms.gspo import gspo_terms, gspo_token_terms, sequence
 from ouroboros_jax.algorithms.kl import KL_KINDS, kl_penalty
 from ouroboros_jax.algorithms.policy_loss import POLICY_VARIANTS, policy_loss
 from ouroboros_jax.algorithms.ppo_clip import SurrogateTerms, clipped_surrogate, ppo_clip_terms
+from ouroboros_jax.algorithms.preference import DPO_VARIANTS, dpo_loss, spin_loss
+from ouroboros_jax.algorithms.reward_model import bradley_terry_loss
 
 __all__ = [
     "ADVANTAGE_MODES",
     "AGGREGATIONS",
+    "DPO_VARIANTS",
     "KL_KINDS",
     "POLICY_VARIANTS",
     "SurrogateTerms",
     "aggregate_loss",
     "batch_normalized_advantages",
+    "bradley_terry_loss",
     "clipped_surrogate",
     "compute_advantages",
+    "dpo_loss",
     "group_advantages",
     "gspo_terms",
     "gspo_token_terms",
@@ -59,4 +64,5 @@ __all__ = [
     "ppo_clip_terms",
     "rloo_advantages",
     "sequence_log_ratio",
+    "spin_loss",
 ]
