@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("", "linear", "llama3")
-POLICY_VARIANTS = ("ppo_clip", "gspo", "gspo_token")
+POLICY_VARIANTS = ("ppo_clip", "gspo", "gspo_token", "sft")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 KL_KINDS = ("k1", "k2", "k3")

@@ -264,7 +264,9 @@ def test_ratio_one_gives_plain_policy_gradient(variant, aggregation):
         )
 
     (loss, metrics), grad = jax.value_and_grad(loss_of, has_aux=True)(old)
-    np.testing.assert_allclose(loss, -np.sum(a * m * weight), **TOL)
+    # Ratio variants see rho = 1; "sft" has no ratio, its value is -A * logp (same gradient).
+    per_token = 1.0 if variant != "sft" else np.asarray(old, np.float64)
+    np.testing.assert_allclose(loss, -np.sum(a * m * weight * per_token), **TOL)
     np.testing.assert_allclose(grad, -a * m * weight, **TOL)
     assert metrics["clip_frac"] == 0.0
 
@@ -427,3 +429,20 @@ def test_invalid_arguments_raise(kwargs, message):
     base = dict(variant="ppo_clip", clip_low=0.2, clip_high=0.2, aggregation="token_mean")
     with pytest.raises(ValueError, match=message):
         policy_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros(2), jnp.ones((2, 3)), **(base | kwargs))
+
+
+def test_sft_variant_is_advantage_weighted_nll():
+    """l = -A * logp, token-mean: with A = 1 the plain NLL of the masked tokens; no ratio, no clip."""
+    logp = jnp.array([[-0.5, -1.0, -2.0], [-0.25, -3.0, 0.0]])
+    old = jnp.full((2, 3), 7.0)  # ignored
+    mask = jnp.array([[1, 1, 0], [1, 0, 0]], bool)
+    loss, metrics = policy_loss(logp, old, jnp.array([1.0, 1.0]), mask, variant="sft", clip_low=0.2,
+                                clip_high=0.2, aggregation="token_mean")
+    np.testing.assert_allclose(loss, (0.5 + 1.0 + 0.25) / 3, rtol=1e-6)
+    assert float(metrics["clip_frac"]) == 0.0 and float(metrics["ratio_mean"]) == 1.0
+    weighted, _ = policy_loss(logp, old, jnp.array([2.0, -1.0]), mask, variant="sft", clip_low=0.2,
+                              clip_high=0.2, aggregation="token_mean")
+    np.testing.assert_allclose(weighted, (2 * 0.5 + 2 * 1.0 - 0.25) / 3, rtol=1e-6)
+    grad = jax.grad(lambda lp: policy_loss(lp, old, jnp.array([1.0, 1.0]), mask, variant="sft", clip_low=0.2,
+                                           clip_high=0.2, aggregation="token_mean")[0])(logp)
+    np.testing.assert_allclose(grad, -np.asarray(mask, np.float32) / 3.0, rtol=1e-6)

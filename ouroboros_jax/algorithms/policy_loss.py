@@ -2,8 +2,9 @@
 
     loss = agg(l_pg) + kl_coef * agg(kl(pi || pi_ref)) - entropy_coef * agg(H)
 
-with ``l_pg`` the per-token loss of the variant (``ppo_clip``, ``gspo`` or
-``gspo_token``), ``agg`` the chosen aggregation mode (see ``aggregation``) and
+with ``l_pg`` the per-token loss of the variant (``ppo_clip``, ``gspo``,
+``gspo_token``, or ``sft``: advantage-weighted log-likelihood without a
+ratio), ``agg`` the chosen aggregation mode (see ``aggregation``) and
 ``kl`` the chosen per-token estimator (see ``kl``). The KL term is inside the
 objective, as in GRPO (Shao et al. 2024, arXiv 2402.03300, eq. 3), not folded
 into the reward.
@@ -37,9 +38,10 @@ from ouroboros_jax.algorithms.aggregation import (
 from ouroboros_jax.algorithms.gspo import gspo_terms, gspo_token_terms
 from ouroboros_jax.algorithms.kl import KL_KINDS, kl_penalty
 from ouroboros_jax.algorithms.ppo_clip import SurrogateTerms, ppo_clip_terms
+from ouroboros_jax.algorithms.sft import sft_terms
 
-PolicyVariant = Literal["ppo_clip", "gspo", "gspo_token"]
-POLICY_VARIANTS: tuple[str, ...] = ("ppo_clip", "gspo", "gspo_token")
+PolicyVariant = Literal["ppo_clip", "gspo", "gspo_token", "sft"]
+POLICY_VARIANTS: tuple[str, ...] = ("ppo_clip", "gspo", "gspo_token", "sft")
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -60,6 +62,8 @@ def _variant_terms(
             return gspo_terms(logp, old_logp, advantages, mask, **clip)
         case "gspo_token":
             return gspo_token_terms(logp, old_logp, advantages, mask, **clip)
+        case "sft":
+            return sft_terms(logp, old_logp, advantages, mask, **clip)
         case _:
             raise ValueError(f"unknown policy loss {variant!r}; expected one of {POLICY_VARIANTS}")
 
