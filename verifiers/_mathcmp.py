@@ -31,6 +31,8 @@ MIN_SIGNIFICANT_DIGITS = 4
 _SAMPLE_POINTS = (0.7318, -1.2207, 2.3169, -0.4412, 1.5873)
 _CHOICE = re.compile(r"\(?([A-Ea-e])\)?")
 _MATH_WORDS = {"sin", "cos", "tan", "log", "ln", "exp", "sqrt", "pi", "infty", "frac", "or"}
+# Two-letter answers are products of variables ("ab") unless they are words.
+_SHORT_WORDS = {"no", "ok", "on", "up", "is", "it", "in", "at", "to", "of", "an", "by", "do", "so"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def _is_textual(text: str) -> bool:
     words = re.findall(r"[A-Za-z]+", text)
     if not re.fullmatch(r"[A-Za-z][A-Za-z\s'.\-()]*", text):
         return False
-    return any(len(w) > 1 and w.lower() not in _MATH_WORDS for w in words)
+    return any((len(w) > 2 and w.lower() not in _MATH_WORDS) or w.lower() in _SHORT_WORDS for w in words)
 
 
 def read_answer(raw: str, *, single_number: bool = False) -> Answer:
@@ -111,7 +113,7 @@ def is_single_number(answer: Answer) -> bool:
 
 def equivalent(gold: Answer, pred: Answer) -> bool:
     """Whether ``pred`` states the same answer as ``gold``."""
-    if gold.text and gold.text.replace(" ", "") == pred.text.replace(" ", ""):
+    if gold.text and _squash(gold.text) == _squash(pred.text):
         return True
     if gold.textual or gold.value is None:
         return _text_equal(gold.text, pred.text)
@@ -123,6 +125,11 @@ def equivalent(gold: Answer, pred: Answer) -> bool:
             if _equal(g, p, context):
                 return True
     return False
+
+
+def _squash(text: str) -> str:
+    """Drop spaces, except between digits ("1 2" is not "12")."""
+    return re.sub(r"(?<!\d)\s+|\s+(?!\d)", "", text)
 
 
 def _text_equal(gold: str, pred: str) -> bool:

@@ -68,7 +68,7 @@ def _trim_tail(tail: str) -> str:
                 break
         kept.append(word)
     # A textual answer ("Monday.") has no math prefix: keep the sentence.
-    return " ".join(kept) if kept else line
+    return (" ".join(kept) if kept else line).rstrip(" .,;:")
 
 
 def extract_answer(text: str, mode: Mode = "anchored") -> str | None:
@@ -98,14 +98,30 @@ def extract_answer(text: str, mode: Mode = "anchored") -> str | None:
     return None
 
 
+def _mathy(chunk: str) -> bool:
+    letters = re.sub(r"[^A-Za-z]", "", chunk)
+    plain_word = len(letters) >= 2 and "\\" not in chunk and letters.lower() not in _KEEP_WORDS
+    return bool(chunk) and not plain_word
+
+
 def _last_expression(text: str) -> str | None:
-    segment = list(_MATH_SEGMENT.finditer(text))
-    number = list(_NUMBER.finditer(text))
-    last_segment = segment[-1] if segment else None
-    last_number = number[-1] if number else None
-    if last_segment and (not last_number or last_segment.end() >= last_number.end()):
-        return next(g for g in last_segment.groups() if g is not None).strip()
-    return last_number.group().strip() if last_number else None
+    """The last LaTeX expression or number, for ``mode="any"``."""
+    text = text.rstrip()
+    segments = list(_MATH_SEGMENT.finditer(text))
+    if segments and segments[-1].end() >= len(text) - 2:
+        return next(g for g in segments[-1].groups() if g is not None).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines:
+        chunks = lines[-1].rstrip(" .,;:").split()
+        tail = []
+        while chunks and _mathy(chunks[-1]):
+            tail.insert(0, chunks.pop())
+        if tail and re.search(r"[\d\\]", " ".join(tail)):
+            return " ".join(tail)
+    if segments:
+        return next(g for g in segments[-1].groups() if g is not None).strip()
+    numbers = list(_NUMBER.finditer(text))
+    return numbers[-1].group().strip() if numbers else None
 
 
 def gold_answer(example: Mapping[str, Any] | str, key: str = "answer") -> str:
@@ -196,7 +212,7 @@ def verify(
         return Verdict.fail(f"comparison exceeded {timeout_s:g} s", timed_out=True, extracted=pred)
     if same:
         return Verdict(1.0, True, extracted=pred)
-    return Verdict(0.0, False, extracted=pred, reason=f"{pred[:200]!r} != gold {gold[:200]!r}")
+    return Verdict(0.0, False, extracted=pred, reason=f"{pred[:200]} is not {gold[:200]}")
 
 
 def verify_any(completion: str, example: Mapping[str, Any]) -> Verdict:
