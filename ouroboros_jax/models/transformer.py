@@ -178,8 +178,15 @@ def _attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, cfg: ModelConfig):
     return out.reshape(B, T, N, H)
 
 
-def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cache_kv, cache_index):
-    """One decoder layer. Returns the new residual stream and this layer's (k, v)."""
+def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cache_kv, cache_index,
+           layer=0):
+    """One decoder layer. Returns the new residual stream and (k, v).
+
+    Without a cache (k, v) are this layer's keys and values. With one,
+    `cache_kv` is the whole stacked cache [L, B, S, K, H]: only the T new slots
+    of `layer` are written, so a decode step updates the cache in place instead
+    of copying every layer's slots, and (k, v) is the updated stack.
+    """
     cdt = dtype_of(cfg.compute_dtype)
     w = {k: v.astype(cdt) for k, v in p.items()}
     h = rms_norm(x_BTD, w["attn_norm_LD"], cfg.norm_eps)
@@ -195,9 +202,14 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cach
     k = apply_rope(k, positions_BT, inv_freq)
     if cache_kv is not None:
         ck, cv = cache_kv
-        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-    attn = _attention(q, k, v, allowed_BTS, cfg)
+        start = (layer, 0, cache_index, 0, 0)
+        k = ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
+        v = cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+        k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (ck, cv))
+        attn = _attention(q, k, v, allowed_BTS, cfg)
+        k, v = ck, cv
+    else:
+        attn = _attention(q, k, v, allowed_BTS, cfg)
     out = jnp.einsum("BTNH,NHD->BTD", attn, w["o_LNHD"])
     if cfg.o_bias:
         out = out + w["o_bias_LD"]
@@ -243,15 +255,19 @@ def hidden_states(
     x = params["embed_VD"].astype(cdt)[tokens]
     inv_freq = rope_inv_freq(cfg)
 
-    def body(x, layer_in):
-        p, kv = layer_in
-        x, new_kv = _layer(cfg, inv_freq, x, p, positions, allowed, kv, cache_index)
-        return x, (new_kv if cache is not None else None)
+    # The cache rides in the scan carry (not in xs/ys) so that each layer writes only
+    # its new slots in place; as a scanned output it would be copied whole every call.
+    def body(carry, layer_in):
+        x, kv = carry
+        p, layer = layer_in
+        x, new_kv = _layer(cfg, inv_freq, x, p, positions, allowed, kv, cache_index, layer)
+        return (x, (new_kv if cache is not None else None)), None
 
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    xs = (params["layers"], None if cache is None else (cache.k, cache.v))
-    x, new_kv = jax.lax.scan(body, x, xs)
+    kv = None if cache is None else (cache.k, cache.v)
+    layers = jnp.arange(cfg.n_layers)
+    (x, new_kv), _ = jax.lax.scan(body, (x, kv), (params["layers"], layers))
     x = rms_norm(x, params["final_norm_D"], cfg.norm_eps)
     new_cache = None if cache is None else KVCache(*new_kv)
     return x, new_cache
