@@ -79,7 +79,26 @@ def main():
         "SANDBOX_REPORT_FD": report_fd,
     }
     del data, spec["rlimits"]
-    exec(compile(spec["source"], "<harness>", "exec"), namespace)
+    status = 0
+    try:
+        exec(compile(spec["source"], "<harness>", "exec"), namespace)
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        if exc.code is not None and not isinstance(exc.code, int):
+            sys.stderr.write(f"{exc.code}\n")
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        status = 1
+    # Skip interpreter finalisation (module teardown, GC): it is a large share
+    # of a short run, and nothing sandboxed needs it.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status & 0xFF)
 
 
 if __name__ == "__main__":

@@ -318,14 +318,28 @@ def _solved_symbol(value: Any) -> sp.Symbol | None:
 
 
 def _solved_set(value: Any) -> sp.Set | None:
-    """The solution set of a relation in solved form (``x > 3``, ``1 < x <= 2``, ``x = 4``)."""
+    """The solution set of a relation in solved form (``x > 3``, ``1 < x <= 2``, ``x = 4``).
+
+    Built directly rather than with ``as_set()``, which runs the inequality
+    solver and costs a hundred times more.
+    """
     symbol = _solved_symbol(value)
     if symbol is None:
         return None
-    try:
-        return value.as_set() if not isinstance(value, sp.Eq) else sp.FiniteSet(_value_of(value))
-    except (NotImplementedError, TypeError, ValueError):
-        return None
+    parts = value.args if isinstance(value, sp.And) else (value,)
+    result = sp.Interval(-sp.oo, sp.oo)
+    for rel in parts:
+        kind, bound = type(rel), rel.rhs if rel.lhs == symbol else rel.lhs
+        if rel.lhs != symbol:  # "3 < x" reads as "x > 3"
+            kind = {sp.Lt: sp.Gt, sp.Le: sp.Ge, sp.Gt: sp.Lt, sp.Ge: sp.Le}.get(kind, kind)
+        if kind is sp.Eq:
+            part = sp.FiniteSet(bound)
+        elif kind in (sp.Lt, sp.Le):
+            part = sp.Interval(-sp.oo, bound, True, kind is sp.Lt)
+        else:
+            part = sp.Interval(bound, sp.oo, kind is sp.Gt, True)
+        result = sp.Intersection(result, part)
+    return result
 
 
 def _to_set(value: Any) -> sp.Set | None:
