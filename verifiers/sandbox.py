@@ -159,13 +159,18 @@ class Sandbox:
         self._scratch_root = scratch_root or tempfile.gettempdir()
         self._root = iso.is_root()
         self._uids = iso.UidAllocator() if self._root else None
+        self._nproc = (-1e9, 0)  # (when counted, the caller's own threads)
+        self.layers: tuple[str, ...] = ()
         self._bwrap = self._choose_bwrap(isolation)
+        if not self._bwrap and not self._fd_start_possible():
+            self._uids = None  # the interpreter would be out of the sandbox uid's reach
         self.layers = self._active_layers()
         off = [layer for layer in ALL_LAYERS if layer not in self.layers]
         if off:
             self._warn(off, isolation)
 
     def _choose_bwrap(self, isolation: Isolation) -> list[str] | None:
+        self._fallback_reason = "not running as root, so no uid of its own"
         if isolation == "rlimits":
             self._fallback_reason = "isolation='rlimits' was requested"
             return None
@@ -173,7 +178,7 @@ class Sandbox:
         if bwrap is None:
             reason = "bubblewrap (bwrap) is not installed"
         else:
-            probe = _probe_bwrap(bwrap, self)
+            probe = self._probe(bwrap)
             if probe is None:
                 return [bwrap]
             reason = f"bubblewrap failed to start a sandbox: {probe}"
@@ -187,7 +192,7 @@ class Sandbox:
         layers += [iso.OUTPUT_CAP, iso.NO_NEW_PRIVS]
         if self._bwrap:
             layers += [iso.NO_NETWORK, iso.READONLY_FS, iso.PID_NAMESPACE]
-        if self._root and (self._bwrap or self._fd_start_possible()):
+        if self._uids is not None:
             layers.append(iso.UNPRIVILEGED_UID)
         return tuple(layer for layer in ALL_LAYERS if layer in layers)
 
@@ -195,12 +200,17 @@ class Sandbox:
         return self.interpreter.reachable_by_others() or self.interpreter.home_prefix() is not None
 
     def _warn(self, off: list[str], isolation: Isolation) -> None:
-        reason = getattr(self, "_fallback_reason", f"isolation={isolation!r}")
-        gaps = "; ".join(f"{layer} OFF ({LAYER_GAPS[layer]})" for layer in off)
+        reason = self._fallback_reason
+        texts = dict(LAYER_GAPS)
+        if self._bwrap:
+            texts[iso.UNPRIVILEGED_UID] = iso.UID_GAP_IN_NAMESPACES
+        gaps = "; ".join(f"{layer} OFF ({texts[layer]})" for layer in off)
+        if self._root and iso.UNPRIVILEGED_UID in off:
+            gaps += "; as root RLIMIT_NPROC does not bind, so a fork bomb is NOT contained"
         message = (
             f"UNTRUSTED CODE WILL RUN WITH WEAKER ISOLATION: {reason}. Active layers: "
-            f"{', '.join(self.layers)}. {gaps}. Install bubblewrap "
-            "(apt-get install bubblewrap) for the full sandbox."
+            f"{', '.join(self.layers)}. {gaps}."
+            + ("" if self._bwrap else " Install bubblewrap (apt-get install bubblewrap).")
         )
         log.warning(message)
         warnings.warn(message, SandboxWarning, stacklevel=3)
@@ -214,7 +224,7 @@ class Sandbox:
         """Run a command (looked up on the sandbox's PATH) under every layer."""
         if not argv:
             raise ValueError("argv must name a command")
-        return self._run({"argv": list(argv)}, b"", stdin, limits or self.limits)
+        return self._run({"argv": list(argv)}, b"", stdin, limits or self.limits, self._bwrap)
 
     def run_python(
         self,
@@ -230,9 +240,36 @@ class Sandbox:
         given here, never written to disk) and ``SANDBOX_REPORT_FD`` (a
         descriptor whose bytes come back as ``SandboxResult.report``).
         """
-        return self._run({"source": source}, payload, stdin, limits or self.limits)
+        return self._run({"source": source}, payload, stdin, limits or self.limits, self._bwrap)
 
-    def _run(self, job: dict, payload: bytes, stdin: bytes, limits: Limits) -> SandboxResult:
+    def _probe(self, bwrap: str) -> str | None:
+        """Run a trivial program through bubblewrap; None when it works, else why not."""
+        trial = replace(self.limits, wall_s=30.0, cpu_s=10.0)
+        try:
+            result = self._run({"source": "print('ok')"}, b"", b"", trial, [bwrap])
+        except OSError as err:
+            return str(err)
+        if result.stdout.strip() == b"ok" and result.returncode == 0:
+            return None
+        return (result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}")[:500]
+
+    def _nproc_base(self) -> int:
+        """Threads the caller's uid already runs: RLIMIT_NPROC counts them too.
+
+        Recounted every few seconds, not per run, since a /proc scan costs
+        tens of milliseconds. As root the run gets its own uid, so nothing counts.
+        """
+        if self._uids is not None:
+            return 0
+        counted_at, count = self._nproc
+        if time.monotonic() - counted_at > 5.0:
+            count = iso.tasks_of_uid(os.getuid())
+            self._nproc = (time.monotonic(), count)
+        return count
+
+    def _run(
+        self, job: dict, payload: bytes, stdin: bytes, limits: Limits, bwrap: list[str] | None
+    ) -> SandboxResult:
         start = time.monotonic()
         uid = self._uids.acquire() if self._uids else None
         scratch = tempfile.mkdtemp(prefix="ouroboros-sandbox-", dir=self._scratch_root)
@@ -240,7 +277,7 @@ class Sandbox:
         try:
             if uid is not None:
                 os.chown(scratch, uid, uid)
-            argv, popen_kwargs, spec = self._plan(job, scratch, uid, limits, opened)
+            argv, popen_kwargs, spec = self._plan(job, scratch, uid, limits, opened, bwrap)
             control = _encode_control(spec, payload)
             out = _execute(argv, popen_kwargs, control, stdin, limits, opened)
         finally:
@@ -249,24 +286,29 @@ class Sandbox:
             if uid is not None:
                 # Children that left the process group (setsid, double fork) are
                 # found by uid; in bubblewrap the pid namespace already took them.
-                if not self._bwrap:
+                if not bwrap:
                     iso.kill_uid(uid)
                 self._uids.release(uid)
             shutil.rmtree(scratch, ignore_errors=True)
         return replace(out, wall_s=time.monotonic() - start, layers=self.layers)
 
     def _plan(
-        self, job: dict, scratch: str, uid: int | None, limits: Limits, opened: list[int]
+        self,
+        job: dict,
+        scratch: str,
+        uid: int | None,
+        limits: Limits,
+        opened: list[int],
+        bwrap: list[str] | None,
     ) -> tuple[list[str], dict, dict]:
         """Command line, Popen arguments and launcher spec for one run."""
         interpreter = self.interpreter
         exe = interpreter.executable
         kwargs: dict = {"env": iso.scrubbed_env(scratch), "cwd": scratch, "pass_fds": []}
-        nproc_base = 0 if self._root else iso.tasks_of_uid(os.getuid())
-        spec = {"rlimits": limits.rlimits(nproc_base), "cwd": scratch, **job}
-        if self._bwrap:
+        spec = {"rlimits": limits.rlimits(self._nproc_base()), "cwd": scratch, **job}
+        if bwrap:
             prefix = iso.bwrap_args(
-                self._bwrap[0],
+                bwrap[0],
                 interpreter=interpreter,
                 scratch=scratch,
                 as_root=self._root,
@@ -454,22 +496,6 @@ def _exited(pid: int) -> bool:
     except ChildProcessError:
         return True
     return info is not None
-
-
-def _probe_bwrap(bwrap: str, box: Sandbox) -> str | None:
-    """Run a trivial program through bubblewrap; None when it works, else why not."""
-    trial = replace(box.limits, wall_s=30.0, cpu_s=10.0)
-    saved_bwrap, saved_layers = getattr(box, "_bwrap", None), getattr(box, "layers", ())
-    box._bwrap, box.layers = [bwrap], ()
-    try:
-        result = box.run_python("print('ok')", limits=trial)
-    except OSError as err:
-        return str(err)
-    finally:
-        box._bwrap, box.layers = saved_bwrap, saved_layers
-    if result.stdout.strip() == b"ok" and result.returncode == 0:
-        return None
-    return (result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}")[:500]
 
 
 _DEFAULT: Sandbox | None = None
