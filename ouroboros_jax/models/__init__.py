@@ -6,6 +6,7 @@ from ouroboros_jax.models.hf import (
     export_hf_checkpoint,
     load_hf_checkpoint,
 )
+from ouroboros_jax.models.logprobs import policy_logprobs, token_logprobs
 from ouroboros_jax.models.reward import reward_scores, token_values
 from ouroboros_jax.models.safetensors_io import CheckpointError
 from ouroboros_jax.models.tokenizer import Tokenizer
@@ -26,5 +27,5 @@ __all__ = [
     "CheckpointError", "KVCache", "Params", "Tokenizer", "config_from_hf", "config_to_hf",
     "export_hf_checkpoint", "forward", "forward_padded", "hidden_states", "init_cache",
     "init_params", "load_hf_checkpoint", "logits_from_hidden", "param_logical_axes",
-    "param_shapes", "reward_scores", "token_values",
+    "param_shapes", "policy_logprobs", "reward_scores", "token_logprobs", "token_values",
 ]
