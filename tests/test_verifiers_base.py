@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,8 @@ from verifiers import Verdict, combine, get, names, register, resolve, route, to
 from verifiers import base as vbase
 from verifiers.countdown import evaluate, extract_equation
 from verifiers.format import RegexFormat, format_problems
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def exact(completion, example):
@@ -177,3 +182,15 @@ def test_countdown_arithmetic_is_exact():
     with pytest.raises(ValueError):
         evaluate("1" * 600)
     assert extract_equation("<answer>1+2=3</answer>") == "1+2"
+
+
+def test_verifiers_import_without_jax():
+    code = (
+        "import sys, verifiers, verifiers.math, verifiers.code, verifiers.pool\n"
+        "import verifiers.format, verifiers.countdown, verifiers.sandbox\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', "
+        "'ouroboros_jax')]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
