@@ -2,21 +2,22 @@
 
 It loads the untrusted program, runs the tests the parent planned, and reports
 one line per test on the report descriptor: ``<nonce> <index> <status>
-<base64 data>``. Verdicts on stdin/stdout and function-call cases are *not*
+<hex data>``. Verdicts on stdin/stdout and function-call cases are *not*
 decided here: the harness only reports what the program printed or returned,
 and the parent compares that with expected values it never sends into the
 sandbox. Assert-style tests can only be judged in-process; their lines carry a
 per-run nonce so that a program which prints or exits early cannot fake them.
 
-Standard library only, and none of json/re on the hot path: every import here
-is paid again on every sandboxed run.
+Standard library only, and none of json/re/signal/binascii on the hot path:
+every import here is paid again on every sandboxed run.
 """
 
-import binascii
+# The C module: the signal package builds enums on import, which costs more than
+# everything else this harness does for a short program.
+import _signal as signal
 import builtins
 import marshal
 import os
-import signal
 import sys
 
 _MEMORY_EXIT = 86
@@ -39,7 +40,7 @@ class _Reporter:
         if isinstance(data, str):
             data = data.encode("utf-8", "replace")
         fields = [self._nonce, str(index).encode(), status.encode()]
-        line = b" ".join(fields + [binascii.b2a_base64(data, newline=False)]) + b"\n"
+        line = b" ".join(fields + [data.hex().encode()]) + b"\n"
         view = memoryview(line)
         while view:
             view = view[os.write(self._fd, view) :]
