@@ -190,9 +190,13 @@ def test_stdio_runtime_error_and_time_limit_per_case():
     assert "AssertionError" in result.verdicts[1].detail
 
 
-def test_apps_json_stdio_format():
+def test_apps_and_codecontests_stdio_formats():
     spec = json.dumps({"inputs": ["1 2\n", ["3 4"]], "outputs": ["3\n", ["7"]]})
     assert run_tests(SUM_PROGRAM, spec).passed
+    assert run_tests(SUM_PROGRAM, {"input": ["5 5"], "output": ["10"]}).passed
+    assert run_tests(SUM_PROGRAM, [{"input": "1 1", "output": "2"}]).passed
+    with pytest.raises(ValueError, match="differ in length"):
+        run_tests(SUM_PROGRAM, {"inputs": ["1 1"], "outputs": []})
 
 
 def test_expected_output_never_enters_the_sandbox():

@@ -7,8 +7,9 @@ Four formats are recognised:
 * A ``check(candidate)`` function (HumanEval style) when ``entry_point`` is
   given: every top-level statement of its body holding an ``assert`` becomes one
   test, so a solution that gets 7 of 9 cases right scores 7/9.
-* stdin/stdout cases: ``IOCase`` objects, or the APPS/CodeContests JSON object
-  ``{"inputs": [...], "outputs": [...]}``.
+* stdin/stdout cases: ``IOCase`` objects, ``{"input", "output"}`` dicts, or the
+  APPS / CodeContests objects ``{"inputs": [...], "outputs": [...]}`` and
+  ``{"input": [...], "output": [...]}`` (as mappings or JSON strings).
 * Function-call cases: ``CallCase`` objects, or the same JSON object with
   ``"fn_name"``.
 """
@@ -90,17 +91,19 @@ def _as_case_spec(tests: Any) -> dict | None:
             tests = json.loads(stripped)
         except ValueError:
             return None
-    if isinstance(tests, Mapping) and "inputs" in tests and "outputs" in tests:
-        if len(tests["inputs"]) != len(tests["outputs"]):
-            raise ValueError("tests: 'inputs' and 'outputs' differ in length")
-        return {
-            "inputs": list(tests["inputs"]),
-            "outputs": list(tests["outputs"]),
-            "fn_name": tests.get("fn_name") or None,
-        }
+    if isinstance(tests, Mapping):
+        # APPS: inputs/outputs (+ fn_name); CodeContests: input/output.
+        inputs = tests.get("inputs", tests.get("input"))
+        outputs = tests.get("outputs", tests.get("output"))
+        if isinstance(inputs, list) and isinstance(outputs, list):
+            if len(inputs) != len(outputs):
+                raise ValueError("tests: inputs and outputs differ in length")
+            return {"inputs": inputs, "outputs": outputs, "fn_name": tests.get("fn_name") or None}
     if isinstance(tests, Sequence) and not isinstance(tests, str) and tests:
         if all(isinstance(c, IOCase) for c in tests):
             return {"inputs": [c.input for c in tests], "outputs": [c.output for c in tests]}
+        if all(isinstance(c, Mapping) and {"input", "output"} <= c.keys() for c in tests):
+            return {"inputs": [c["input"] for c in tests], "outputs": [c["output"] for c in tests]}
     return None
 
 

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 import warnings
@@ -510,11 +511,13 @@ def _exited(pid: int) -> bool:
 
 
 _DEFAULT: Sandbox | None = None
+_DEFAULT_LOCK = threading.Lock()
 
 
 def default_sandbox() -> Sandbox:
     """The process-wide sandbox with default settings (probed and warned about once)."""
     global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = Sandbox()
-    return _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = Sandbox()
+        return _DEFAULT
