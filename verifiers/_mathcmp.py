@@ -67,13 +67,20 @@ def _is_textual(text: str) -> bool:
     return any((len(w) > 2 and w.lower() not in _MATH_WORDS) or w.lower() in _SHORT_WORDS for w in words)
 
 
-def read_answer(raw: str, *, single_number: bool = False) -> Answer:
-    """Normalise and parse ``raw``; ``single_number`` reads ``1,000`` and ``3,5`` as numbers."""
+def read_answer(raw: str, *, single_number: bool | None = None) -> Answer:
+    """Normalise and parse ``raw``.
+
+    ``single_number`` says what the gold answer is, and so how to read commas:
+    True reads ``1,000`` and ``3,5`` as numbers, False as lists; None (for the
+    gold itself) reads thousands separators as such and a decimal comma as a list.
+    """
     norm = normalize(raw)
     text = norm.text
     candidates = [text]
-    if single_number or join_thousands(text):
+    if single_number:
         candidates = [c for c in (join_thousands(text), decimal_comma(text)) if c] + candidates
+    elif single_number is None and join_thousands(text):
+        candidates.insert(0, join_thousands(text))
     if _is_textual(text):
         return Answer(text, None, percent=norm.percent, degrees=norm.degrees, textual=True)
     for candidate in candidates:
