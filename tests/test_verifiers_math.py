@@ -66,7 +66,11 @@ PAIRS = [
     ("0.67", "\\frac{2}{3}", False),
     ("3.5", "3,5", True),
     ("3.5", "7/2", True),
-    ("3.5", "3\\frac{1}{2}", False),
+    ("3.5", "3\\frac{1}{2}", True),  # a mixed number
+    ("\\frac{5}{3}", "1\\frac{2}{3}", True),
+    ("-\\frac{5}{3}", "-1\\frac{2}{3}", True),
+    ("\\frac{2x}{3}", "2\\frac{x}{3}", True),  # not a mixed number: a product
+    ("1.5", "1.5\\text{ m}^2", True),
     ("\\frac{7}{2}", "\\frac{14}{4}", True),
     ("-\\frac{1}{2}", "\\frac{-1}{2}", True),
     ("-\\frac{1}{2}", "-0.5", True),

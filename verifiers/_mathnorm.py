@@ -24,7 +24,9 @@ UNIT_WORDS = (
     "students?|items?|pieces?|times|ways|cookies|apples|boxes|books|marbles|eggs|cups|pages"
 )
 _UNIT_TAIL = re.compile(rf"(?<=[\d)}}])\s*((({UNIT_WORDS})(\^?\{{?[23]\}}?)?|per)\.?\s*)+$", re.IGNORECASE)
-_TEXT_UNIT = re.compile(rf"\\(text|mbox|mathrm)\{{\s*({UNIT_WORDS})(\^?[23])?\s*\}}", re.IGNORECASE)
+_TEXT_UNIT = re.compile(
+    rf"\\(text|mbox|mathrm)\{{\s*({UNIT_WORDS})(\^?[23])?\s*\}}(\^\{{?[23]\}}?)?", re.IGNORECASE
+)
 _TEXT_CMD = re.compile(
     r"\\(text|textbf|textit|textrm|texttt|textnormal|mathrm|mathbf|mathit|mathsf|mathtt|"
     r"mbox|operatorname\*?|boldsymbol|bm|emph|hbox)\s*\{"

@@ -315,7 +315,14 @@ class Parser:
             self.argument(whole_number=True)
         if len(text) > 1000:
             raise ParseError("number too long")
-        return sp.Rational(text)
+        value = sp.Rational(text)
+        if "." not in text and self.at("\\frac"):
+            # "2\frac{1}{4}" is the mixed number 9/4, not 2 * 1/4.
+            self.take()
+            fraction = _divide(self.argument(), self.argument())
+            proper = isinstance(fraction, sp.Rational) and 0 < fraction < 1
+            return value + fraction if proper else value * fraction
+        return value
 
     def symbol(self, name: str):
         if name == "e":
