@@ -168,6 +168,50 @@ def _pad_to_bucket(tokens, mask, batch: int, length: int):
 # ---------------------------------------------------------------------------
 # Choosing tokens from logits (inside jit)
 
+DRAW_BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
+
+
+def _first_above(cum: Float[Array, "R M"], weights: Float[Array, "R M"], target: Float[Array, " R"]):
+    """First index whose running sum passes `target` and that has weight.
+
+    Where float rounding leaves no such index (u * total rounded up to the
+    total), the last index with weight: never one of probability zero.
+    """
+    has_weight = weights > 0
+    above = (cum > target[:, None]) & has_weight
+    last = cum.shape[-1] - 1 - jnp.argmax(has_weight[:, ::-1], axis=-1)
+    return jnp.where(above.any(axis=-1), jnp.argmax(above, axis=-1), last)
+
+
+def draw_inverse_cdf(logits: Float[Array, "R V"], u: Float[Array, " R"], block: int = DRAW_BLOCK
+                     ) -> Int[Array, " R"]:
+    """Sample from softmax(logits) by inverting the CDF at u ~ uniform[0, 1).
+
+    One uniform per row instead of a Gumbel variate per vocabulary entry (the
+    per-entry random bits and two logs cost more than the rest of a small
+    model's decode step). Two levels, block sums then the chosen block, keep the
+    work to one pass over V with short running sums.
+
+    Args:
+      logits: unnormalised log-probabilities; -inf marks a dropped token.
+      u: one uniform number in [0, 1) per row.
+      block: entries per block.
+    Returns:
+      token indices [R], never of a -inf entry.
+    """
+    R, V = logits.shape
+    nb = -(-V // block)
+    w = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    w = jnp.pad(w, ((0, 0), (0, nb * block - V))).reshape(R, nb, block)
+    sums = w.sum(axis=-1)
+    csum = jnp.cumsum(sums, axis=-1)
+    target = u * csum[:, -1]
+    b = _first_above(csum, sums, target)
+    inner = jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]
+    before = jnp.where(b > 0, jnp.take_along_axis(csum, jnp.maximum(b - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    i = _first_above(before[:, None] + jnp.cumsum(inner, axis=-1), inner, target)
+    return (b * block + i).astype(jnp.int32)
+
 
 def choose_tokens(
     logits: Float[Array, "R V"],
@@ -203,10 +247,11 @@ def choose_tokens(
         return tokens.astype(jnp.int32), jnp.zeros_like(policy_lp), policy_lp
     scaled = logits / temperature
     policy = jax.nn.log_softmax(scaled, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys)
     V = logits.shape[-1]
     k = min(top_k, V) if top_k else V
     if k == V and not use_top_p:
-        tokens = jax.vmap(jax.random.categorical)(keys, scaled)
+        tokens = draw_inverse_cdf(scaled, u)
         policy_lp = jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
         return tokens.astype(jnp.int32), policy_lp, policy_lp
     # Work in the sorted top-k space: the truncation is a prefix there, and the draw
@@ -216,7 +261,7 @@ def choose_tokens(
         probs = jax.nn.softmax(vals, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         vals = jnp.where(mass_before < top_p, vals, -jnp.inf)
-    choice = jax.vmap(jax.random.categorical)(keys, vals)
+    choice = draw_inverse_cdf(vals, u)
     tokens = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
     kept_lp = jnp.take_along_axis(jax.nn.log_softmax(vals, axis=-1), choice[:, None], axis=-1)[:, 0]
     policy_lp = jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
@@ -239,6 +284,8 @@ class _Static(NamedTuple):
 
 
 class _State(NamedTuple):
+    """The decode loop's carry; `step` is the next completion column to fill."""
+
     step: Int[Array, ""]
     cache: KVCache
     last: Int[Array, " R"]
@@ -417,7 +464,8 @@ def generate(
     P = bucket_size(T, prompt_len_buckets)
     B_pad = bucket_size(B, batch_buckets, multiple=shards)
     tokens_p, mask_p = _pad_to_bucket(tokens, mask, B_pad, P)
-    static = _Static(N, G, temperature == 0, int(top_k), top_p < 1, mesh)
+    greedy = temperature == 0  # top-k / top-p do not change an argmax: keep one greedy program
+    static = _Static(N, G, greedy, 0 if greedy else int(top_k), top_p < 1 and not greedy, mesh)
     stop_V = np.zeros(cfg.vocab_size, bool)
     stop_V[list(stop_token_ids)] = True
     knobs = (np.float32(temperature or 1.0), np.float32(top_p), stop_V)

@@ -16,7 +16,7 @@ import pytest
 from ouroboros_jax import sampling
 from ouroboros_jax.config import MeshConfig, ModelConfig
 from ouroboros_jax.models import forward, forward_padded, load_hf_checkpoint, param_shapes
-from ouroboros_jax.sampling import bucket_size, choose_tokens, generate, pack_prompts
+from ouroboros_jax.sampling import bucket_size, choose_tokens, draw_inverse_cdf, generate, pack_prompts
 from ouroboros_jax.sharding import make_mesh, param_shardings
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
@@ -190,6 +190,20 @@ def test_choose_tokens_frequencies_match_truncated_distribution(temperature, top
         assert chi_square(counts, untruncated) > 100
     np.testing.assert_allclose(lp, np.log(want[np.asarray(tokens)]), atol=1e-5)
     np.testing.assert_allclose(policy_lp, np.log(untruncated[np.asarray(tokens)]), atol=1e-5)
+
+
+def test_inverse_cdf_draw_never_lands_on_a_dropped_token():
+    logits = np.full((3, 600), -np.inf, np.float32)  # 600 entries: three blocks of 256, one partial
+    logits[0, [5, 300]] = 0.0
+    logits[1, 599] = 3.0
+    logits[2, :256] = np.linspace(-1, 1, 256)
+    below_one = np.nextafter(np.float32(1), np.float32(0))
+    want = {0.0: [5, 599, 0], 0.5: [300, 599, None], float(below_one): [300, 599, 255]}
+    for u, expect in want.items():
+        tokens = np.asarray(draw_inverse_cdf(jnp.asarray(logits), jnp.full((3,), u, jnp.float32)))
+        assert np.isfinite(logits[np.arange(3), tokens]).all()
+        for got, e in zip(tokens, expect, strict=True):
+            assert e is None or got == e, (u, tokens)
 
 
 def test_generate_first_token_frequencies_match_truncated_model_distribution():
