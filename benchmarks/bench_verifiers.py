@@ -33,13 +33,26 @@ from verifiers import sandbox as sb  # noqa: E402
 from verifiers.code import run_tests  # noqa: E402
 
 
-def _rate(fn: Callable[[], object], runs: int, threads: int) -> float:
-    fn()  # warm caches (bubblewrap probe, page cache)
-    start = time.perf_counter()
+def _rates(rows: list[tuple[str, Callable[[], object]]], runs: int, threads: int) -> list[float]:
+    """Runs/s per row, measured in interleaved rounds so that load from other
+    processes on a shared machine falls on every row alike."""
+    rounds = 10
+    batch = max(runs // rounds, threads)
+    elapsed = [0.0] * len(rows)
+    for _, fn in rows:
+        fn()  # warm caches (bubblewrap probe, page cache)
     with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(lambda _: fn(), range(runs)):
-            pass
-    return runs / (time.perf_counter() - start)
+        for _ in range(rounds):
+            for i, (_, fn) in enumerate(rows):
+                start = time.perf_counter()
+                for _ in pool.map(_call, [fn] * batch):
+                    pass
+                elapsed[i] += time.perf_counter() - start
+    return [rounds * batch / t for t in elapsed]
+
+
+def _call(fn: Callable[[], object]) -> object:
+    return fn()
 
 
 def _plain(argv: list[str]) -> Callable[[], object]:
@@ -76,29 +89,19 @@ def sandbox_rows(runs: int, threads: int) -> list[tuple[str, float]]:
             full = sb.Sandbox(isolation="bwrap")
         except sb.SandboxUnavailable:
             full = None
-    rows = [("python -I -S (no isolation)", _rate(_plain([exe, "-I", "-S", "-c", "pass"]), runs, threads))]
-    rows.append(
-        (
-            "+ launcher: rlimits, scratch, env, group kill, caps" + (", own uid" if iso.is_root() else ""),
-            _rate(lambda: fallback.run_python("pass"), runs, threads),
-        )
-    )
+    own_uid = ", own uid + sweep" if iso.is_root() else ""
+    rows = [
+        ("python -I -S (no isolation)", _plain([exe, "-I", "-S", "-c", "pass"])),
+        (f"launcher: rlimits, scratch, env, group kill{own_uid}", lambda: fallback.run_python("pass")),
+    ]
     if full is not None:
-        rows.append(
-            ("bwrap: ro fs, pid/ipc/uts ns (no launcher)", _rate(_bwrap_without_net(full), runs, threads))
-        )
-        rows.append(
-            ("+ launcher + net ns (full sandbox)", _rate(lambda: full.run_python("pass"), runs, threads))
-        )
-        test = "assert f(2) == 4"
-        program = "def f(x):\n    return x * 2\n"
-        rows.append(
-            (
-                "run_tests(): full sandbox + test harness",
-                _rate(lambda: run_tests(program, test, sandbox=full), runs, threads),
-            )
-        )
-    return rows
+        program, test = "def f(x):\n    return x * 2\n", "assert f(2) == 4"
+        rows += [
+            ("bwrap: ro fs, pid/ipc/uts ns, no launcher", _bwrap_without_net(full)),
+            ("bwrap + net ns + launcher (full sandbox)", lambda: full.run_python("pass")),
+            ("run_tests(): full sandbox + harness", lambda: run_tests(program, test, sandbox=full)),
+        ]
+    return list(zip([name for name, _ in rows], _rates(rows, runs, threads), strict=True))
 
 
 def math_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -160,11 +163,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runs", type=int, default=200, help="sandboxed runs per row (default 200)")
+    parser.add_argument("--runs", type=int, default=300, help="sandboxed runs per row (default 300)")
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 2, help="concurrent runs (default: CPU count)"
     )
-    parser.add_argument("--pairs", type=int, default=800, help="math pairs per grader (default 800)")
+    parser.add_argument("--pairs", type=int, default=1000, help="math pairs per grader (default 1000)")
     parser.add_argument("--skip-sandbox", action="store_true", help="only the math table")
     parser.add_argument("--skip-math", action="store_true", help="only the sandbox table")
     args = parser.parse_args()
@@ -175,13 +178,10 @@ def main() -> None:
     )
     if not args.skip_sandbox:
         rows = sandbox_rows(args.runs, args.threads)
-        print(
-            _table(
-                f"Sandboxed trivial programs ({args.runs} runs, {args.threads} threads)",
-                ("layers", "runs/s", "ms/run"),
-                [(name, rate, f"{1000 / rate:.1f}") for name, rate in rows],
-            )
-        )
+        bare = rows[0][1]
+        table = [(name, rate, f"{1000 / rate:.1f}", f"{bare / rate:.2f}x") for name, rate in rows]
+        title = f"Sandboxed trivial programs ({args.runs} runs per row, {args.threads} threads)"
+        print(_table(title, ("layers", "runs/s", "ms/run", "cost vs bare"), table))
         print()
     if not args.skip_math:
         print(

@@ -320,3 +320,19 @@ def test_sandbox_does_not_import_heavy_modules():
     code = "import sys, verifiers.sandbox, verifiers.code; print('sympy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("setpriv", [True, False])
+def test_fallback_drops_privileges_with_or_without_setpriv(monkeypatch, setpriv):
+    if not setpriv:
+        monkeypatch.setattr(sb.iso, "find_setpriv", lambda: None)
+    box = _make("rlimits")
+    program = (
+        "import os\n"
+        "status = open('/proc/self/status').read()\n"
+        "print(os.getuid(), os.getgroups(), status.split('NoNewPrivs:')[1].split()[0])\n"
+    )
+    uid, groups, no_new_privs = box.run_python(program).stdout.decode().split()
+    assert no_new_privs == "1"
+    if ROOT and "unprivileged_uid" in box.layers:
+        assert int(uid) != 0 and groups == "[]"

@@ -257,6 +257,24 @@ def tasks_of_uid(uid: int) -> int:
     return total
 
 
+def find_setpriv() -> str | None:
+    """Path of util-linux's setpriv, which changes uid and sets no_new_privs before exec."""
+    return shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+
+def as_uid(uid: int) -> tuple[list[str], dict]:
+    """Argv prefix and Popen arguments that run a command as ``uid`` with no groups.
+
+    Through setpriv when installed: Popen may then use vfork, where its own
+    ``user=`` forces a full fork of the (possibly large) calling process.
+    """
+    setpriv = find_setpriv()
+    if setpriv:
+        prefix = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        return prefix + ["--no-new-privs", "--"], {}
+    return [], {"user": uid, "group": uid, "extra_groups": []}
+
+
 def kill_uid(uid: int, rounds: int = 20) -> None:
     """SIGKILL every process of ``uid``.
 
@@ -268,14 +286,13 @@ def kill_uid(uid: int, rounds: int = 20) -> None:
     """
     kill = shutil.which("kill", path="/usr/bin:/bin")
     if kill:
+        prefix, kwargs = as_uid(uid)
         subprocess.run(
-            [kill, "-KILL", "-1"],
-            user=uid,
-            group=uid,
-            extra_groups=[],
+            prefix + [kill, "-KILL", "-1"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             check=False,
+            **kwargs,
         )
         return
     for _ in range(rounds):

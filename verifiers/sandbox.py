@@ -327,10 +327,14 @@ class Sandbox:
             spec.update(uid=uid, gid=uid)
         else:
             prefix = []
-            spec["no_new_privs"] = True
             if uid is not None:
-                kwargs.update(user=uid, group=uid, extra_groups=[])
+                prefix, switch = iso.as_uid(uid)
+                kwargs.update(switch)
                 exe = self._fd_relative_exe(exe, kwargs, opened)
+            elif iso.find_setpriv():
+                prefix = [iso.find_setpriv(), "--no-new-privs", "--"]
+            # Without setpriv the launcher sets the flag itself (through ctypes).
+            spec["no_new_privs"] = not prefix
         return prefix + [exe, *self._flags, "-c", _LAUNCHER], kwargs, spec
 
     def _fd_relative_exe(self, exe: str, kwargs: dict, opened: list[int]) -> str:
