@@ -63,6 +63,25 @@ class Tokenizer:
             config["chat_template"] = template_file.read_text()
         return cls(tok, config)
 
+    @classmethod
+    def char_level(cls, alphabet: str, *, specials: Sequence[str] = ("<pad>", "<bos>", "<eos>")) -> Tokenizer:
+        """A character-level tokenizer (one id per character), for tiny models trained from scratch.
+
+        Ids 0.. are the `specials` (pad, bos, eos by default), then the characters
+        of `alphabet` in order. Characters outside the alphabet map to no token.
+        """
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        chars = list(dict.fromkeys(alphabet))
+        vocab = {tok: i for i, tok in enumerate([*specials, *chars])}
+        tok = HFTokenizer(models.WordLevel(vocab, unk_token=specials[0]))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens(list(specials))
+        names = dict(zip(("pad_token", "bos_token", "eos_token"), specials, strict=False))
+        return cls(tok, names)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

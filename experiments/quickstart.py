@@ -1,0 +1,111 @@
+"""Quickstart: a tiny model learns 2-digit addition on a CPU, then GRPO sharpens it.
+
+    python experiments/quickstart.py                 # the embedded default, about 4-6 minutes on 2 cores
+    python experiments/quickstart.py --help          # every field of the typed config
+    python experiments/quickstart.py --train.steps 60 --seed 1
+
+1. A character-level Qwen2-shaped model (~0.3M parameters) is trained from
+   scratch on "What is a + b?" -> "c" for a short supervised warm-start, stopped
+   while its answers are still unreliable: sampled pass@1 around 0.4 but pass@16
+   near 0.9 on held-out problems, i.e. the right answer is usually among its
+   guesses.
+2. GRPO against the math verifier (reward 1 for the right number) turns that
+   pass@k into pass@1.
+3. It writes the run directory (config.json, metrics.jsonl, TensorBoard events,
+   PNG curves) and ends with one summary line:
+   `quickstart: held-out accuracy before=0.xx after=0.yy (N steps, T s)`,
+   where accuracy is the sampled pass@1 (temperature 1) on the same held-out
+   problems before and after RL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+from ouroboros_jax.metrics import MetricsLogger, plot_run
+
+from ouroboros_jax.config import (
+    LOSS_PRESETS,
+    DataConfig,
+    ExperimentConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SamplingConfig,
+    TrainConfig,
+    VerifierConfig,
+    WarmStartConfig,
+    parse_cli,
+)
+from ouroboros_jax.data import arithmetic_source
+from ouroboros_jax.models import Tokenizer
+from ouroboros_jax.sharding import init_sharded, make_mesh
+from ouroboros_jax.supervised import supervised_warmstart
+from ouroboros_jax.trainer import Task, train
+
+TOKENIZER = Tokenizer.char_level("0123456789+-*=? .Whatis")
+DIGITS = 2
+
+DEFAULT = ExperimentConfig(
+    name="quickstart",
+    seed=0,
+    model=ModelConfig(family="qwen2", vocab_size=TOKENIZER.vocab_size, d_model=128, n_layers=2, n_heads=4,
+                      n_kv_heads=4, head_dim=32, d_ff=256, max_seq_len=64, tie_embeddings=True),
+    sampling=SamplingConfig(group_size=8, max_new_tokens=5, temperature=1.0, prompt_len_buckets=(24,),
+                            eval_num_samples=16),
+    loss=dataclasses.replace(LOSS_PRESETS["grpo"], kl_coef=0.0),
+    optimizer=OptimizerConfig(learning_rate=1e-4, b2=0.99, max_grad_norm=1.0),
+    train=TrainConfig(steps=120, prompts_per_step=16, mini_batch_size=32, micro_batch_size=32,
+                      eval_every=40, eval_size=200),
+    data=DataConfig(source="arithmetic"),
+    warmstart=WarmStartConfig(steps=750, batch_size=64, learning_rate=1e-3),
+    verifier=VerifierConfig(names=("math_any",), weights=(1.0,), num_workers=1, timeout_s=10.0),
+    logging=LoggingConfig(run_dir="runs/quickstart"),
+)
+
+
+def encode(examples) -> list[list[int]]:
+    return TOKENIZER.encode_batch([ex.prompt for ex in examples])
+
+
+def decode(ids) -> str:
+    return TOKENIZER.decode(list(ids))
+
+
+def main() -> None:
+    cfg = parse_cli(DEFAULT, description=__doc__)
+    t_start = time.perf_counter()
+    mesh = make_mesh(cfg.mesh)
+    params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
+    train_source = arithmetic_source(seed=cfg.data.seed, digits=DIGITS)
+    heldout = arithmetic_source(seed=cfg.data.seed, digits=DIGITS, heldout=True)
+    eval_examples = heldout.take(cfg.train.eval_size)
+    eos = TOKENIZER.eos_id
+    task = Task(train_source=train_source, encode=encode, decode=decode, verifier=cfg.verifier.names[0],
+                stop_token_ids=(eos,), eval_examples=eval_examples)
+
+    print(f"quickstart: {cfg.model.num_params():,} parameters, warm-start {cfg.warmstart.steps} steps")
+    warm_source = arithmetic_source(seed=cfg.data.seed + 1, digits=DIGITS)
+    params = supervised_warmstart(
+        params, cfg.model, warm_source, encode=encode,
+        answer_ids=lambda ex: TOKENIZER.encode(str(ex.gold["answer"])) + [eos],
+        steps=cfg.warmstart.steps, batch_size=cfg.warmstart.batch_size,
+        learning_rate=cfg.warmstart.learning_rate, seed=cfg.seed, mesh=mesh)
+
+    logger = MetricsLogger.from_config(cfg.logging)
+    result = train(cfg, model_config=cfg.model, params=params, task=task, mesh=mesh, logger=logger)
+    before, after = result.evals[0], result.evals[-1]
+    k = cfg.sampling.eval_num_samples
+    plot_run(result.run_dir)
+    print(f"quickstart: pass@{k} before={before[f'eval/pass@{k}']:.2f} after={after[f'eval/pass@{k}']:.2f}; "
+          f"greedy before={before['eval/greedy_acc']:.2f} after={after['eval/greedy_acc']:.2f}; "
+          f"curves in {result.run_dir}")
+    elapsed = time.perf_counter() - t_start
+    print(f"quickstart: held-out accuracy before={before['eval/pass@1']:.2f} "
+          f"after={after['eval/pass@1']:.2f} ({cfg.train.steps} steps, {elapsed:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

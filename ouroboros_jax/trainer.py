@@ -1,0 +1,239 @@
+"""The RL loop: data -> rollout -> verify -> update -> eval -> checkpoint -> logs.
+
+One flat function, `train`, reads the experiment config (this is an edge) and
+drives the pieces that take explicit values: the sampler, the verifier pool,
+the single jitted update step, the checkpointer and the metric writers.
+
+Exact resume: every random draw of step t comes from `fold_in(key(seed), t)`,
+and a checkpoint holds the train state and the data position, so a run of 2k
+steps equals a run of k steps resumed for k more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ouroboros_jax import checkpoint as ckpt
+from ouroboros_jax.config import ExperimentConfig, ModelConfig, save_json
+from ouroboros_jax.evaluation import evaluate
+from ouroboros_jax.metrics import MetricsLogger
+from ouroboros_jax.models.transformer import Params
+from ouroboros_jax.rollout import Rollout, RolloutSettings, collect, rollout_metrics
+from ouroboros_jax.sharding import make_mesh
+from ouroboros_jax.train_step import (
+    Batch,
+    TrainState,
+    init_train_state,
+    loss_kwargs,
+    make_train_step,
+    optimizer_from_config,
+)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The update produced NaN or inf; the last good checkpoint is kept on disk."""
+
+
+@dataclasses.dataclass
+class Task:
+    """What the loop needs beyond the config: data, tokenisation and the verifier.
+
+    Attributes:
+      train_source: a resumable prompt source (`ouroboros_jax.data.PromptSource`).
+      encode: examples -> prompt token-id lists (templates applied).
+      decode: completion token ids -> text for the verifier.
+      verifier: a verifier spec for the worker pool: a registered name, a
+        picklable callable, or {name_or_callable: weight}.
+      stop_token_ids: tokens that end a completion (e.g. the EOS id).
+      eval_examples: held-out examples (None: no evaluation).
+    """
+
+    train_source: Any
+    encode: Callable[[Sequence[Any]], list[list[int]]]
+    decode: Callable[[Sequence[int]], str]
+    verifier: Any
+    stop_token_ids: tuple[int, ...]
+    eval_examples: Sequence[Any] | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    history: list[dict[str, float]]
+    evals: list[dict[str, float]]
+    run_dir: Path
+
+
+def rollout_settings(cfg: ExperimentConfig) -> RolloutSettings:
+    s, loss = cfg.sampling, cfg.loss
+    return RolloutSettings(
+        group_size=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        top_p=s.top_p, top_k=s.top_k, stop_token_ids=tuple(s.stop_token_ids),
+        prompt_len_buckets=tuple(s.prompt_len_buckets), advantage=loss.advantage, overlong=loss.overlong,
+        overlong_buffer=loss.overlong_buffer, overlong_penalty=loss.overlong_penalty)
+
+
+def _minibatches(batch: Batch, size: int, rng: np.random.Generator) -> list[Batch]:
+    """The rollout batch shuffled and cut into mini-batches of `size` rows."""
+    order = rng.permutation(batch.tokens.shape[0])
+    parts = []
+    for start in range(0, len(order), size):
+        rows = order[start:start + size]
+        parts.append(Batch(*[None if a is None else np.asarray(a)[rows] for a in batch]))
+    return parts
+
+
+def _update(step_fn, state: TrainState, rollout: Rollout, cfg: ExperimentConfig, step: int):
+    """`inner_epochs` passes over the rollout in mini-batches; metrics averaged over updates."""
+    batch = rollout.to_batch()
+    rng = np.random.default_rng([cfg.seed, step])
+    collected = []
+    for _ in range(cfg.train.inner_epochs):
+        for mb in _minibatches(batch, cfg.train.mini_batch_size, rng):
+            state, metrics = step_fn(state, mb)
+            collected.append(metrics)
+    host = jax.device_get(collected)  # one transfer for every update of this step
+    keys = host[0].keys()
+    out = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in keys}
+    out["train/finite"] = float(min(m["finite"] for m in host))
+    tokens = int(np.asarray(batch.attention_mask).sum())
+    return state, out, tokens
+
+
+def train(
+    cfg: ExperimentConfig, *, model_config: ModelConfig, params: Params, task: Task,
+    mesh: Any = None, logger: MetricsLogger | None = None,
+) -> TrainResult:
+    """Run the RL loop of `cfg` from `params` (or resume from the run's checkpoints).
+
+    Args:
+      cfg: the experiment (read here, at the edge).
+      model_config: the architecture of `params` (e.g. from `load_hf_checkpoint`).
+      params: the initial policy (also the reference when `loss.kl_coef` > 0).
+      task: data, tokenisation and verifier (see `Task`).
+      mesh: the device mesh; default: built from `cfg.mesh`.
+      logger: metric writers; default: built from `cfg.logging`.
+
+    Returns:
+      The final state, per-step metrics, evaluations and the run directory.
+
+    Raises:
+      TrainingDiverged: a non-finite loss or gradient; the update was skipped,
+        and the last good checkpoint on disk is intact.
+    """
+    from verifiers import VerifierPool
+
+    run_dir = Path(cfg.logging.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, run_dir / "config.json")
+    mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    step_fn, state = _compile_step(cfg, model_config, params, mesh)
+    checkpointer = ckpt.Checkpointer.from_config(
+        cfg.checkpoint, str(run_dir / "checkpoints") if cfg.checkpoint.save_every else "")
+    start = 0
+    if checkpointer is not None and cfg.checkpoint.resume:
+        restored = checkpointer.restore_latest(ckpt.abstract_state(state))
+        if restored is not None:
+            state, start = restored.state, int(restored.metadata["step"])
+            task.train_source.seek(int(restored.metadata["data_position"]))
+    logger = logger or MetricsLogger.from_config(cfg.logging)
+    stops = tuple(sorted({*cfg.sampling.stop_token_ids, *task.stop_token_ids}))
+    settings = dataclasses.replace(rollout_settings(cfg), stop_token_ids=stops)
+    result = TrainResult(state, [], [], run_dir)
+    pool = VerifierPool(task.verifier, workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s)
+    try:
+        run_eval = _evaluator(cfg, model_config, task, pool, mesh, stops)
+        if start == 0 and task.eval_examples and cfg.train.eval_every:
+            result.evals.append(run_eval(state.params, 0))
+            logger.log(0, result.evals[-1])
+        for step in range(start, cfg.train.steps):
+            state, metrics = _rl_step(cfg, model_config, step_fn, state, task, settings, pool.score, mesh,
+                                      step)
+            result.history.append(metrics)
+            done = step + 1
+            if metrics["train/finite"] < 1:
+                logger.log(done, metrics)
+                where = "" if checkpointer is None else f" in {checkpointer.directory}"
+                raise TrainingDiverged(
+                    f"step {done}: the loss or gradient is not finite (loss={metrics['train/loss']}, "
+                    f"grad_norm={metrics['train/grad_norm']}); the update was skipped and the last "
+                    f"good checkpoint is kept{where}")
+            last = done == cfg.train.steps
+            if cfg.train.ref_update_every and done % cfg.train.ref_update_every == 0:
+                state = _refresh_reference(state)
+            if task.eval_examples and cfg.train.eval_every and (done % cfg.train.eval_every == 0 or last):
+                result.evals.append(run_eval(state.params, done))
+                metrics |= result.evals[-1]
+            if done % cfg.logging.log_every == 0 or last:
+                logger.log(done, metrics)
+            if checkpointer is not None and (done % cfg.checkpoint.save_every == 0 or last):
+                meta = {"step": done, "data_position": task.train_source.position}
+                checkpointer.save(done, state, meta, metrics=metrics)
+    finally:
+        pool.close()
+        if checkpointer is not None:
+            checkpointer.wait()
+            checkpointer.close()
+        logger.close()
+    result.state = state
+    return result
+
+
+def _compile_step(cfg: ExperimentConfig, model_config: ModelConfig, params: Params, mesh: Any):
+    """The jitted update step and the initial state, from the config (an edge)."""
+    per_step = cfg.train.inner_epochs * (cfg.rollout_batch_size // cfg.train.mini_batch_size)
+    optimizer = optimizer_from_config(cfg.optimizer, total_steps=cfg.train.steps * per_step)
+    step_fn, shardings = make_train_step(
+        model_config, optimizer, mesh, micro_batch_size=cfg.train.micro_batch_size,
+        **loss_kwargs(cfg.loss, max_completion_len=cfg.sampling.max_new_tokens,
+                      temperature=cfg.sampling.temperature or 1.0))
+    state = init_train_state(params, optimizer, jax.random.key(cfg.seed), with_reference=cfg.loss.kl_coef > 0,
+                             shardings=shardings)
+    return step_fn, state
+
+
+def _refresh_reference(state: TrainState) -> TrainState:
+    if state.ref_params is None:
+        return state
+    return state._replace(ref_params=jax.tree.map(lambda x: x.copy(), state.params))
+
+
+def _rl_step(cfg, model_config, step_fn, state, task: Task, settings, score, mesh, step: int):
+    """Rollout, verify and update for step `step`; returns the state and its metrics."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    rollout = collect(
+        task.train_source.take, task.encode, state.params, model_config,
+        num_prompts=cfg.train.prompts_per_step, settings=settings, decode=task.decode, score=score,
+        rng=jax.random.fold_in(jax.random.key(cfg.seed), step), mesh=mesh,
+        dynamic_sampling=cfg.loss.dynamic_sampling, max_rounds=cfg.loss.max_sampling_rounds, timings=timings)
+    t1 = time.perf_counter()
+    state, metrics, tokens = _update(step_fn, state, rollout, cfg, step)
+    t2 = time.perf_counter()
+    metrics |= rollout_metrics(rollout)
+    metrics |= {"time/sample": timings.get("sample", 0.0), "time/verify": timings.get("verify", 0.0),
+                "time/update": t2 - t1, "time/step": t2 - t0, "throughput/tokens_per_s": tokens / (t2 - t0)}
+    return state, metrics
+
+
+def _evaluator(cfg: ExperimentConfig, model_config: ModelConfig, task: Task, pool: Any, mesh: Any,
+               stops: tuple[int, ...]):
+    examples = list(task.eval_examples or [])[: cfg.train.eval_size]
+    prompt_ids = task.encode(examples) if examples else []
+
+    def run(params: Params, step: int) -> dict[str, float]:
+        return evaluate(
+            params, model_config, examples, prompt_ids, decode=task.decode, score=pool.score,
+            num_samples=cfg.sampling.eval_num_samples, max_new_tokens=cfg.sampling.max_new_tokens,
+            stop_token_ids=stops, rng=jax.random.fold_in(jax.random.key(cfg.seed + 1), step),
+            temperature=cfg.sampling.temperature or 1.0, ks=(1, cfg.sampling.eval_num_samples), mesh=mesh,
+            prompt_len_buckets=cfg.sampling.prompt_len_buckets)
+
+    return run
