@@ -24,7 +24,6 @@ import dataclasses
 import time
 
 import jax
-from ouroboros_jax.metrics import MetricsLogger, plot_run
 
 from ouroboros_jax.config import (
     LOSS_PRESETS,
@@ -40,6 +39,7 @@ from ouroboros_jax.config import (
     parse_cli,
 )
 from ouroboros_jax.data import arithmetic_source
+from ouroboros_jax.metrics import MetricsLogger, plot_run
 from ouroboros_jax.models import Tokenizer
 from ouroboros_jax.sharding import init_sharded, make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
