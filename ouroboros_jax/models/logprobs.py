@@ -38,21 +38,28 @@ def _chunk_stats(
     with_entropy: bool,
 ) -> tuple[Float[Array, "B C"], Float[Array, "B C"]]:
     """Log-prob of the target and entropy for one chunk, from float32 logits."""
-    logits = jnp.einsum("BCD,DV->BCV", hidden_BCD, head_DV.astype(hidden_BCD.dtype),
+    B, C, D = hidden_BCD.shape
+    # A 2-D matmul over the B*C rows: XLA lowers the backward of the 3-D einsum
+    # with a transpose of the [B, C, V] gradient, which cost a third of the step on CPU.
+    logits_NV = jnp.dot(hidden_BCD.reshape(B * C, D), head_DV.astype(hidden_BCD.dtype),
                         preferred_element_type=jnp.float32)
     if temperature != 1.0:
-        logits = logits / temperature
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    # A masked sum instead of take_along_axis: elementwise, so it stays local
-    # when the vocabulary axis is sharded over devices.
-    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-    target_logit = jnp.sum(jnp.where(vocab_ids == targets_BC[..., None], logits, 0.0), axis=-1)
-    logp = target_logit - lse
+        logits_NV = logits_NV / temperature
+    # One shift by the (constant) row max, then sibling sums over the same
+    # exponentials: XLA reads the logits once for the normaliser and the entropy.
+    shift = jax.lax.stop_gradient(jnp.max(logits_NV, axis=-1, keepdims=True))
+    exp_NV = jnp.exp(logits_NV - shift)
+    total = jnp.sum(exp_NV, axis=-1)
+    lse = shift[:, 0] + jnp.log(total)
+    # A masked sum instead of a gather: elementwise, so it stays local when the
+    # vocabulary axis is sharded over devices.
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits_NV.shape, 1)
+    target_logit = jnp.sum(jnp.where(vocab_ids == targets_BC.reshape(-1, 1), logits_NV, 0.0), axis=-1)
+    logp = (target_logit - lse).reshape(B, C)
     if not with_entropy:
         return logp, jnp.zeros_like(logp)
-    probs = jnp.exp(logits - lse[..., None])
-    entropy = lse - jnp.sum(probs * logits, axis=-1)
-    return logp, entropy
+    entropy = lse - jnp.sum(exp_NV * logits_NV, axis=-1) / total
+    return logp, entropy.reshape(B, C)
 
 
 def token_logprobs(
