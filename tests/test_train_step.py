@@ -347,3 +347,18 @@ def test_loss_kwargs_fill_dr_grpo_normaliser():
     kw = loss_kwargs(LOSS_PRESETS["dr_grpo"], max_completion_len=128, temperature=0.9)
     assert kw["aggregation"] == "seq_mean_token_sum_norm" and kw["max_len"] == 128
     assert kw["kl_coef"] == 0.0 and kw["temperature"] == 0.9
+
+
+def test_mfu_benchmark_tiny_run_on_8_simulated_devices():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_mfu_gpu
+
+    (row,) = bench_mfu_gpu.main(["--tiny", "--steps", "1"])
+    assert row["loss finite"] and row["tokens/s"] > 0 and 0 < row["MFU %"]
+    # The FLOP count by hand: 6 x matmul params (2 layers + tied head) + causal attention.
+    cfg = bench_mfu_gpu.TINY
+    layer = 64 * 16 * (2 * 4 + 2 * 2) + 3 * 64 * 128
+    assert bench_mfu_gpu.model_flops_per_token(cfg, 64) == 6 * (2 * layer + 64 * 512) + 6 * 2 * 4 * 16 * 64

@@ -1,0 +1,168 @@
+"""Model FLOPs utilisation of the update step for Qwen2.5-0.5B- and 1.5B-shaped models.
+
+Random weights, float32 master weights with bfloat16 compute, the public
+`make_train_step` program (GRPO loss, PPO-clip, chunked log-probs, AdamW) on a
+mesh over every local device (fsdp), sequences of 1k to 4k tokens.
+
+Model FLOPs per token of one update (forward + backward = 3 x forward; the
+recomputation of rematerialised layers is not counted, as usual for MFU):
+
+    6 * N_matmul  +  6 * L * N_heads * H * T
+
+with N_matmul the parameters that enter a matrix product (every layer
+projection and the output head; not the embedding lookup, norms or biases) and
+the second term the causal attention products (QK^T and PV over on average
+T / 2 keys). MFU = model FLOPs per second / peak dense bfloat16 FLOPs of the
+devices (H100 / H200 SXM: 989 TFLOP/s each; --peak-tflops overrides; on CPU a
+measured large matmul stands in for the peak).
+
+    python benchmarks/bench_mfu_gpu.py                  # on a GPU
+    python benchmarks/bench_mfu_gpu.py --tiny           # a tiny model on CPU in seconds (tested)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from common import machine, median, peak_device_memory_mb, print_table  # noqa: E402
+
+from ouroboros_jax.config import MeshConfig, ModelConfig  # noqa: E402
+from ouroboros_jax.sharding import init_sharded, make_mesh  # noqa: E402
+from ouroboros_jax.train_step import Batch, init_train_state, make_optimizer, make_train_step  # noqa: E402
+
+BF16 = dict(dtype="float32", compute_dtype="bfloat16", family="qwen2", qkv_bias=True, tie_embeddings=True,
+            rope_theta=1_000_000.0, max_seq_len=32_768)
+MODELS = {
+    "qwen2.5-0.5b": ModelConfig(vocab_size=151_936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                                head_dim=64, d_ff=4864, **BF16),
+    "qwen2.5-1.5b": ModelConfig(vocab_size=151_936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                                head_dim=128, d_ff=8960, **BF16),
+}
+TINY = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
+                   **BF16)
+# Dense bfloat16 peak per device, TFLOP/s, from the vendors' specification sheets (SXM parts).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096], help="sequence lengths T")
+    p.add_argument("--tokens", type=int, default=32_768, help="tokens per update (batch = tokens / T)")
+    p.add_argument("--micro-tokens", type=int, default=16_384,
+                   help="tokens per micro-batch (0: no micro-batching)")
+    p.add_argument("--no-remat", action="store_true", help="keep every layer's activations")
+    p.add_argument("--logprob-chunk", type=int, default=1024, help="positions per chunk of the output head")
+    p.add_argument("--steps", type=int, default=5, help="timed updates per configuration")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device")
+    p.add_argument("--tiny", action="store_true", help="a tiny model on CPU: a smoke run in seconds")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.seqs, a.tokens, a.micro_tokens, a.steps, a.logprob_chunk = [64], 1024, 512, 2, 32
+    return a
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + causal attention (see the module docstring)."""
+    d, h = cfg.d_model, cfg.head_dim
+    per_layer = d * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.d_ff
+    matmul_params = cfg.n_layers * per_layer + d * cfg.vocab_size
+    attention = 6 * cfg.n_layers * cfg.n_heads * h * seq_len
+    return 6 * matmul_params + attention
+
+
+def peak_flops(override_tflops: float | None) -> tuple[float, str]:
+    """Peak FLOP/s of all local devices and where the number comes from."""
+    devices = jax.local_devices()
+    if override_tflops:
+        return override_tflops * 1e12 * len(devices), "given"
+    kind = devices[0].device_kind
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12 * len(devices), f"{name} spec"
+    n = 1024
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = min(_timed(lambda: f(x)) for _ in range(5))
+    return 2 * n**3 / best * len(devices), "measured matmul"
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def random_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> Batch:
+    """Full rows: a quarter prompt, the rest completion, old log-probs near a uniform policy's."""
+    rs = np.random.RandomState(seed)
+    tokens = rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
+    loss_mask = np.zeros((batch, seq_len), bool)
+    loss_mask[:, seq_len // 4:] = True
+    old_logp = np.full((batch, seq_len), -np.log(cfg.vocab_size), np.float32)
+    advantages = rs.choice([-1.0, 1.0], batch).astype(np.float32)
+    return Batch(tokens, np.ones((batch, seq_len), bool), loss_mask, old_logp, advantages)
+
+
+def run_one(cfg: ModelConfig, seq_len: int, a: argparse.Namespace, mesh) -> dict:
+    """Compile, warm up and time the update step for one model and sequence length."""
+    batch_size = max(a.tokens // seq_len, 1)
+    micro = max(a.micro_tokens // seq_len, 1) if a.micro_tokens else batch_size
+    cfg = dataclasses.replace(cfg, remat=not a.no_remat, max_seq_len=max(cfg.max_seq_len, seq_len))
+    tx = make_optimizer(1e-6, max_grad_norm=1.0)
+    step, shardings = make_train_step(cfg, tx, mesh, micro_batch_size=micro, logprob_chunk=a.logprob_chunk,
+                                      variant="ppo_clip", clip_low=0.2, clip_high=0.28,
+                                      aggregation="token_mean")
+    params = init_sharded(cfg, jax.random.key(0), mesh)
+    state = init_train_state(params, tx, jax.random.key(1), shardings=shardings)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch = jax.device_put(random_batch(cfg, batch_size, seq_len), batch_sharding)
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(a.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_s = median(times)
+    tokens = batch_size * seq_len
+    flops = model_flops_per_token(cfg, seq_len) * tokens
+    return {"T": seq_len, "batch": batch_size, "micro": micro, "step s": step_s, "tokens/s": tokens / step_s,
+            "TFLOP/s": flops / step_s / 1e12, "first step s": compile_s,
+            "loss finite": bool(metrics["finite"]), "peak mem MiB": peak_device_memory_mb()}
+
+
+def main(argv=None) -> list[dict]:
+    a = parse_args(argv)
+    mesh = make_mesh(MeshConfig(fsdp=-1))
+    peak, source = peak_flops(a.peak_tflops)
+    print(f"machine: {machine()}")
+    print(f"peak: {peak / 1e12:,.1f} TFLOP/s over {len(jax.local_devices())} device(s) ({source}); "
+          f"mesh {dict(mesh.shape)}; remat {'off' if a.no_remat else 'on'}", flush=True)
+    models = {"tiny": TINY} if a.tiny else {name: MODELS[name] for name in a.models}
+    rows = []
+    for name, cfg in models.items():
+        for seq_len in a.seqs:
+            row = {"model": name} | run_one(cfg, seq_len, a, mesh)
+            row["MFU %"] = 100 * row["TFLOP/s"] * 1e12 / peak
+            rows.append(row)
+            print(f"{name} T={seq_len}: {row['tokens/s']:,.0f} tokens/s, MFU {row['MFU %']:.1f}%", flush=True)
+    print_table(rows, floatfmt=",.2f", title="update step, bf16 compute, float32 master weights")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
