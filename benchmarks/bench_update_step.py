@@ -160,7 +160,8 @@ def jax_worker(conn, a: argparse.Namespace, directory: Path) -> None:
     holder = {"state": state}
 
     def update():
-        holder["state"], metrics = step(holder["state"], batch)
+        # The head runs on completion positions only, as TRL's logits_to_keep does.
+        holder["state"], metrics = step(holder["state"], batch, loss_start=a.prompt_len)
         return jax.block_until_ready(metrics)
 
     metrics = update()  # compiles

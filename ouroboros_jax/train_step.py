@@ -225,12 +225,13 @@ def _microbatch_loss(
     temperature: float,
     logprob_chunk: int,
     entropy_coef: float,
+    loss_start: int,
     **loss_settings: Any,
 ) -> tuple[Float[Array, ""], Metrics]:
     """The micro-batch's share of the full-batch loss, and its metrics."""
     logprobs = functools.partial(policy_logprobs, model_config=model_config, tokens=batch.tokens,
                                  attention_mask=batch.attention_mask, temperature=temperature,
-                                 chunk_size=logprob_chunk)
+                                 chunk_size=logprob_chunk, start=loss_start)
     logp, entropy = logprobs(params)
     if entropy_coef == 0:
         # Entropy is a metric only; no backward pass through it.
@@ -347,6 +348,7 @@ def train_step(
     temperature: float = 1.0,
     micro_batch_size: int | None = None,
     logprob_chunk: int = DEFAULT_CHUNK,
+    loss_start: int = 0,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on one mini-batch.
 
@@ -365,6 +367,10 @@ def train_step(
       temperature: the sampling temperature; logits are divided by it.
       micro_batch_size: sequences per micro-batch (divides B); None: the whole batch.
       logprob_chunk: positions per chunk of the output projection.
+      loss_start: first position that can carry a loss token, e.g. the prompt
+        width of a [prompt | completion] batch: the output head runs on
+        positions from there only (as TRL's `logits_to_keep`); loss-mask
+        entries before it are ignored.
 
     Returns:
       `(new_state, metrics)`: metrics are the scalars of `policy_loss`
@@ -378,9 +384,13 @@ def train_step(
         raise ValueError(f"micro_batch_size={micro} must divide the batch size {B}")
     if aggregation == "seq_mean_token_sum_norm" and max_len is None:
         raise ValueError("aggregation 'seq_mean_token_sum_norm' needs max_len (the max completion length)")
+    if loss_start:
+        after_start = jnp.arange(batch.tokens.shape[1]) >= loss_start
+        batch = batch._replace(loss_mask=batch.loss_mask & after_start)
     loss_fn = functools.partial(
         _microbatch_loss, normalizer=_full_batch_normalizer(batch.loss_mask, aggregation),
         model_config=model_config, temperature=temperature, logprob_chunk=logprob_chunk,
+        loss_start=loss_start,
         entropy_coef=entropy_coef, variant=variant, clip_low=clip_low, clip_high=clip_high,
         aggregation=aggregation, dual_clip=dual_clip, max_len=max_len, kl_coef=kl_coef, kl_kind=kl_kind,
     )
@@ -471,20 +481,31 @@ def make_train_step(
         micro_batch_size, temperature, logprob_chunk).
 
     Returns:
-      `(step_fn, state_shardings)`: `step_fn(state, batch) -> (state, metrics)`
-      and the TrainState of shardings to create the state in.
+      `(step_fn, state_shardings)`: `step_fn(state, batch, loss_start=0) -> (state, metrics)`
+      (`loss_start` static, see `train_step`) and the TrainState of shardings
+      to create the state in.
     """
     if with_reference is None:
         with_reference = step_kwargs.get("kl_coef", 0.0) != 0
     state_shardings = train_state_shardings(model_config, optimizer, mesh, with_reference=with_reference)
     # One spec for every batch array: its leading (batch) axis over (data, fsdp).
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    step = functools.partial(train_step, model_config=model_config, optimizer=optimizer, **step_kwargs)
-    step_fn = jax.jit(
+
+    def step(state: TrainState, batch: Batch, loss_start: int) -> tuple[TrainState, Metrics]:
+        return train_step(state, batch, model_config=model_config, optimizer=optimizer,
+                          loss_start=loss_start, **step_kwargs)
+
+    jitted = jax.jit(
         step,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnames="state",
+        static_argnums=2,
+        donate_argnums=0,
         compiler_options=compiler_options,
     )
+
+    def step_fn(state: TrainState, batch: Batch, loss_start: int = 0) -> tuple[TrainState, Metrics]:
+        # jit takes no keyword arguments once in_shardings are given; this keeps `loss_start=` callable.
+        return jitted(state, batch, loss_start)
+
     return step_fn, state_shardings

@@ -110,6 +110,12 @@ def test_chunked_logprobs_equal_full_logits(params):
     np.testing.assert_allclose(np.asarray(h1)[m], np.asarray(h2)[m], atol=1e-5)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     tree_allclose(g1, g2, atol=1e-5, rtol=1e-4)
+    # With a start, the head runs from there only: zeros before, the same values after.
+    lp3, h3 = fast_jit(lambda p: policy_logprobs(p, CFG, batch.tokens, mask, temperature=0.7, chunk_size=5,
+                                                 start=PROMPT))(params)
+    assert not np.any(lp3[:, :PROMPT]) and not np.any(h3[:, :PROMPT])
+    np.testing.assert_allclose(lp3[:, PROMPT:], lp1[:, PROMPT:], atol=1e-5)
+    np.testing.assert_allclose(h3[:, PROMPT:], h1[:, PROMPT:], atol=1e-5)
 
 
 def test_token_logprobs_single_chunk_no_entropy_and_bfloat16():
@@ -166,8 +172,10 @@ def test_micro_batches_give_the_full_batch_update(params, reference, aggregation
     # Plain SGD with rate 1: the parameter change is the gradient itself, so
     # any error in the normalisation shows (Adam would hide a global scale).
     sgd = optax.sgd(1.0)
+    # Completions start at PROMPT: one case runs the head on completions only.
+    start = PROMPT if aggregation == "seq_mean_token_mean" else 0
     step = fast_jit(lambda s, b: train_step(s, b, model_config=CFG, optimizer=sgd, micro_batch_size=2,
-                                            logprob_chunk=8, **reference_loss(aggregation)))
+                                            logprob_chunk=8, loss_start=start, **reference_loss(aggregation)))
     state = init_train_state(params, sgd, jax.random.key(0))
     new, metrics = step(state, batch)
     got_grads = jax.tree.map(lambda a, b: a - b, state.params, new.params)
@@ -219,7 +227,7 @@ def test_sharded_step_on_8_devices_equals_one_device(params):
         state = init_train_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(0), with_reference=True,
                                  shardings=shardings)
         for _ in range(3):  # the first warmup step has rate 0; then the policy leaves the reference
-            state, metrics = step(state, batch)
+            state, metrics = step(state, batch, loss_start=PROMPT)
         # The state keeps its sharding through the update.
         for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
             assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)

@@ -125,6 +125,7 @@ def policy_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK,
     with_entropy: bool = True,
+    start: int = 0,
 ) -> tuple[Float[Array, "B T"], Float[Array, "B T"] | None]:
     """Per-token log-probs (and entropy) of a padded batch, aligned with the tokens.
 
@@ -140,20 +141,25 @@ def policy_logprobs(
       temperature: divisor of the logits (the sampling temperature).
       chunk_size: positions per chunk of the output projection.
       with_entropy: also return the entropy.
+      start: first position whose log-prob is wanted (the prompt width when
+        only completions matter): the output head, the largest cost with a
+        big vocabulary, runs on positions `start..T-1` only.
 
     Returns:
       `(logp, entropy)` [B, T] float32: `logp[b, t]` is the log-prob of
       `tokens[b, t]` given the tokens before it, and `entropy[b, t]` the
-      entropy of that predictive distribution; both 0 at t = 0.
+      entropy of that predictive distribution; both 0 at t = 0 and at t < start.
     """
+    T = tokens.shape[1]
+    if not 0 <= start < T:
+        raise ValueError(f"start={start} must be in [0, {T})")
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
     hidden, _ = hidden_states(params, model_config, tokens, positions, attention_mask)
-    # Position t predicts token t + 1; the last position predicts nothing and
-    # its (wrapped-around) target is dropped by the shift below.
-    next_tokens = jnp.roll(tokens, -1, axis=1)
-    logp_next, entropy_next = token_logprobs(
-        hidden, lm_head(params, model_config), next_tokens,
+    # Position t - 1 predicts token t; nothing predicts token 0.
+    first = max(start, 1)
+    logp, entropy = token_logprobs(
+        hidden[:, first - 1:-1], lm_head(params, model_config), tokens[:, first:],
         temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy,
     )
-    shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0)))
-    return shift(logp_next), None if entropy_next is None else shift(entropy_next)
+    pad = lambda x: jnp.pad(x, ((0, 0), (first, 0)))
+    return pad(logp), None if entropy is None else pad(entropy)
