@@ -7,12 +7,13 @@ mesh over every local device (fsdp), sequences of 1k to 4k tokens.
 Model FLOPs per token of one update (forward + backward = 3 x forward; the
 recomputation of rematerialised layers is not counted, as usual for MFU):
 
-    6 * N_matmul  +  6 * L * N_heads * H * T
+    6 * N_layers_matmul  +  6 * D * V * (completion share)  +  6 * L * N_heads * H * T
 
-with N_matmul the parameters that enter a matrix product (every layer
-projection and the output head; not the embedding lookup, norms or biases) and
-the second term the causal attention products (QK^T and PV over on average
-T / 2 keys). MFU = model FLOPs per second / peak dense bfloat16 FLOPs of the
+with N_layers_matmul the parameters of the layer projections (not the
+embedding lookup, norms or biases), the output head counted on the completion
+positions only (the step runs it there alone, `loss_start`: a quarter of each
+row is prompt here), and the last term the causal attention products (QK^T and
+PV over on average T / 2 keys). MFU = model FLOPs per second / peak dense bfloat16 FLOPs of the
 devices (H100 / H200 SXM: 989 TFLOP/s each; --peak-tflops overrides; on CPU a
 measured large matmul stands in for the peak).
 
@@ -71,13 +72,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + causal attention (see the module docstring)."""
+def model_flops(cfg: ModelConfig, seq_len: int, head_positions: int) -> float:
+    """Training FLOPs of one sequence (see the module docstring).
+
+    The layers run on all `seq_len` positions; the output head only on the
+    `head_positions` whose log-probs the loss needs (the completion).
+    """
     d, h = cfg.d_model, cfg.head_dim
     per_layer = d * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.d_ff
-    matmul_params = cfg.n_layers * per_layer + d * cfg.vocab_size
-    attention = 6 * cfg.n_layers * cfg.n_heads * h * seq_len
-    return 6 * matmul_params + attention
+    layers = 6 * cfg.n_layers * per_layer * seq_len
+    head = 6 * d * cfg.vocab_size * head_positions
+    attention = 6 * cfg.n_layers * cfg.n_heads * h * seq_len * seq_len
+    return layers + head + attention
 
 
 def peak_flops(override_tflops: float | None) -> tuple[float, str]:
@@ -108,7 +114,7 @@ def random_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> B
     rs = np.random.RandomState(seed)
     tokens = rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
     loss_mask = np.zeros((batch, seq_len), bool)
-    loss_mask[:, seq_len // 4:] = True
+    loss_mask[:, seq_len // 4:] = True  # the prompt is the first quarter
     old_logp = np.full((batch, seq_len), -np.log(cfg.vocab_size), np.float32)
     advantages = rs.choice([-1.0, 1.0], batch).astype(np.float32)
     return Batch(tokens, np.ones((batch, seq_len), bool), loss_mask, old_logp, advantages)
@@ -127,19 +133,20 @@ def run_one(cfg: ModelConfig, seq_len: int, a: argparse.Namespace, mesh) -> dict
     state = init_train_state(params, tx, jax.random.key(1), shardings=shardings)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     batch = jax.device_put(random_batch(cfg, batch_size, seq_len), batch_sharding)
+    prompt = seq_len // 4
     start = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, loss_start=prompt)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     times = []
     for _ in range(a.steps):
         start = time.perf_counter()
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, loss_start=prompt)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_s = median(times)
     tokens = batch_size * seq_len
-    flops = model_flops_per_token(cfg, seq_len) * tokens
+    flops = model_flops(cfg, seq_len, seq_len - prompt) * batch_size
     return {"T": seq_len, "batch": batch_size, "micro": micro, "step s": step_s, "tokens/s": tokens / step_s,
             "TFLOP/s": flops / step_s / 1e12, "first step s": compile_s,
             "loss finite": bool(metrics["finite"]), "peak mem MiB": peak_device_memory_mb()}

@@ -366,7 +366,8 @@ def test_mfu_benchmark_tiny_run_on_8_simulated_devices():
 
     (row,) = bench_mfu_gpu.main(["--tiny", "--steps", "1"])
     assert row["loss finite"] and row["tokens/s"] > 0 and 0 < row["MFU %"]
-    # The FLOP count by hand: 6 x matmul params (2 layers + tied head) + causal attention.
-    cfg = bench_mfu_gpu.TINY
+    # The FLOP count by hand: 6 x layer matmul params x 64 positions, 6 x head on the
+    # 48 completion positions, causal attention.
     layer = 64 * 16 * (2 * 4 + 2 * 2) + 3 * 64 * 128
-    assert bench_mfu_gpu.model_flops_per_token(cfg, 64) == 6 * (2 * layer + 64 * 512) + 6 * 2 * 4 * 16 * 64
+    want = 6 * 2 * layer * 64 + 6 * 64 * 512 * 48 + 6 * 2 * 4 * 16 * 64 * 64
+    assert bench_mfu_gpu.model_flops(bench_mfu_gpu.TINY, 64, 48) == want
