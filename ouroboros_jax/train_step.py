@@ -390,9 +390,9 @@ def train_step(
     loss_fn = functools.partial(
         _microbatch_loss, normalizer=_full_batch_normalizer(batch.loss_mask, aggregation),
         model_config=model_config, temperature=temperature, logprob_chunk=logprob_chunk,
-        loss_start=loss_start,
-        entropy_coef=entropy_coef, variant=variant, clip_low=clip_low, clip_high=clip_high,
-        aggregation=aggregation, dual_clip=dual_clip, max_len=max_len, kl_coef=kl_coef, kl_kind=kl_kind,
+        loss_start=loss_start, entropy_coef=entropy_coef, variant=variant, clip_low=clip_low,
+        clip_high=clip_high, aggregation=aggregation, dual_clip=dual_clip, max_len=max_len,
+        kl_coef=kl_coef, kl_kind=kl_kind,
     )
     grads, metrics = _gradients(state, batch, B // micro, loss_fn)
     grad_norm = optax.tree.norm(grads)
