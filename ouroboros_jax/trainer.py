@@ -93,11 +93,13 @@ def _minibatches(batch: Batch, size: int, rng: np.random.Generator) -> list[Batc
 def _update(step_fn, state: TrainState, rollout: Rollout, cfg: ExperimentConfig, step: int):
     """`inner_epochs` passes over the rollout in mini-batches; metrics averaged over updates."""
     batch = rollout.to_batch()
+    # Completion tokens start at the prompt bucket's width: the output head skips the prompt.
+    prompt_width = rollout.sample.prompt_tokens.shape[1]
     rng = np.random.default_rng([cfg.seed, step])
     collected = []
     for _ in range(cfg.train.inner_epochs):
         for mb in _minibatches(batch, cfg.train.mini_batch_size, rng):
-            state, metrics = step_fn(state, mb)
+            state, metrics = step_fn(state, mb, loss_start=prompt_width)
             collected.append(metrics)
     host = jax.device_get(collected)  # one transfer for every update of this step
     keys = host[0].keys()
