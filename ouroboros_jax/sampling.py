@@ -36,7 +36,14 @@ from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Bool, Float, Int
 
 from ouroboros_jax.config import ModelConfig
-from ouroboros_jax.models.transformer import KVCache, Params, hidden_states, init_cache, logits_from_hidden
+from ouroboros_jax.models.transformer import (
+    KVCache,
+    Params,
+    hidden_states,
+    init_cache,
+    logits_from_hidden,
+    positions_from_mask,
+)
 from ouroboros_jax.sharding import ACTIVATION_AXES, check_divisible, logical_to_spec
 
 # The SamplingConfig default: a training run compiles once per bucket it meets.
@@ -312,7 +319,7 @@ def _prefill(params: Params, cfg: ModelConfig, tokens_BP, mask_BP, static: _Stat
     """Run the prompts once; return next-token logits [R, V] and the group cache [L, R, S, K, H]."""
     B, P = tokens_BP.shape
     G, N = static.num_samples, static.max_new_tokens
-    positions = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
+    positions = positions_from_mask(mask_BP)
     cache = _constrain_cache(init_cache(cfg, B, P), static.mesh)
     hidden, cache = hidden_states(params, cfg, tokens_BP, positions, mask_BP, cache, 0)
     # Prompts are flush right, so every row's next token is predicted at column P - 1.

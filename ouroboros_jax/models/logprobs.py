@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ouroboros_jax.config import ModelConfig
-from ouroboros_jax.models.transformer import Params, hidden_states, lm_head
+from ouroboros_jax.models.transformer import Params, hidden_states, lm_head, positions_from_mask
 
 DEFAULT_CHUNK = 256
 
@@ -153,7 +153,7 @@ def policy_logprobs(
     T = tokens.shape[1]
     if not 0 <= start < T:
         raise ValueError(f"start={start} must be in [0, {T})")
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    positions = positions_from_mask(attention_mask)
     hidden, _ = hidden_states(params, model_config, tokens, positions, attention_mask)
     # Position t - 1 predicts token t; nothing predicts token 0.
     first = max(start, 1)

@@ -11,14 +11,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ouroboros_jax.config import ModelConfig
-from ouroboros_jax.models.transformer import Params, hidden_states
+from ouroboros_jax.models.transformer import Params, hidden_states, positions_from_mask
 
 
 def token_values(
     params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], mask: Bool[Array, "B T"]
 ) -> Float[Array, "B T"]:
     """The scalar head at every position (float32); pad positions are zero."""
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = positions_from_mask(mask)
     hidden, _ = hidden_states(params, cfg, tokens, positions, mask)
     values = jnp.einsum("BTD,D->BT", hidden, params["score_D"].astype(hidden.dtype),
                         preferred_element_type=jnp.float32)

@@ -294,10 +294,14 @@ def forward(params: Params, model_config: ModelConfig, tokens: Int[Array, "B T"]
     return logits_from_hidden(params, model_config, hidden)
 
 
+def positions_from_mask(mask: Bool[Array, "B T"]) -> Int[Array, "B T"]:
+    """Rotary positions that count only real tokens, so padding never shifts a row."""
+    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+
+
 def forward_padded(
     params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], mask: Bool[Array, "B T"]
 ) -> Float[Array, "B T V"]:
     """Logits for padded rows: pad tokens are invisible and positions skip them."""
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    hidden, _ = hidden_states(params, cfg, tokens, positions, mask)
+    hidden, _ = hidden_states(params, cfg, tokens, positions_from_mask(mask), mask)
     return logits_from_hidden(params, cfg, hidden)
