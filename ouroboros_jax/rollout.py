@@ -26,6 +26,8 @@ from ouroboros_jax.train_step import Batch
 
 # (completions, examples) -> list of verdicts with .score and .correct
 ScoreFn = Callable[[Sequence[str], Sequence[Mapping[str, Any]]], Sequence[Any]]
+# (sampled completions, examples) -> one reward per row [B*G], e.g. a learned reward model
+RewardFn = Callable[[SampleOutput, Sequence[Any]], np.ndarray]
 
 
 def overlong_penalty(lengths: np.ndarray, max_len: int, buffer: int, penalty: float = 1.0) -> np.ndarray:
@@ -132,9 +134,15 @@ class RolloutSettings:
 def sample_and_score(
     params: Any, model_config: ModelConfig, examples: Sequence[Any], prompt_ids: Sequence[Sequence[int]],
     *, settings: RolloutSettings, decode: Callable[[Sequence[int]], str], score: ScoreFn, rng: jax.Array,
-    mesh: Any = None, timings: dict[str, float] | None = None,
+    mesh: Any = None, timings: dict[str, float] | None = None, reward_fn: RewardFn | None = None,
+    reward_weight: float = 1.0, verifier_weight: float = 1.0,
 ) -> Rollout:
-    """Sample G completions per prompt, verify them, and compute shaped rewards and advantages."""
+    """Sample G completions per prompt, verify them, and compute shaped rewards and advantages.
+
+    The reward is `verifier_weight * verifier score`, plus `reward_weight *
+    reward_fn(sample, examples)` when a model-based reward is given (e.g.
+    `selfplay.reward_model.ModelReward`); `correct` always comes from the verifier.
+    """
     s = settings
     t0 = time.perf_counter()
     out = generate(params, model_config, list(prompt_ids), max_new_tokens=s.max_new_tokens,
@@ -151,8 +159,16 @@ def sample_and_score(
         timings["sample"] = timings.get("sample", 0.0) + t1 - t0
         timings["verify"] = timings.get("verify", 0.0) + t2 - t1
     B, G = len(examples), s.group_size
-    rewards = np.array([float(v.score) for v in verdicts], np.float64).reshape(B, G)
+    rewards = verifier_weight * np.array([float(v.score) for v in verdicts], np.float64).reshape(B, G)
     correct = np.array([bool(v.correct) for v in verdicts]).reshape(B, G)
+    if reward_fn is not None:
+        model_rewards = np.asarray(reward_fn(out, examples), np.float64)
+        if model_rewards.shape != (B * G,):
+            raise ValueError(f"reward_fn returned shape {model_rewards.shape}; expected ({B * G},), "
+                             "one reward per sampled row")
+        rewards = rewards + reward_weight * model_rewards.reshape(B, G)
+        if timings is not None:
+            timings["reward_model"] = timings.get("reward_model", 0.0) + time.perf_counter() - t2
     loss_rows = np.ones(B * G, bool)
     if s.overlong == "shape":
         rewards = rewards + overlong_penalty(out.lengths, s.max_new_tokens, s.overlong_buffer,
@@ -185,6 +201,7 @@ def collect(
     params: Any, model_config: ModelConfig, *, num_prompts: int, settings: RolloutSettings,
     decode: Callable[[Sequence[int]], str], score: ScoreFn, rng: jax.Array, dynamic_sampling: bool = False,
     max_rounds: int = 3, mesh: Any = None, timings: dict[str, float] | None = None,
+    reward_fn: RewardFn | None = None, reward_weight: float = 1.0, verifier_weight: float = 1.0,
 ) -> Rollout:
     """One rollout batch of `num_prompts` groups.
 
@@ -193,6 +210,7 @@ def collect(
     batch is still short after that, it is filled with dropped groups (they
     have zero advantage, so they add no gradient) to keep shapes, and thus the
     compiled programs, fixed. `groups_drawn` counts every group sampled.
+    `reward_fn`, `reward_weight` and `verifier_weight` are as in `sample_and_score`.
     """
     kept: list[Rollout] = []
     spare: list[Rollout] = []
@@ -202,7 +220,8 @@ def collect(
         examples = list(next_examples(want))
         part = sample_and_score(params, model_config, examples, encode(examples), settings=settings,
                                 decode=decode, score=score, rng=jax.random.fold_in(rng, round_), mesh=mesh,
-                                timings=timings)
+                                timings=timings, reward_fn=reward_fn, reward_weight=reward_weight,
+                                verifier_weight=verifier_weight)
         drawn += len(examples)
         if not dynamic_sampling:
             kept.append(part)

@@ -53,6 +53,11 @@ class Task:
         picklable callable, or {name_or_callable: weight}.
       stop_token_ids: tokens that end a completion (e.g. the EOS id).
       eval_examples: held-out examples (None: no evaluation).
+      reward_model: optional model-based reward, `(SampleOutput, examples) -> [B*G]`
+        (e.g. `selfplay.reward_model.ModelReward`), added to the verifier score.
+      reward_model_weight: its weight in the reward.
+      verifier_weight: the verifier score's weight; 0 with a reward model trains
+        on the model's reward alone, while `accuracy` still reports the verifier.
     """
 
     train_source: Any
@@ -61,6 +66,9 @@ class Task:
     verifier: Any
     stop_token_ids: tuple[int, ...]
     eval_examples: Sequence[Any] | None = None
+    reward_model: Callable[[Any, Sequence[Any]], Any] | None = None
+    reward_model_weight: float = 1.0
+    verifier_weight: float = 1.0
 
 
 @dataclasses.dataclass
@@ -215,7 +223,9 @@ def _rl_step(cfg, model_config, step_fn, state, task: Task, settings, score, mes
         task.train_source.take, task.encode, state.params, model_config,
         num_prompts=cfg.train.prompts_per_step, settings=settings, decode=task.decode, score=score,
         rng=jax.random.fold_in(jax.random.key(cfg.seed), step), mesh=mesh,
-        dynamic_sampling=cfg.loss.dynamic_sampling, max_rounds=cfg.loss.max_sampling_rounds, timings=timings)
+        dynamic_sampling=cfg.loss.dynamic_sampling, max_rounds=cfg.loss.max_sampling_rounds, timings=timings,
+        reward_fn=task.reward_model, reward_weight=task.reward_model_weight,
+        verifier_weight=task.verifier_weight)
     t1 = time.perf_counter()
     state, metrics, tokens = _update(step_fn, state, rollout, cfg, step)
     t2 = time.perf_counter()
