@@ -22,6 +22,7 @@ READONLY_FS = "readonly_fs"
 PID_NAMESPACE = "pid_namespace"
 UNPRIVILEGED_UID = "unprivileged_uid"
 NO_NEW_PRIVS = "no_new_privs"
+SYSCALL_FILTER = "syscall_filter"
 RLIMITS = "rlimits"
 PROCESS_GROUP_KILL = "process_group_kill"
 SCRATCH_DIR = "scratch_dir"
@@ -34,6 +35,7 @@ ALL_LAYERS = (
     PID_NAMESPACE,
     UNPRIVILEGED_UID,
     NO_NEW_PRIVS,
+    SYSCALL_FILTER,
     RLIMITS,
     PROCESS_GROUP_KILL,
     SCRATCH_DIR,
@@ -50,6 +52,8 @@ LAYER_GAPS = {
     UNPRIVILEGED_UID: "programs run as the calling user: they can signal or read the"
     " environment of its other processes (the trainer included), and the process limit is"
     " shared with them",
+    SYSCALL_FILTER: "programs can keep data in the kernel keyrings of their uid, where a later"
+    " run under that uid can read it, and reach bpf, perf_event_open, userfaultfd and io_uring",
 }
 # Inside bubblewrap's user and pid namespaces the caller's processes are out of
 # sight, so running under the caller's uid costs less.

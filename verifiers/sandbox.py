@@ -1,13 +1,19 @@
 """Isolated execution of untrusted programs.
 
-Every run gets a fresh interpreter in its own process group, a private scratch
-directory that is deleted afterwards, a scrubbed environment, resource limits
-(CPU time, address space, processes, file size, open files), capped
+Every run gets a pristine interpreter in its own process group, a private
+scratch directory that is deleted afterwards, a scrubbed environment, resource
+limits (CPU time, address space, processes, file size, open files), capped
 stdout/stderr and a wall-clock kill of the whole group. With bubblewrap
 installed the process also runs with no network, a read-only view of the file
 system (home directories, /run and /tmp hidden), and its own pid namespace. When
 started as root the program runs under a uid of its own, so that the process
 limit binds and it cannot signal or inspect the caller.
+
+By default the interpreter is not started per run: a fork server (see
+``_forkserver.py``) is started once inside the sandbox and forks a child per
+run before any untrusted code ever ran in it, so every run still begins from
+the same clean state, at a fraction of the cost of a new bubblewrap and
+interpreter. ``Sandbox(fork_server=False)`` starts a fresh interpreter per run.
 
 Without bubblewrap the sandbox falls back to the process-level layers and warns
 loudly, naming the layers that are off (see ``SandboxResult.layers``).
@@ -22,11 +28,8 @@ Example:
 from __future__ import annotations
 
 import logging
-import marshal
 import math
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,17 +38,18 @@ import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 from verifiers import _isolation as iso
+from verifiers._fresh import run_fresh
 from verifiers._isolation import ALL_LAYERS, LAYER_GAPS  # noqa: F401  (re-exported)
-from verifiers._pump import Pump
+from verifiers._seccomp import filter_program
+from verifiers._servers import ServerDied, ServerPool, run_in_server, serve, start_server
+from verifiers._setup import Setup, Trash
 
 log = logging.getLogger(__name__)
 
 Isolation = Literal["auto", "bwrap", "rlimits"]
-_LAUNCHER = (Path(__file__).parent / "_launcher.py").read_text()
 
 
 class SandboxWarning(RuntimeWarning):
@@ -141,6 +145,11 @@ class Sandbox:
             default: the standard library suffices for test harnesses, and site
             start-up costs tens of milliseconds per run.
         scratch_root: where scratch directories are created (default: the system temp dir).
+        fork_server: fork every run from an interpreter pre-started inside the
+            sandbox (one per concurrent run, started on demand and replaced when
+            it dies) instead of starting bubblewrap and an interpreter per run.
+            Needs bubblewrap or a uid of its own (root); elsewhere, and when the
+            server cannot start, runs start fresh interpreters.
     """
 
     def __init__(
@@ -151,24 +160,40 @@ class Sandbox:
         python: str | None = None,
         site_packages: bool = False,
         scratch_root: str | None = None,
+        fork_server: bool = True,
     ) -> None:
         if isolation not in ("auto", "bwrap", "rlimits"):
             raise ValueError(f"isolation must be 'auto', 'bwrap' or 'rlimits', got {isolation!r}")
         self.limits = limits or Limits()
         self.interpreter = iso.Interpreter.current(python)
-        self._flags = ["-I", "-B"] + ([] if site_packages else ["-S"])
-        self._scratch_root = scratch_root or tempfile.gettempdir()
         self._root = iso.is_root()
         self._uids = iso.UidAllocator() if self._root else None
         self._nproc = (-1e9, 0)  # (when counted, the caller's own threads)
+        scratch_root = scratch_root or tempfile.gettempdir()
+        self._setup = Setup(
+            interpreter=self.interpreter,
+            flags=("-I", "-B") + (() if site_packages else ("-S",)),
+            bwrap=None,
+            as_root=self._root,
+            uids=self._uids,
+            seccomp=filter_program(),
+            scratch_root=scratch_root,
+            trash=Trash(scratch_root),
+            nproc_base=self._nproc_base,
+        )
         self.layers: tuple[str, ...] = ()
         self._bwrap = self._choose_bwrap(isolation)
         if not self._bwrap and not self._fd_start_possible():
             self._uids = None  # the interpreter would be out of the sandbox uid's reach
+        self._setup = replace(self._setup, bwrap=self._bwrap and self._bwrap[0], uids=self._uids)
         self.layers = self._active_layers()
         off = [layer for layer in ALL_LAYERS if layer not in self.layers]
         if off:
             self._warn(off, isolation)
+        self._servers = ServerPool(lambda: start_server(self._setup))
+        self._fork_server = fork_server and (self._bwrap is not None or self._uids is not None)
+        if self._fork_server:
+            self._fork_server = self._probe_server()
 
     def _choose_bwrap(self, isolation: Isolation) -> list[str] | None:
         self._fallback_reason = "not running as root, so no uid of its own"
@@ -193,6 +218,8 @@ class Sandbox:
         layers += [iso.OUTPUT_CAP, iso.NO_NEW_PRIVS]
         if self._bwrap:
             layers += [iso.NO_NETWORK, iso.READONLY_FS, iso.PID_NAMESPACE]
+            if self._setup.seccomp:
+                layers.append(iso.SYSCALL_FILTER)
         if self._uids is not None:
             layers.append(iso.UNPRIVILEGED_UID)
         return tuple(layer for layer in ALL_LAYERS if layer in layers)
@@ -225,7 +252,7 @@ class Sandbox:
         """Run a command (looked up on the sandbox's PATH) under every layer."""
         if not argv:
             raise ValueError("argv must name a command")
-        return self._run({"argv": list(argv)}, b"", stdin, limits or self.limits, self._bwrap)
+        return self._dispatch({"argv": list(argv)}, b"", stdin, limits or self.limits)
 
     def run_python(
         self,
@@ -250,18 +277,72 @@ class Sandbox:
             job = {"code": source}
         else:
             job = {"source": source}
-        return self._run(job, payload, stdin, limits or self.limits, self._bwrap)
+        return self._dispatch(job, payload, stdin, limits or self.limits)
+
+    @property
+    def uses_fork_server(self) -> bool:
+        """Whether runs are forked from a pre-started sandboxed interpreter."""
+        return self._fork_server
+
+    @property
+    def servers_started(self) -> int:
+        """Fork servers started so far (one per concurrent run, plus replacements)."""
+        return self._servers.started
+
+    def close(self) -> None:
+        """Stop the idle fork servers (new ones start if the sandbox is used again)."""
+        self._servers.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _dispatch(self, job: dict, payload: bytes, stdin: bytes, limits: Limits) -> SandboxResult:
+        start = time.monotonic()
+        outcome = None
+        if self._fork_server:
+            outcome = run_in_server(self._setup, self._servers, job, payload, stdin, limits)
+        if outcome is None:
+            outcome = run_fresh(self._setup, job, payload, stdin, limits)
+        return SandboxResult(
+            returncode=outcome.returncode,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            report=outcome.report,
+            timed_out=outcome.timed_out,
+            output_exceeded=outcome.output_exceeded,
+            wall_s=time.monotonic() - start,
+            layers=self.layers,
+        )
 
     def _probe(self, bwrap: str) -> str | None:
         """Run a trivial program through bubblewrap; None when it works, else why not."""
         trial = replace(self.limits, wall_s=30.0, cpu_s=10.0)
         try:
-            result = self._run({"source": "print('ok')"}, b"", b"", trial, [bwrap])
+            result = run_fresh(replace(self._setup, bwrap=bwrap), {"source": "print('ok')"}, b"", b"", trial)
         except OSError as err:
             return str(err)
         if result.stdout.strip() == b"ok" and result.returncode == 0:
             return None
         return (result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}")[:500]
+
+    def _probe_server(self) -> bool:
+        """Start the first fork server and run a trivial program in it; False (logged) when that fails."""
+        trial = replace(self.limits, wall_s=30.0, cpu_s=10.0)
+        try:
+            server = self._servers.take()
+        except (OSError, ServerDied) as err:
+            log.warning("fork server unavailable (%s); every run starts a fresh interpreter", err)
+            return False
+        outcome = serve(self._setup, server, {"source": "print('ok')"}, b"", b"", trial)
+        self._servers.give_back(server)
+        if outcome is not None and outcome.returncode == 0 and outcome.stdout.strip() == b"ok":
+            return True
+        why = "no answer" if outcome is None else outcome.stderr.decode(errors="replace").strip()
+        log.warning("fork server failed its trial run (%s); every run starts a fresh interpreter", why[:500])
+        return False
 
     def _nproc_base(self) -> int:
         """Threads the caller's uid already runs: RLIMIT_NPROC counts them too.
@@ -276,133 +357,6 @@ class Sandbox:
             count = iso.tasks_of_uid(os.getuid())
             self._nproc = (time.monotonic(), count)
         return count
-
-    def _run(
-        self, job: dict, payload: bytes, stdin: bytes, limits: Limits, bwrap: list[str] | None
-    ) -> SandboxResult:
-        start = time.monotonic()
-        uid = self._uids.acquire() if self._uids else None
-        scratch = tempfile.mkdtemp(prefix="ouroboros-sandbox-", dir=self._scratch_root)
-        opened: list[int] = []
-        try:
-            if uid is not None:
-                os.chown(scratch, uid, uid)
-            argv, popen_kwargs, spec = self._plan(job, scratch, uid, limits, opened, bwrap)
-            control = _encode_control(spec, payload)
-            out = _execute(argv, popen_kwargs, control, stdin, limits, opened)
-        finally:
-            for fd in opened:
-                os.close(fd)
-            if uid is not None:
-                # Children that left the process group (setsid, double fork) are
-                # found by uid; in bubblewrap the pid namespace already took them.
-                if not bwrap:
-                    iso.kill_uid(uid)
-                self._uids.release(uid)
-            shutil.rmtree(scratch, ignore_errors=True)
-        return replace(out, wall_s=time.monotonic() - start, layers=self.layers)
-
-    def _plan(
-        self,
-        job: dict,
-        scratch: str,
-        uid: int | None,
-        limits: Limits,
-        opened: list[int],
-        bwrap: list[str] | None,
-    ) -> tuple[list[str], dict, dict]:
-        """Command line, Popen arguments and launcher spec for one run."""
-        interpreter = self.interpreter
-        exe = interpreter.executable
-        kwargs: dict = {"env": iso.scrubbed_env(scratch), "cwd": scratch, "pass_fds": []}
-        spec = {"rlimits": limits.rlimits(self._nproc_base()), "cwd": scratch, **job}
-        if bwrap:
-            prefix = iso.bwrap_args(
-                bwrap[0],
-                interpreter=interpreter,
-                scratch=scratch,
-                as_root=self._root,
-                disable_userns=True,
-            )
-            spec.update(uid=uid, gid=uid)
-        else:
-            prefix = []
-            if uid is not None:
-                prefix, switch = iso.as_uid(uid)
-                kwargs.update(switch)
-                exe = self._fd_relative_exe(exe, kwargs, opened)
-            elif iso.find_setpriv():
-                prefix = [iso.find_setpriv(), "--no-new-privs", "--"]
-            # Without setpriv the launcher sets the flag itself (through ctypes).
-            spec["no_new_privs"] = not prefix
-        return prefix + [exe, *self._flags, "-c", _LAUNCHER], kwargs, spec
-
-    def _fd_relative_exe(self, exe: str, kwargs: dict, opened: list[int]) -> str:
-        # The interpreter may sit under a directory the sandbox uid cannot enter
-        # (/root/.pyenv). Starting it through an inherited descriptor of its
-        # prefix skips that path walk; Python then finds its stdlib under the
-        # same /proc/self/fd path.
-        if self.interpreter.reachable_by_others():
-            return exe
-        home = self.interpreter.home_prefix()
-        fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
-        opened.append(fd)
-        kwargs["pass_fds"].append(fd)
-        return f"/proc/self/fd/{fd}/{os.path.relpath(exe, home)}"
-
-
-def _encode_control(spec: dict, payload: bytes) -> bytes:
-    header = marshal.dumps(spec)
-    return len(header).to_bytes(8, "little") + header + payload
-
-
-def _execute(
-    argv: list[str],
-    kwargs: dict,
-    control: bytes,
-    stdin: bytes,
-    limits: Limits,
-    opened: list[int],
-) -> SandboxResult:
-    """Start the process and pump its pipes until it ends or a limit trips."""
-    control_r, control_w = os.pipe()
-    report_r, report_w = os.pipe()
-    opened += [control_r, control_w, report_r, report_w]
-    kwargs["pass_fds"] += [control_r, report_w]
-    argv = argv + [str(control_r), str(report_w)]
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        process_group=0,
-        close_fds=True,
-        **kwargs,
-    )
-    for fd in (control_r, report_w):
-        opened.remove(fd)
-        os.close(fd)
-    opened.remove(control_w)
-    opened.remove(report_r)
-    pump = Pump(proc)
-    pump.add_writer(os.fdopen(control_w, "wb", buffering=0), control)
-    pump.add_writer(proc.stdin, stdin)
-    pump.add_reader("stdout", proc.stdout, limits.output_bytes)
-    pump.add_reader("stderr", proc.stderr, limits.output_bytes)
-    pump.add_reader("report", os.fdopen(report_r, "rb", buffering=0), limits.report_bytes)
-    try:
-        pump.run(time.monotonic() + limits.wall_s)
-    finally:
-        pump.stop()
-    return SandboxResult(
-        returncode=proc.returncode,
-        stdout=bytes(pump.data["stdout"]),
-        stderr=bytes(pump.data["stderr"]),
-        report=bytes(pump.data["report"]),
-        timed_out=pump.timed_out,
-        output_exceeded=pump.exceeded,
-        wall_s=0.0,
-    )
 
 
 _DEFAULT: Sandbox | None = None
