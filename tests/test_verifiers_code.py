@@ -10,6 +10,7 @@ import pytest
 
 from verifiers import code
 from verifiers.code import CallCase, IOCase, extract_code, run_tests, tokens_equal, values_equal
+from verifiers.sandbox import Sandbox, default_sandbox
 
 ADD = "def add(a, b):\n    return a + b\n"
 
@@ -294,3 +295,30 @@ def test_verify_partial_credit_and_no_code():
     assert code.verify(completion, example).score == 0.0
     assert code.verify_partial(completion, example).score == 0.5
     assert code.verify("   ", example).reason == "no code found in the completion"
+
+
+# ------------------------------------------------------------------ fork server vs fresh interpreter
+
+
+def test_fork_server_and_fresh_interpreters_give_the_same_verdicts():
+    box = default_sandbox()
+    if not box.uses_fork_server:
+        pytest.skip("no fork server on this host (needs bubblewrap or root)")
+    with Sandbox(fork_server=False) as fresh:
+        assert not fresh.uses_fork_server and fresh.layers == box.layers
+        cases = [
+            (ADD, "assert add(1, 2) == 3\nassert add(1, 1) == 3\nassert add(0) == 0\n", {}),
+            (ADD, CHECK, {"entry_point": "add"}),
+            ("def f(x):\n    while x:\n        pass\n    return x\n", "assert f(1)\nassert f(0) == 0", {}),
+            ("import os\nos._exit(0)\n" + ADD, "assert add(1, 2) == 3", {}),
+            ("def f():\n    return bytearray(2**31)\n", "assert f()", {"memory_mb": 256}),
+            (SUM_PROGRAM, [IOCase("1 2", "3"), IOCase("2 2", "5"), IOCase("x", "0")], {}),
+            ("print(input()[::-1])", [IOCase("abc", "cba")], {}),
+            (ADD, [CallCase([1, 2], 3), CallCase([2, 2], 5)], {"entry_point": "add"}),
+        ]
+        for program, tests, kwargs in cases:
+            ours = run_tests(program, tests, timeout_s=3.0, case_timeout_s=0.5, **kwargs)
+            theirs = run_tests(program, tests, timeout_s=3.0, case_timeout_s=0.5, sandbox=fresh, **kwargs)
+            assert statuses(ours) == statuses(theirs), program
+            assert [v.detail for v in ours.verdicts] == [v.detail for v in theirs.verdicts]
+        assert statuses(ours) == ["passed", "wrong_answer"]

@@ -1,20 +1,29 @@
-"""Hostile programs against the sandbox, with bubblewrap and in the process-limits fallback.
+"""Hostile programs against the sandbox, with bubblewrap and in the process-limits fallback,
+each with runs forked from a pre-started fork server and with a fresh interpreter per run.
 
 Every case checks three things: the verdict is a failure, the test process and
 host are untouched (the test keeps running, nothing outside scratch changed,
 no sandbox process is left), and the sandbox reports the layers it used.
 Cases that only namespaces can contain are skipped in the fallback, with the
-layer that is missing as the reason.
+layer that is missing as the reason. The fork server also has to keep every
+run from seeing anything an earlier run did, and survive or be replaced when
+something kills it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,22 +31,43 @@ import pytest
 from verifiers import sandbox as sb
 from verifiers.code import run_tests
 
-MODES = ["bwrap", "rlimits"]
+# The fork server is the default path; the fresh-interpreter path (the
+# fallback, and fork_server=False) runs the same suite under -m slow.
+MODES = [
+    "bwrap-server",
+    "rlimits-server",
+    pytest.param("bwrap-fresh", marks=pytest.mark.slow),
+    pytest.param("rlimits-fresh", marks=pytest.mark.slow),
+]
 OK_TEST = "assert solve() == 42"
 
 
-def _make(mode: str) -> sb.Sandbox:
+def _make(mode: str, **kwargs) -> sb.Sandbox:
+    isolation, _, start = mode.partition("-")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sb.SandboxWarning)
         try:
-            return sb.Sandbox(isolation=mode)
+            box = sb.Sandbox(isolation=isolation, fork_server=start != "fresh", **kwargs)
         except sb.SandboxUnavailable as exc:
             pytest.skip(f"bubblewrap unavailable here: {exc}")
+    if start == "server" and not box.uses_fork_server:
+        box.close()
+        pytest.skip("no fork server here (needs bubblewrap or root)")
+    return box
 
 
 @pytest.fixture(scope="module", params=MODES)
-def box(request) -> sb.Sandbox:
-    return _make(request.param)
+def box(request):
+    sandbox = _make(request.param)
+    yield sandbox
+    sandbox.close()
+
+
+@pytest.fixture(scope="module", params=["bwrap-server", "rlimits-server"])
+def server_box(request):
+    sandbox = _make(request.param)
+    yield sandbox
+    sandbox.close()
 
 
 def _need(box: sb.Sandbox, *layers: str) -> None:
@@ -79,9 +109,9 @@ def test_trivial_program_passes_and_reports_layers(box):
     for layer in ("rlimits", "process_group_kill", "scratch_dir", "scrubbed_env", "output_cap"):
         assert layer in result.layers
     if box.uses_bwrap:
-        assert {"no_network", "readonly_fs", "pid_namespace"} <= set(result.layers)
+        assert {"no_network", "readonly_fs", "pid_namespace", "syscall_filter"} <= set(result.layers)
     else:
-        assert "no_network" not in result.layers
+        assert "no_network" not in result.layers and "syscall_filter" not in result.layers
 
 
 def test_fork_bomb_is_contained(box):
@@ -98,7 +128,8 @@ def test_fork_bomb_is_contained(box):
 
 def test_memory_bomb_is_contained(box):
     program = "blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))\n"
-    result = _run(box, program)
+    # A lower limit than the default keeps the time spent zeroing pages short on a loaded host.
+    result = _run(box, program, memory_mb=256)
     assert result.verdicts[0].status in ("memory", "runtime_error")
 
 
@@ -322,11 +353,12 @@ def test_sandbox_does_not_import_heavy_modules():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("mode", ["rlimits-server", "rlimits-fresh"])
 @pytest.mark.parametrize("setpriv", [True, False])
-def test_fallback_drops_privileges_with_or_without_setpriv(monkeypatch, setpriv):
+def test_fallback_drops_privileges_with_or_without_setpriv(monkeypatch, setpriv, mode):
     if not setpriv:
         monkeypatch.setattr(sb.iso, "find_setpriv", lambda: None)
-    box = _make("rlimits")
+    box = _make(mode)
     program = (
         "import os\n"
         "status = open('/proc/self/status').read()\n"
@@ -336,3 +368,307 @@ def test_fallback_drops_privileges_with_or_without_setpriv(monkeypatch, setpriv)
     assert no_new_privs == "1"
     if ROOT and "unprivileged_uid" in box.layers:
         assert int(uid) != 0 and groups == "[]"
+
+
+# ------------------------------------------------------------------ one run cannot reach the next
+
+LEAVE_INTERPRETER_STATE = """
+import builtins, json, os, signal, sys
+builtins.LEAKED = 1
+json.LEAKED = 1
+sys.modules["leaked_module"] = type(sys)("leaked_module")
+sys.path.append("/leaked")
+sys.setrecursionlimit(123)
+os.environ["LEAKED"] = "1"
+os.putenv("LEAKED_C", "1")
+os.umask(0)
+signal.signal(signal.SIGUSR1, lambda *_: None)
+open(os.path.join(os.environ["HOME"], "leak.txt"), "w").write("x")
+if os.fork() == 0:
+    os.setsid()
+    os.execv("/bin/sleep", ["sleep", "{marker}"])
+print(os.getcwd())
+"""
+
+PROBE_STATE = """
+import sys
+MODULES = sorted(sys.modules)
+import builtins, ctypes, json, os, signal
+libc = ctypes.CDLL(None, use_errno=True)
+keyctl = {{"x86_64": 250, "aarch64": 219}}.get(__import__("platform").machine())
+def proc_with(marker):
+    for pid in os.listdir("/proc"):
+        try:
+            if marker in open(f"/proc/{{pid}}/cmdline", "rb").read():
+                return True
+        except OSError:
+            pass
+    return False
+seen = {{
+    "builtins": hasattr(builtins, "LEAKED"),
+    "module": hasattr(json, "LEAKED"),
+    "sys_modules": "leaked_module" in sys.modules,
+    "sys_path": "/leaked" in sys.path,
+    "recursion_limit": sys.getrecursionlimit() == 123,
+    "environ": "LEAKED" in os.environ or "LEAKED_C" in os.environ,
+    "umask": os.umask(0o077) == 0,
+    "signal": signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL,
+    "scratch": os.path.exists("{scratch}") or os.listdir(".") != [],
+    "process": proc_with(b"{marker}"),
+    "tmp": os.path.exists("/tmp/ouroboros-leak") or os.path.exists("/dev/shm/ouroboros-leak"),
+    "sysv_shm": libc.shmget(0xB0B0, 0, 0) != -1,
+    "mqueue": libc.mq_open(b"/ouroboros-leak", os.O_RDONLY) != -1,
+    "keyring": bool(keyctl) and libc.syscall(keyctl, 10, -4, b"user", b"ouroboros-leak", 0) != -1,
+}}
+print(json.dumps({{"seen": seen, "modules": MODULES}}))
+"""
+
+LEAVE_KERNEL_STATE = """
+import ctypes, json, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+add_key = {"x86_64": 248, "aarch64": 217}.get(platform.machine())
+made = {
+    "sysv_shm": libc.shmget(0xB0B0, 4096, 0o1666) != -1,
+    "mqueue": libc.mq_open(b"/ouroboros-leak", os.O_CREAT | os.O_RDWR, 0o666, None) != -1,
+    "keyring": bool(add_key) and libc.syscall(add_key, b"user", b"ouroboros-leak", b"x", 1, -4) != -1,
+}
+for path in ("/tmp/ouroboros-leak", "/dev/shm/ouroboros-leak"):
+    try:
+        open(path, "w").write("x")
+        made[path] = True
+    except OSError:
+        made[path] = False
+print(json.dumps(made))
+"""
+
+
+def _sleep_marker() -> str:
+    """A duration for sleep(1) that no other process on the host has in its command line."""
+    return f"{1000 + os.getpid() % 1000}.{time.monotonic_ns() % 10**9:09d}"
+
+
+def _probe(box, marker="never-started", scratch="/nonexistent"):
+    result = box.run_python(PROBE_STATE.format(marker=marker, scratch=scratch))
+    assert result.ok, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+def test_consecutive_runs_share_no_interpreter_state(box):
+    marker = _sleep_marker()
+    baseline = _probe(box)
+    started = box.servers_started
+    leaver = box.run_python(LEAVE_INTERPRETER_STATE.format(marker=marker))
+    assert leaver.ok, leaver.stderr.decode()
+    after = _probe(box, marker, leaver.stdout.decode().strip())
+    assert after["seen"] == dict.fromkeys(after["seen"], False)
+    # Every run starts from the same interpreter state, whatever ran before it.
+    assert after["modules"] == baseline["modules"]
+    # With a fork server all three runs came from the same server: the
+    # isolation is the fork's, not a restart's.
+    assert box.servers_started == started
+    assert _procs_with(marker) == []
+
+
+def test_consecutive_runs_share_no_kernel_state(box):
+    _need(box, "pid_namespace")  # System V IPC and message queues live in the IPC namespace
+    leaver = box.run_python(LEAVE_KERNEL_STATE)
+    assert leaver.ok, leaver.stderr.decode()
+    made = json.loads(leaver.stdout)
+    assert made["/tmp/ouroboros-leak"] is False and made["/dev/shm/ouroboros-leak"] is False
+    if "syscall_filter" in box.layers and platform.machine() in ("x86_64", "aarch64"):
+        assert made["keyring"] is False
+    if box.uses_fork_server:
+        assert made["mqueue"] is False  # RLIMIT_MSGQUEUE is 0 in a server's runs
+    seen = _probe(box)["seen"]
+    assert seen == dict.fromkeys(seen, False)
+
+
+# ------------------------------------------------------------------ the fork server's own life
+
+
+def _busy(box) -> list:
+    idle = set(map(id, box._servers._idle))
+    return [server for server in box._servers.live() if id(server) not in idle]
+
+
+def _wait_gone(pids, timeout=10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
+    return alive
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_run_cannot_kill_its_server(server_box):
+    server_box.run_python("pass")
+    started = server_box.servers_started
+    program = (
+        "import os, signal\n"
+        "for target in (os.getppid(), 1):\n"
+        "    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP):\n"
+        "        try:\n"
+        "            os.kill(target, sig)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "os.kill(-1, signal.SIGKILL)\n"
+    )
+    server_box.run_python(program)
+    assert server_box.run_python("print(6 * 7)").stdout == b"42\n"
+    assert server_box.servers_started == started
+
+
+def test_timeout_and_output_cap_keep_the_server(server_box):
+    server_box.run_python("pass")
+    started = server_box.servers_started
+    result = server_box.run_python("while True:\n    pass\n", limits=sb.Limits(wall_s=0.5))
+    assert result.timed_out and result.returncode == -signal.SIGKILL
+    result = server_box.run_python(
+        "while True:\n    print('x' * 4096)\n", limits=sb.Limits(output_bytes=8192)
+    )
+    assert result.output_exceeded and len(result.stdout) == 8192
+    assert server_box.run_python("print(6 * 7)").stdout == b"42\n"
+    assert server_box.servers_started == started
+
+
+def test_dead_idle_server_is_replaced(server_box):
+    server_box.run_python("pass")
+    started = server_box.servers_started
+    victims = server_box._servers.live()
+    for server in victims:
+        os.kill(server.pid, signal.SIGKILL)
+    assert _wait_gone([server.pid for server in victims]) == []
+    assert server_box.run_python("print(6 * 7)").stdout == b"42\n"
+    assert server_box.servers_started == started + 1
+
+
+def test_server_killed_mid_run_fails_only_that_run(server_box):
+    marker = _sleep_marker()
+    program = f"import os\nos.execv('/bin/sleep', ['sleep', '{marker}'])\n"
+    outcome = {}
+    runner = threading.Thread(
+        target=lambda: outcome.update(r=server_box.run_python(program, limits=sb.Limits(wall_s=30)))
+    )
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not _procs_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (server,) = _busy(server_box)
+    started = time.monotonic()
+    os.kill(server.pid, signal.SIGKILL)
+    runner.join(15)
+    result = outcome["r"]
+    assert not result.ok and not result.timed_out and result.returncode is None
+    assert time.monotonic() - started < 5
+    assert _wait_gone(_procs_with(marker)) == []  # the run went down with its server
+    assert server_box.run_python("print(6 * 7)").stdout == b"42\n"
+
+
+def test_concurrent_runs_get_a_server_each(server_box):
+    started = server_box.servers_started
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: server_box.run_python(f"print({i} * 2)"), range(16)))
+    assert [r.stdout for r in results] == [f"{i * 2}\n".encode() for i in range(16)]
+    assert server_box.servers_started - started <= 4
+
+
+def test_forked_caller_starts_its_own_server(server_box):
+    server_box.run_python("pass")
+    started, servers = server_box.servers_started, {s.pid for s in server_box._servers.live()}
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            result = server_box.run_python("print(6 * 7)")
+            os.write(write_end, f"{result.stdout.decode().strip()} {server_box.servers_started}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    reply = os.read(read_end, 100).decode().split()
+    os.close(read_end)
+    os.waitpid(child, 0)
+    assert reply == ["42", str(started + 1)]
+    # The parent's servers were left alone and keep serving it.
+    assert server_box.run_python("print(1)").ok
+    assert {s.pid for s in server_box._servers.live()} == servers and server_box.servers_started == started
+
+
+def test_servers_exit_with_their_host():
+    host = (
+        "import os, sys, warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "from verifiers import sandbox as sb\n"
+        "box = sb.Sandbox()\n"
+        "assert box.run_python('print(1)').ok\n"
+        "servers = box._servers.live()\n"
+        "print(*[s.scratch_root for s in servers], box._setup.trash.path)\n"
+        "print(*[p for s in servers for p in {s.pid, s.proc.pid}], flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", host], capture_output=True, text=True, timeout=60)
+    directories, pids = out.stdout.splitlines()
+    for directory in directories.split():  # killed, the host could not remove them itself
+        shutil.rmtree(directory, ignore_errors=True)
+    assert pids, out.stderr
+    assert _wait_gone(int(pid) for pid in pids.split()) == []
+
+
+def test_server_whose_scratch_root_was_removed_is_replaced(server_box):
+    server_box.run_python("pass")
+    started = server_box.servers_started
+    for server in server_box._servers.live():
+        shutil.rmtree(server.scratch_root)
+    assert server_box.run_python("print(6 * 7)").stdout == b"42\n"
+    assert server_box.servers_started == started + 1
+
+
+SHARED_UID_CHECK = """
+import json, os, sys, warnings
+sys.path.insert(0, {repo!r})
+warnings.simplefilter("ignore")
+from verifiers import sandbox as sb
+box = sb.Sandbox(isolation="bwrap")
+report = {{"server": box.uses_fork_server, "layers": list(box.layers)}}
+box.run_python("import os, signal\\nfor t in (1, os.getppid()):\\n    os.kill(t, 9)\\nos.kill(-1, 9)")
+report["survived_kill"] = box.servers_started == 1
+peek = "try:\\n    open('/proc/1/mem', 'rb')\\n    print('read')\\nexcept OSError:\\n    print('refused')"
+report["proc_mem"] = box.run_python(peek).stdout.decode().strip()
+box.run_python("import resource\\nresource.prlimit(1, resource.RLIMIT_NOFILE, (40, 40))")
+limits = box.run_python("import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+report["nofile_after_prlimit"] = int(limits.stdout)
+box.run_python("open('/dev/shm/leak', 'w').write('x')")
+report["dev_shm_after"] = box.run_python("import os; print(os.listdir('/dev/shm'))").stdout.decode().strip()
+report["servers_started"] = box.servers_started
+print(json.dumps(report))
+"""
+
+
+def test_server_guards_itself_when_runs_share_its_uid():
+    """Unprivileged, runs share the server's uid: it must be out of their reach or be replaced."""
+    system_python = "/usr/bin/python3"
+    if not ROOT or not os.path.exists(system_python) or sb.iso.find_bwrap() is None:
+        pytest.skip("needs root (to become nobody), a system Python and bubblewrap")
+    repo = str(Path(sb.__file__).resolve().parents[1])
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    command = [*nobody, system_python, "-I", "-c", SHARED_UID_CHECK.format(repo=repo)]
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, cwd="/", env={"PATH": "/usr/bin:/bin"}
+    )
+    if out.returncode != 0 and "Permission denied" in out.stderr:
+        pytest.skip(f"the repository is not readable as nobody: {out.stderr[-200:]}")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["server"] and "unprivileged_uid" not in report["layers"]
+    assert report["survived_kill"] and report["proc_mem"] == "refused"
+    # A run that lowered the server's limit or left a file in /dev/shm spent
+    # that server: the next run came from a new one, with neither.
+    assert report["nofile_after_prlimit"] == sb.Limits().open_files
+    assert report["dev_shm_after"] == "[]"
+    assert report["servers_started"] == 3

@@ -206,7 +206,7 @@ class _Server:
             os.close(fd)
         uid = spec.get("uid")
         status, host_gone = self._wait(pid, uid)
-        self._sweep(uid)
+        self._sweep(pid, uid)
         self._reap(pid)
         return status, host_gone
 
@@ -224,7 +224,7 @@ class _Server:
                 if self.sock.fileno() in ready:
                     message = self.sock.recv(64)
                     if message in (b"", b"K"):
-                        self._sweep(uid)
+                        self._sweep(pid, uid)
                         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), message == b""
                 self._reap_orphans(pid)
         finally:
@@ -244,8 +244,16 @@ class _Server:
                 return
             os.waitpid(found.si_pid, 0)
 
-    def _sweep(self, uid):
+    def _sweep(self, pid, uid):
         """SIGKILL every process of the run in one kernel pass (a fork bomb cannot outrun it)."""
+        if uid is None and not self.config.get("pid1"):
+            # Neither a namespace nor a uid of its own bounds kill(-1) here:
+            # only the run's process group can be reached safely.
+            try:
+                os.killpg(pid, _SIGKILL)
+            except OSError:
+                pass
+            return
         if uid is not None:
             # Real and effective uid both the run's: kill(-1) then reaches that
             # uid's processes and nothing else (a root real uid would reach

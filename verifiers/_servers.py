@@ -26,6 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from multiprocessing.util import Finalize
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,7 +134,7 @@ class ForkServer:
     @property
     def alive(self) -> bool:
         """Whether the server can take another run."""
-        if self.spent or self.proc.poll() is not None:
+        if self.spent or self.proc.poll() is not None or not os.path.isdir(self.scratch_root):
             return False
         ready = _readable(self.sock, 0)
         return not ready  # an idle server only ever speaks when it goes away
@@ -317,7 +318,9 @@ class ServerPool:
         self._owner_pid = os.getpid()
         self._live: weakref.WeakSet[ForkServer] = weakref.WeakSet()
         self.started = 0
-        weakref.finalize(self, _close_all, self._idle)
+        # At exit (also of a multiprocessing worker, which skips atexit) or when
+        # collected; never in a forked child, whose servers are the parent's.
+        Finalize(self, _close_all, args=(self._idle,), exitpriority=1)
         _POOLS.add(self)
 
     def take(self) -> ForkServer:
@@ -446,7 +449,11 @@ def run_in_server(
         except (OSError, ServerDied) as err:
             log.warning("could not start a fork server (%s); this run starts a fresh interpreter", err)
             return None
-        outcome = serve(setup, server, job, payload, stdin, limits)
+        try:
+            outcome = serve(setup, server, job, payload, stdin, limits)
+        except BaseException:
+            server.close()  # interrupted (SystemExit, KeyboardInterrupt): the run dies with it
+            raise
         pool.give_back(server)
         if outcome is not None:
             return outcome
@@ -457,8 +464,12 @@ def serve(
     setup: Setup, server: ForkServer, job: dict, payload: bytes, stdin: bytes, limits: Limits
 ) -> Outcome | None:
     """One run in ``server``; None when the server was gone before the run began."""
+    try:
+        scratch = tempfile.mkdtemp(prefix="ouroboros-sandbox-", dir=server.scratch_root)
+    except OSError:
+        server.spent = True  # its scratch root was removed from outside: it cannot serve
+        return None
     uid = setup.uids.acquire() if setup.uids else None
-    scratch = tempfile.mkdtemp(prefix="ouroboros-sandbox-", dir=server.scratch_root)
     try:
         if uid is not None:
             os.chown(scratch, uid, uid)

@@ -15,6 +15,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.util import Finalize
 
 from verifiers import _isolation as iso
 
@@ -77,7 +78,9 @@ class Trash:
         self._count = 0
         self._busy = False
         self._thread: threading.Thread | None = None
-        weakref.finalize(self, shutil.rmtree, self.path, True)
+        # Run when the trash is collected or the process exits, including a
+        # multiprocessing worker (which skips atexit), and never in a forked child.
+        Finalize(self, shutil.rmtree, args=(self.path, True), exitpriority=0)
         _TRASHES.add(self)
 
     def discard(self, directory: str) -> None:
