@@ -72,6 +72,15 @@ def _prctl(option, value):
         raise OSError(ctypes.get_errno(), f"prctl({option}, {value}) failed")
 
 
+def _io_priority():
+    number = {"x86_64": 252, "aarch64": 31}.get(os.uname().machine)  # ioprio_get
+    if number is None:
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None).syscall(number, 1, 0)  # IOPRIO_WHO_PROCESS, this process
+
+
 def _settle_descriptors(control_fd):
     """Occupy 0-4 so that received descriptors land above them; return the control fd (>= 5)."""
     holder = os.open(os.devnull, os.O_RDWR)
@@ -285,9 +294,12 @@ class _Server:
                 with open(f"/proc/sysvipc/{kind}", "rb") as handle:
                     state.append(handle.read().count(b"\n"))
         if self.config.get("shared_uid"):
+            # Same uid: a run may write /dev (a tmpfs of this namespace) and
+            # lower this process's limits, priorities or CPU set, which the next
+            # child would inherit.
             state += [sorted(os.listdir("/dev")), sorted(os.listdir("/dev/shm"))]
             state += [resource.getrlimit(r) for r in _RLIMITS.values()]
-            state += [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0))]
+            state += [os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)), _io_priority()]
         return state
 
 
