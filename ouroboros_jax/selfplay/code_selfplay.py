@@ -1,0 +1,502 @@
+"""Proposer/solver self-play on the code executor: one policy makes its own tasks and learns to solve them.
+
+One step, for each task type (deduction, abduction, induction):
+
+1. propose: G samples per proposer prompt (the prompt shows tasks from the buffer);
+2. validate: each proposal runs twice in the sandbox (`code_executor.validate_proposal`);
+3. solve: every new valid task, topped up from the buffer to `solve_per_type`
+   tasks, gets G solver samples, and the executor checks each answer;
+4. reward: solver = correctness; proposer = learnability of its task,
+   ``1 - s`` for a solver success rate ``s`` strictly between 0 and 1, else 0
+   (`invalid_proposal_reward` for a proposal that made no task);
+5. advantages: normalised within each (task type, role) group, the
+   "task-relative" baselines of Absolute Zero (Zhao et al. 2025, arXiv:2505.03335);
+6. update: proposer and solver rows form one batch for the single jitted
+   update step (`train_step.make_train_step`) with the configured GRPO-family loss.
+
+Valid new tasks then join the buffer (deduplicated). The batch is padded to a
+fixed shape (rows and width), so the update compiles once.
+
+`run_code_selfplay` is an edge: it reads `CodeSelfPlayConfig`; the functions
+it calls take explicit values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jaxtyping import Bool, Float
+
+from ouroboros_jax.algorithms import compute_advantages
+from ouroboros_jax.config import ADVANTAGE_MODES, ConfigError, LossConfig, ModelConfig, OptimizerConfig
+from ouroboros_jax.metrics import MetricsLogger
+from ouroboros_jax.rollout import strip_stop
+from ouroboros_jax.sampling import SampleOutput, generate
+from ouroboros_jax.selfplay.code_executor import CodeExecutor, ExecSettings, Validation
+from ouroboros_jax.selfplay.code_tasks import (
+    SEED_PROGRAMS,
+    TASK_TYPES,
+    CodeTask,
+    TaskBuffer,
+    load_seed_programs,
+    proposer_prompt,
+    solver_prompt,
+)
+from ouroboros_jax.train_step import (
+    Batch,
+    TrainState,
+    init_train_state,
+    loss_kwargs,
+    make_train_step,
+    optimizer_from_config,
+)
+
+PROPOSER, SOLVER = "proposer", "solver"
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"selfplay.{name}: {rule} (got {value!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeSelfPlayConfig:
+    """The self-play loop.
+
+    Attributes:
+      steps: training steps (one update each).
+      task_types: which of deduction, abduction, induction to play.
+      group_size: G, proposals per proposer prompt and solver samples per task.
+      proposer_prompts: proposer prompts per task type per step (G proposals each).
+      solve_per_type: tasks solved per type per step: the new valid ones, topped up from the buffer.
+      references: buffered tasks shown in each proposer prompt.
+      buffer_size: tasks kept per type (seeds always stay).
+      induction_visible, induction_hidden: examples an induction solver sees, and held back for the check.
+      seed_inputs: tasks per seed program for deduction and abduction (one per input).
+      seed_file: JSONL of extra seed programs (`code_tasks.load_seed_programs`); "": built-ins only.
+      max_prompt_len: longest prompt in tokens; also the prompt width of the update batch.
+      propose_max_new_tokens, solve_max_new_tokens: completion lengths of the two roles.
+      temperature, top_p, top_k: sampling.
+      exec_timeout_s, exec_memory_mb, max_program_chars, max_value_chars: sandbox limits (`ExecSettings`).
+      workers: sandboxed runs in flight at once.
+      invalid_proposal_reward: proposer reward of a proposal that made no task.
+      advantage: the normaliser applied within each (task type, role) group (`algorithms.compute_advantages`).
+      micro_batch_size: rows per micro-batch of the update (0: the whole batch).
+      seed: random seed of the loop (prompts, buffer draws, sampling).
+    """
+
+    steps: int = 20
+    task_types: tuple[str, ...] = TASK_TYPES
+    group_size: int = 4
+    proposer_prompts: int = 1
+    solve_per_type: int = 4
+    references: int = 1
+    buffer_size: int = 512
+    induction_visible: int = 3
+    induction_hidden: int = 2
+    seed_inputs: int = 2
+    seed_file: str = ""
+    max_prompt_len: int = 768
+    propose_max_new_tokens: int = 256
+    solve_max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    exec_timeout_s: float = 2.0
+    exec_memory_mb: int = 512
+    max_program_chars: int = 1200
+    max_value_chars: int = 200
+    workers: int = 4
+    invalid_proposal_reward: float = -0.5
+    advantage: str = "grpo"
+    micro_batch_size: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(len(self.task_types) > 0 and set(self.task_types) <= set(TASK_TYPES)
+               and len(set(self.task_types)) == len(self.task_types), "task_types",
+               f"must be distinct names from {list(TASK_TYPES)}", self.task_types)
+        for name in ("steps", "group_size", "proposer_prompts", "solve_per_type", "buffer_size",
+                     "induction_visible", "induction_hidden", "seed_inputs", "max_prompt_len",
+                     "propose_max_new_tokens", "solve_max_new_tokens", "exec_memory_mb",
+                     "max_program_chars", "max_value_chars", "workers"):
+            _check(getattr(self, name) > 0, name, "must be positive", getattr(self, name))
+        _check(self.references >= 0, "references", "must be >= 0", self.references)
+        _check(self.exec_timeout_s > 0, "exec_timeout_s", "must be positive", self.exec_timeout_s)
+        _check(self.temperature >= 0, "temperature", "must be >= 0 (0 is greedy)", self.temperature)
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        _check(self.top_k >= 0, "top_k", "must be >= 0 (0 is off)", self.top_k)
+        _check(self.advantage in ADVANTAGE_MODES, "advantage", f"must be one of {list(ADVANTAGE_MODES)}",
+               self.advantage)
+        _check(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0 (0: whole batch)",
+               self.micro_batch_size)
+
+    def n_inputs(self, kind: str) -> int:
+        """Inputs a proposal of this type carries."""
+        return self.induction_visible + self.induction_hidden if kind == "induction" else 1
+
+    def n_visible(self, kind: str) -> int:
+        return self.induction_visible if kind == "induction" else 1
+
+    @property
+    def completion_width(self) -> int:
+        return max(self.propose_max_new_tokens, self.solve_max_new_tokens)
+
+    @property
+    def max_tasks_per_type(self) -> int:
+        """Tasks solved per type at most: all proposals valid and distinct, or the top-up."""
+        return max(self.solve_per_type, self.proposer_prompts * self.group_size)
+
+    def exec_settings(self) -> ExecSettings:
+        return ExecSettings(timeout_s=self.exec_timeout_s, memory_mb=self.exec_memory_mb,
+                            max_program_chars=self.max_program_chars, max_value_chars=self.max_value_chars)
+
+
+# ---------------------------------------------------------------------------
+# Rewards and advantages (pure)
+
+
+def learnability_reward(success_rate: Float[np.ndarray, " N"]) -> Float[np.ndarray, " N"]:
+    """Proposer reward per task: ``1 - s`` when ``0 < s < 1``, else 0 (always or never solved)."""
+    s = np.asarray(success_rate, np.float64)
+    return np.where((s > 0) & (s < 1), 1.0 - s, 0.0)
+
+
+def role_advantages(rewards: Float[np.ndarray, " R"], groups: Sequence[Hashable], *,
+                    mode: str = "grpo") -> Float[np.ndarray, " R"]:
+    """Advantages normalised separately within each group of rows (e.g. each task type of one role).
+
+    The rows of one group form a single ``[1, n]`` group for
+    `algorithms.compute_advantages`: with ``grpo``, ``(r - mean) / (std + eps)``
+    over that group only.
+    """
+    rewards = np.asarray(rewards, np.float32)
+    if len(groups) != len(rewards):
+        raise ValueError(f"role_advantages: {len(rewards)} rewards but {len(groups)} group labels")
+    out = np.zeros(len(rewards), np.float32)
+    labels = np.asarray([str(g) for g in groups], object)
+    for label in dict.fromkeys(labels):
+        rows = np.flatnonzero(labels == label)
+        out[rows] = np.asarray(compute_advantages(rewards[rows][None, :], mode=mode))[0]
+    return out
+
+
+def rows_to_batch(samples: Sequence[SampleOutput], advantages: Sequence[np.ndarray], *, prompt_width: int,
+                  completion_width: int, num_rows: int) -> tuple[Batch, Bool[np.ndarray, " B"]]:
+    """One update batch from several sampler outputs: prompts left-padded to ``prompt_width``,
+    completions from column ``prompt_width`` on, then rows padded to ``num_rows``.
+
+    Padding rows repeat the first row with no loss tokens and advantage 0, so
+    they are finite and add nothing. Returns the batch and which rows are real.
+    """
+    total = sum(s.tokens.shape[0] for s in samples)
+    if total > num_rows or total == 0:
+        raise ValueError(f"rows_to_batch: {total} rows for a batch of {num_rows}")
+    width = prompt_width + completion_width
+    tokens = np.zeros((num_rows, width), np.int32)
+    attention = np.zeros((num_rows, width), bool)
+    loss_mask = np.zeros((num_rows, width), bool)
+    old = np.zeros((num_rows, width), np.float32)
+    adv = np.zeros(num_rows, np.float32)
+    row = 0
+    for s, a in zip(samples, advantages, strict=True):
+        R, P = s.prompt_tokens.shape
+        N = s.tokens.shape[1]
+        if P > prompt_width or N > completion_width:
+            raise ValueError(f"rows_to_batch: prompt {P} / completion {N} wider than {prompt_width} / "
+                             f"{completion_width}")
+        rows = slice(row, row + R)
+        tokens[rows, prompt_width - P:prompt_width] = s.prompt_tokens
+        attention[rows, prompt_width - P:prompt_width] = s.prompt_mask
+        tokens[rows, prompt_width:prompt_width + N] = s.tokens
+        attention[rows, prompt_width:prompt_width + N] = s.mask
+        loss_mask[rows, prompt_width:prompt_width + N] = s.mask
+        old[rows, prompt_width:prompt_width + N] = s.policy_logprobs
+        adv[rows] = np.asarray(a, np.float32).reshape(-1)
+        row += R
+    real = np.arange(num_rows) < row
+    tokens[row:], attention[row:] = tokens[0], attention[0]
+    return Batch(tokens, attention, loss_mask, old, adv), real
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class SelfPlayRuntime:
+    """What one step needs besides the train state (built by `make_runtime`).
+
+    ``generate_fn`` has the signature of `sampling.generate`; tests pass one that
+    returns chosen texts.
+    """
+
+    cfg: CodeSelfPlayConfig
+    model_config: ModelConfig
+    step_fn: Callable
+    encode: Callable[[str], list[int]]
+    decode: Callable[[Sequence[int]], str]
+    stop_token_ids: tuple[int, ...]
+    executor: CodeExecutor
+    buffer: TaskBuffer
+    batch_rows: int
+    mesh: Any = None
+    generate_fn: Callable[..., SampleOutput] = generate
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """Everything one step decided, for inspection and tests.
+
+    Proposer arrays have one entry per proposal (``proposal_task[i]`` indexes
+    ``tasks``, -1 for an invalid proposal); solver arrays one per solver sample,
+    task-major (sample j of task t is row ``t * G + j``).
+    """
+
+    proposal_kinds: list[str]
+    proposal_texts: list[str]
+    validations: list[Validation]
+    proposal_task: np.ndarray
+    tasks: list[CodeTask]
+    solver_texts: list[str]
+    solver_correct: np.ndarray
+    success_rate: np.ndarray
+    proposer_rewards: np.ndarray
+    solver_rewards: np.ndarray
+    proposer_advantages: np.ndarray
+    solver_advantages: np.ndarray
+    added: list[CodeTask]
+
+
+def _buckets(max_len: int) -> tuple[int, ...]:
+    powers = [1 << k for k in range(6, max(max_len.bit_length(), 6)) if (1 << k) < max_len]
+    return (*powers, max_len)
+
+
+def _sample(rt: SelfPlayRuntime, params: Any, prompt_ids: list[list[int]], max_new_tokens: int,
+            rng: jax.Array) -> tuple[SampleOutput, list[str]]:
+    cfg = rt.cfg
+    out = rt.generate_fn(params, rt.model_config, prompt_ids, max_new_tokens=max_new_tokens,
+                         num_samples=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                         top_k=cfg.top_k, stop_token_ids=rt.stop_token_ids, rng=rng, mesh=rt.mesh,
+                         prompt_len_buckets=_buckets(cfg.max_prompt_len))
+    rows = zip(out.tokens, out.lengths, strict=True)
+    return out, [rt.decode(strip_stop(np.asarray(r)[:n], rt.stop_token_ids)) for r, n in rows]
+
+
+def _proposer_ids(rt: SelfPlayRuntime, kind: str, rng: np.random.Generator) -> list[int]:
+    """The proposer prompt, dropping references until it fits in max_prompt_len."""
+    refs = rt.buffer.sample(kind, rt.cfg.references, rng)
+    while True:
+        ids = rt.encode(proposer_prompt(kind, refs, rt.cfg.n_inputs(kind)))
+        if len(ids) <= rt.cfg.max_prompt_len:
+            return ids
+        if not refs:
+            raise ConfigError(f"selfplay.max_prompt_len: the {kind} proposer prompt has {len(ids)} tokens "
+                              f"even without references (got {rt.cfg.max_prompt_len})")
+        refs = refs[:-1]
+
+
+def _fits(rt: SelfPlayRuntime, task: CodeTask) -> bool:
+    return len(rt.encode(solver_prompt(task))) <= rt.cfg.max_prompt_len
+
+
+def seed_buffer(rt: SelfPlayRuntime, seeds: Sequence[tuple[str, Sequence[str]]]) -> int:
+    """Validate the seed programs in the sandbox and add their tasks; returns how many went in.
+
+    Deduction and abduction get one task per input (the first `seed_inputs`),
+    induction one task per program with all its inputs. Raises ConfigError when
+    a task type ends up with no seed task (e.g. prompts longer than max_prompt_len).
+    """
+    cfg, added = rt.cfg, 0
+    for kind in cfg.task_types:
+        n = cfg.n_inputs(kind)
+        if kind == "induction":
+            jobs = [(p, tuple(i[:n])) for p, i in seeds if len(i) >= n]
+        else:
+            jobs = [(p, (i,)) for p, inputs in seeds for i in inputs[:cfg.seed_inputs]]
+        made = rt.executor.make_tasks(kind, jobs, n_visible=cfg.n_visible(kind))
+        for job, v in zip(jobs, made, strict=True):
+            if not v.valid:
+                raise ConfigError(f"seed program is not a valid {kind} task ({v.reason}):\n{job[0]}")
+            if _fits(rt, v.task):
+                added += rt.buffer.add(v.task)
+        if not rt.buffer.tasks(kind):
+            raise ConfigError(f"selfplay.max_prompt_len: no {kind} seed task fits in "
+                              f"{cfg.max_prompt_len} prompt tokens (or no seed has {n} inputs)")
+    return added
+
+
+def _tasks_to_solve(rt: SelfPlayRuntime, validations: list[Validation], rng: np.random.Generator):
+    """New valid tasks (deduplicated within the step), then buffered ones up to solve_per_type per type."""
+    tasks: list[CodeTask] = []
+    index: dict[tuple, int] = {}
+    proposal_task = np.full(len(validations), -1, np.int64)
+    for i, v in enumerate(validations):
+        if v.task is None:
+            continue
+        key = v.task.key
+        if key not in index:
+            index[key] = len(tasks)
+            tasks.append(v.task)
+        proposal_task[i] = index[key]
+    new = list(tasks)
+    for kind in rt.cfg.task_types:
+        have = sum(t.kind == kind for t in new)
+        tasks += rt.buffer.sample(kind, rt.cfg.solve_per_type - have, rng, exclude=list(index))
+    return tasks, new, proposal_task
+
+
+def selfplay_step(state: TrainState, rt: SelfPlayRuntime, step: int
+                  ) -> tuple[TrainState, dict[str, float], StepRecord]:
+    """Propose, validate, solve, verify, reward, and one update; see the module docstring."""
+    cfg, G = rt.cfg, rt.cfg.group_size
+    rng = np.random.default_rng([cfg.seed, step])
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    t0 = time.perf_counter()
+    kinds = [k for k in cfg.task_types for _ in range(cfg.proposer_prompts)]
+    prop_out, prop_texts = _sample(rt, state.params, [_proposer_ids(rt, k, rng) for k in kinds],
+                                   cfg.propose_max_new_tokens, jax.random.fold_in(key, 0))
+    prop_kinds = [k for k in kinds for _ in range(G)]
+    t1 = time.perf_counter()
+    validations = rt.executor.validate_many(
+        list(zip(prop_kinds, prop_texts, strict=True)),
+        n_inputs={k: cfg.n_inputs(k) for k in cfg.task_types},
+        n_visible={k: cfg.n_visible(k) for k in cfg.task_types})
+    validations = [v if v.task is None or _fits(rt, v.task)
+                   else Validation(None, "solver prompt longer than max_prompt_len") for v in validations]
+    tasks, new, proposal_task = _tasks_to_solve(rt, validations, rng)
+    t2 = time.perf_counter()
+    sol_out, sol_texts = _sample(rt, state.params, [rt.encode(solver_prompt(t)) for t in tasks],
+                                 cfg.solve_max_new_tokens, jax.random.fold_in(key, 1))
+    t3 = time.perf_counter()
+    verdicts = rt.executor.check_many([(tasks[i // G], text) for i, text in enumerate(sol_texts)])
+    t4 = time.perf_counter()
+    solver_rewards = np.array([float(v.score) for v in verdicts], np.float64)
+    correct = np.array([bool(v.correct) for v in verdicts])
+    success = correct.reshape(len(tasks), G).mean(axis=1)
+    learn = learnability_reward(success)
+    proposer_rewards = np.where(proposal_task >= 0, learn[np.maximum(proposal_task, 0)],
+                                cfg.invalid_proposal_reward)
+    adv_p = role_advantages(proposer_rewards, [(k, PROPOSER) for k in prop_kinds], mode=cfg.advantage)
+    sol_kinds = [t.kind for t in tasks for _ in range(G)]
+    adv_s = role_advantages(solver_rewards, [(k, SOLVER) for k in sol_kinds], mode=cfg.advantage)
+    added = [t for t in new if rt.buffer.add(t)]
+    batch, _ = rows_to_batch([prop_out, sol_out], [adv_p, adv_s], prompt_width=cfg.max_prompt_len,
+                             completion_width=cfg.completion_width, num_rows=rt.batch_rows)
+    state, train_metrics = rt.step_fn(state, batch, loss_start=cfg.max_prompt_len)
+    train_metrics = jax.device_get(train_metrics)
+    t5 = time.perf_counter()
+    record = StepRecord(prop_kinds, prop_texts, validations, proposal_task, tasks, sol_texts, correct,
+                        success, proposer_rewards, solver_rewards, adv_p, adv_s, added)
+    metrics = {f"train/{k}": float(v) for k, v in train_metrics.items()}
+    metrics |= _step_metrics(rt, record)
+    metrics |= {"time/propose": t1 - t0, "time/validate": t2 - t1, "time/solve": t3 - t2,
+                "time/check": t4 - t3, "time/update": t5 - t4, "time/step": t5 - t0}
+    return state, metrics, record
+
+
+def _step_metrics(rt: SelfPlayRuntime, r: StepRecord) -> dict[str, float]:
+    G = rt.cfg.group_size
+    out: dict[str, float] = {}
+    prop_kinds = np.asarray(r.proposal_kinds)
+    task_kinds = np.asarray([t.kind for t in r.tasks])
+    for kind in rt.cfg.task_types:
+        p = prop_kinds == kind
+        t = task_kinds == kind
+        solved = r.solver_correct.reshape(len(r.tasks), G)[t]
+        out[f"propose/{kind}/valid_frac"] = float((r.proposal_task[p] >= 0).mean())
+        out[f"propose/{kind}/reward"] = float(r.proposer_rewards[p].mean())
+        out[f"propose/{kind}/added"] = float(sum(a.kind == kind for a in r.added))
+        out[f"solve/{kind}/accuracy"] = float(solved.mean()) if solved.size else 0.0
+        out[f"solve/{kind}/tasks"] = float(t.sum())
+        out[f"buffer/{kind}"] = float(len(rt.buffer.tasks(kind)))
+    out["propose/valid_frac"] = float((r.proposal_task >= 0).mean())
+    out["solve/accuracy"] = float(r.solver_correct.mean())
+    return out
+
+
+def make_runtime(
+    cfg: CodeSelfPlayConfig, *, model_config: ModelConfig, params: Any, loss: LossConfig,
+    optimizer: OptimizerConfig, encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str],
+    stop_token_ids: Sequence[int], mesh: Any, executor: CodeExecutor | None = None,
+    generate_fn: Callable[..., SampleOutput] = generate,
+) -> tuple[SelfPlayRuntime, TrainState]:
+    """The compiled update step, the initial state, the executor and the seeded buffer (an edge)."""
+    width = cfg.max_prompt_len + cfg.completion_width
+    if width > model_config.max_seq_len:
+        raise ConfigError(f"selfplay.max_prompt_len: max_prompt_len + the longest completion = {width} "
+                          f"exceeds model.max_seq_len={model_config.max_seq_len}")
+    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    rows = len(cfg.task_types) * cfg.group_size * (cfg.proposer_prompts + cfg.max_tasks_per_type)
+    # Rows come in whole micro-batches, each spread evenly over the batch shards.
+    step_rows = math.lcm(cfg.micro_batch_size, shards) if cfg.micro_batch_size else shards
+    batch_rows = -(-rows // step_rows) * step_rows
+    opt = optimizer_from_config(optimizer, total_steps=cfg.steps)
+    step_fn, shardings = make_train_step(
+        model_config, opt, mesh, micro_batch_size=cfg.micro_batch_size or batch_rows,
+        **loss_kwargs(loss, max_completion_len=cfg.completion_width, temperature=cfg.temperature or 1.0))
+    state = init_train_state(params, opt, jax.random.key(cfg.seed), with_reference=loss.kl_coef > 0,
+                             shardings=shardings)
+    executor = executor or CodeExecutor(cfg.exec_settings(), workers=cfg.workers)
+    rt = SelfPlayRuntime(cfg, model_config, step_fn, encode, decode, tuple(stop_token_ids), executor,
+                         TaskBuffer(cfg.buffer_size), batch_rows, mesh, generate_fn)
+    seeds = SEED_PROGRAMS + (load_seed_programs(cfg.seed_file) if cfg.seed_file else ())
+    seed_buffer(rt, seeds)
+    return rt, state
+
+
+@dataclasses.dataclass
+class SelfPlayResult:
+    state: TrainState
+    history: list[dict[str, float]]
+    buffer: TaskBuffer
+
+
+def run_code_selfplay(
+    cfg: CodeSelfPlayConfig, *, model_config: ModelConfig, params: Any, loss: LossConfig,
+    optimizer: OptimizerConfig, encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str],
+    stop_token_ids: Sequence[int], mesh: Any, logger: MetricsLogger | None = None,
+    generate_fn: Callable[..., SampleOutput] = generate,
+) -> SelfPlayResult:
+    """Run ``cfg.steps`` self-play steps from ``params``.
+
+    Args:
+      cfg: the loop (read here, at the edge).
+      model_config, params: the policy.
+      loss, optimizer: the GRPO-family loss and the optimizer of the update step.
+      encode: prompt text -> token ids (apply the chat template here).
+      decode: completion ids -> text.
+      stop_token_ids: tokens that end a completion.
+      mesh: the device mesh of the update step and the sampler.
+      logger: metric writers (None: no logging).
+      generate_fn: the sampler (default `sampling.generate`).
+
+    Returns:
+      The final state, per-step metrics, and the task buffer.
+
+    Raises:
+      FloatingPointError: an update had a non-finite loss or gradient (it was skipped).
+    """
+    rt, state = make_runtime(cfg, model_config=model_config, params=params, loss=loss, optimizer=optimizer,
+                             encode=encode, decode=decode, stop_token_ids=stop_token_ids, mesh=mesh,
+                             generate_fn=generate_fn)
+    history: list[dict[str, float]] = []
+    try:
+        for step in range(cfg.steps):
+            state, metrics, _ = selfplay_step(state, rt, step)
+            history.append(metrics)
+            if logger is not None:
+                logger.log(step + 1, metrics)
+            if metrics["train/finite"] < 1:
+                raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient "
+                                         f"(loss={metrics['train/loss']}); the update was skipped")
+    finally:
+        rt.executor.close()
+    return SelfPlayResult(state, history, rt.buffer)
