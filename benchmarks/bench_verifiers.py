@@ -1,10 +1,13 @@
 """Verifier throughput: sandboxed runs per second, and math grading beside math-verify.
 
-Sandbox: trivial programs (``pass``) started ``--runs`` times from ``--threads``
-threads, once per isolation layer added on top of the previous ones, so the
-difference between rows is that layer's cost. Math: the same gold/prediction
-pairs graded by ``verifiers.math.is_equivalent`` and by ``math_verify`` (when
-installed), in one process.
+Sandbox: trivial programs (``pass``) run ``--runs`` times from ``--threads``
+threads, in two groups measured in the same interleaved rounds. "fresh" rows
+start a new interpreter per run (the old path, ``Sandbox(fork_server=False)``);
+"server" rows fork each run from an interpreter pre-started inside the
+sandbox (the default). Within a group each row adds isolation layers to the
+one above it, so the difference between rows is those layers' cost per run.
+Math: the same gold/prediction pairs graded by ``verifiers.math.is_equivalent``
+and by ``math_verify`` (when installed), in one process.
 
     python benchmarks/bench_verifiers.py
     python benchmarks/bench_verifiers.py --runs 400 --threads 4 --pairs 2000
@@ -13,6 +16,8 @@ installed), in one process.
 from __future__ import annotations
 
 import argparse
+import datetime
+import marshal
 import os
 import platform
 import random
@@ -29,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from verifiers import _isolation as iso  # noqa: E402
+from verifiers import _servers  # noqa: E402
 from verifiers import sandbox as sb  # noqa: E402
 from verifiers.code import run_tests  # noqa: E402
 
@@ -66,7 +72,7 @@ def _bwrap_without_net(box: sb.Sandbox) -> Callable[[], object]:
     def run() -> object:
         with tempfile.TemporaryDirectory(prefix="ouroboros-bench-") as scratch:
             args = iso.bwrap_args(
-                box._bwrap[0],
+                box._setup.bwrap,
                 interpreter=box.interpreter,
                 scratch=scratch,
                 as_root=iso.is_root(),
@@ -79,29 +85,77 @@ def _bwrap_without_net(box: sb.Sandbox) -> Callable[[], object]:
     return run
 
 
-def sandbox_rows(runs: int, threads: int) -> list[tuple[str, float]]:
-    """(layer description, runs/s) from a bare interpreter up to the full sandbox."""
+BARE = "python -I -S -c pass (no isolation)"
+NO_NET = "bwrap: ro fs, pid/ipc/uts ns, no launcher"
+FULL_FRESH = "bwrap + net ns + seccomp + launcher (full sandbox)"
+FLOOR = "fork server, no isolation (floor)"
+FULL_SERVER = "+ bwrap namespaces, seccomp (full sandbox)"
+TESTS = "run_tests(): full sandbox + harness"
+
+
+def _bare_fork_server() -> tuple[Callable[[], object], Callable[[], None]]:
+    """The fork server with no isolation at all (no bubblewrap, uid, limits or scratch):
+    the floor for a forked run (request, fork, exec of ``pass``, reap, reply)."""
+    exe = iso.Interpreter.current().executable
+    cwd = tempfile.mkdtemp(prefix="ouroboros-bench-")
+    python = [exe, "-I", "-S", "-B", "-c", _servers.SERVER_SOURCE]
+    pool = _servers.ServerPool(lambda: _servers.ForkServer([], python, config={}, env={}, scratch_root=cwd))
+    spec = {"uid": None, "rlimits": {}, "cwd": cwd, "env": {}}
+    job = marshal.dumps(({"source": "pass"}, b""))
+    caps = dict.fromkeys(("stdout", "stderr", "report"), 1 << 20)
+
+    def run() -> object:
+        server = pool.take()
+        try:
+            return server.run(spec, job, b"", 10.0, caps)
+        finally:
+            pool.give_back(server)
+
+    return run, pool.close
+
+
+def sandbox_rows(runs: int, threads: int) -> list[tuple[str, str, float, str | None]]:
+    """(path, layers, runs/s, the row it adds layers to): fresh interpreters, then fork servers."""
     exe = iso.Interpreter.current().executable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sb.SandboxWarning)
-        fallback = sb.Sandbox(isolation="rlimits")
+        fresh_fallback = sb.Sandbox(isolation="rlimits", fork_server=False)
+        server_fallback = sb.Sandbox(isolation="rlimits")
         try:
-            full = sb.Sandbox(isolation="bwrap")
+            fresh, server = sb.Sandbox(isolation="bwrap", fork_server=False), sb.Sandbox(isolation="bwrap")
         except sb.SandboxUnavailable:
-            full = None
+            fresh = server = None
     own_uid = ", own uid + sweep" if iso.is_root() else ""
+    program, test = "def f(x):\n    return x * 2\n", "assert f(2) == 4"
+    bare_server, close_bare = _bare_fork_server()
+    bare, launcher, no_net = BARE, f"launcher: rlimits, scratch, env, group kill{own_uid}", NO_NET
+    floor, limits = FLOOR, f"+ rlimits, scratch, env, session{own_uid}"
     rows = [
-        ("python -I -S (no isolation)", _plain([exe, "-I", "-S", "-c", "pass"])),
-        (f"launcher: rlimits, scratch, env, group kill{own_uid}", lambda: fallback.run_python("pass")),
+        ("fresh", bare, _plain([exe, "-I", "-S", "-c", "pass"]), None),
+        ("fresh", launcher, lambda: fresh_fallback.run_python("pass"), bare),
     ]
-    if full is not None:
-        program, test = "def f(x):\n    return x * 2\n", "assert f(2) == 4"
+    if fresh is not None:
         rows += [
-            ("bwrap: ro fs, pid/ipc/uts ns, no launcher", _bwrap_without_net(full)),
-            ("bwrap + net ns + launcher (full sandbox)", lambda: full.run_python("pass")),
-            ("run_tests(): full sandbox + harness", lambda: run_tests(program, test, sandbox=full)),
+            ("fresh", no_net, _bwrap_without_net(fresh), bare),
+            ("fresh", FULL_FRESH, lambda: fresh.run_python("pass"), no_net),
+            ("fresh", TESTS, lambda: run_tests(program, test, sandbox=fresh), FULL_FRESH),
         ]
-    return list(zip([name for name, _ in rows], _rates(rows, runs, threads), strict=True))
+    rows += [("server", floor, bare_server, None)]
+    if server_fallback.uses_fork_server:
+        rows += [("server", limits, lambda: server_fallback.run_python("pass"), floor)]
+    if server is not None and server.uses_fork_server:
+        rows += [
+            ("server", FULL_SERVER, lambda: server.run_python("pass"), limits),
+            ("server", TESTS, lambda: run_tests(program, test, sandbox=server), FULL_SERVER),
+        ]
+    try:
+        rates = _rates([(name, fn) for _, name, fn, _ in rows], runs, threads)
+    finally:
+        close_bare()
+        for box in (fresh_fallback, server_fallback, fresh, server):
+            if box is not None:
+                box.close()
+    return [(path, name, rate, ref) for (path, name, _, ref), rate in zip(rows, rates, strict=True)]
 
 
 def math_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -159,6 +213,31 @@ def _table(title: str, header: tuple[str, ...], rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def _machine() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except OSError:
+        commit = "?"
+    bwrap = iso.find_bwrap()
+    version = (
+        subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip()
+        if bwrap
+        else "none"
+    )
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, "
+        f"python {platform.python_version()}, "
+        f"{version}, {'root' if iso.is_root() else 'unprivileged'}, commit {commit or '?'}, "
+        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,18 +250,36 @@ def main() -> None:
     parser.add_argument("--skip-sandbox", action="store_true", help="only the math table")
     parser.add_argument("--skip-math", action="store_true", help="only the sandbox table")
     args = parser.parse_args()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"# {platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, "
-        f"python {platform.python_version()}, load average {load:.1f} at start\n"
-    )
+    print(f"# {_machine()}\n# load average at start: {_load()}\n")
     if not args.skip_sandbox:
         rows = sandbox_rows(args.runs, args.threads)
-        bare = rows[0][1]
-        table = [(name, rate, f"{1000 / rate:.1f}", f"{bare / rate:.2f}x") for name, rate in rows]
-        title = f"Sandboxed trivial programs ({args.runs} runs per row, {args.threads} threads)"
-        print(_table(title, ("layers", "runs/s", "ms/run", "cost vs bare"), table))
-        print()
+        ms = {(path, name): 1000 / rate for path, name, rate, _ in rows}
+        bare = ms[("fresh", BARE)]
+        fresh = {name: rate for path, name, rate, _ in rows if path == "fresh"}
+        table = []
+        for path, name, rate, ref in rows:
+            added = f"{ms[(path, name)] - ms[(path, ref)]:+.2f}" if ref else ""
+            # The fork server's full-sandbox rows beside the fresh path's same rows.
+            before = fresh.get({FULL_SERVER: FULL_FRESH}.get(name, name)) if path == "server" else None
+            speedup = f"{rate / before:.1f}x" if before else ""
+            table.append(
+                (
+                    path,
+                    name,
+                    rate,
+                    f"{ms[(path, name)]:.2f}",
+                    added,
+                    f"{ms[(path, name)] / bare:.2f}x",
+                    speedup,
+                )
+            )
+        title = (
+            f"Sandboxed trivial programs ({args.runs} runs per row, {args.threads} threads; "
+            "ms/run = 1000 / runs/s; added = ms/run over the row it adds layers to)"
+        )
+        header = ("path", "layers", "runs/s", "ms/run", "added", "vs bare start", "vs fresh")
+        print(_table(title, header, table))
+        print(f"\n# load average at end of sandbox rows: {_load()}\n")
     if not args.skip_math:
         print(
             _table(
