@@ -261,3 +261,13 @@ def test_unsupported_rope_scaling(qwen_dir):
     (qwen_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="rope scaling 'yarn' is not supported"):
         load_hf_checkpoint(qwen_dir)
+
+
+def test_char_level_tokenizer_keeps_every_character_including_newlines():
+    from ouroboros_jax.models import Tokenizer
+
+    tok = Tokenizer.char_level("ab \n")
+    ids = tok.encode("a\n\nb b")
+    # specials pad, bos, eos take ids 0-2; then a=3, b=4, " "=5, "\n"=6
+    assert ids == [3, 6, 6, 4, 5, 4]
+    assert tok.decode(ids) == "a\n\nb b"

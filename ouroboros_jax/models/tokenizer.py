@@ -76,7 +76,7 @@ class Tokenizer:
         chars = list(dict.fromkeys(alphabet))
         vocab = {tok: i for i, tok in enumerate([*specials, *chars])}
         tok = HFTokenizer(models.WordLevel(vocab, unk_token=specials[0]))
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tok.decoder = decoders.Fuse()
         tok.add_special_tokens(list(specials))
         names = dict(zip(("pad_token", "bos_token", "eos_token"), specials, strict=False))

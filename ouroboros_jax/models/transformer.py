@@ -178,6 +178,16 @@ def _attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, cfg: ModelConfig):
     return out.reshape(B, T, N, H)
 
 
+def _dot(x: Float[Array, "M A"], w: Float[Array, "A C"]) -> Float[Array, "M C"]:
+    """A plain 2-D matmul: the layer's projections run on [B*T, D] rows.
+
+    Merging B and T keeps the batch sharding (B is the major part of B*T), and
+    the backward pass is two plain matmuls instead of batched dots with
+    transposes of the activations (about 5% of a CPU update step).
+    """
+    return jnp.dot(x, w)
+
+
 def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cache_kv, cache_index,
            layer=0):
     """One decoder layer. Returns the new residual stream and (k, v).
@@ -189,10 +199,12 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cach
     """
     cdt = dtype_of(cfg.compute_dtype)
     w = {k: v.astype(cdt) for k, v in p.items()}
-    h = rms_norm(x_BTD, w["attn_norm_LD"], cfg.norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", h, w["q_LDNH"])
-    k = jnp.einsum("BTD,DKH->BTKH", h, w["k_LDKH"])
-    v = jnp.einsum("BTD,DKH->BTKH", h, w["v_LDKH"])
+    B, T, D = x_BTD.shape
+    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    h = rms_norm(x_BTD, w["attn_norm_LD"], cfg.norm_eps).reshape(B * T, D)
+    q = _dot(h, w["q_LDNH"].reshape(D, N * H)).reshape(B, T, N, H)
+    k = _dot(h, w["k_LDKH"].reshape(D, K * H)).reshape(B, T, K, H)
+    v = _dot(h, w["v_LDKH"].reshape(D, K * H)).reshape(B, T, K, H)
     if cfg.qkv_bias:
         q, k, v = q + w["q_bias_LNH"], k + w["k_bias_LKH"], v + w["v_bias_LKH"]
     if cfg.qk_norm:
@@ -210,14 +222,13 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cach
         k, v = ck, cv
     else:
         attn = _attention(q, k, v, allowed_BTS, cfg)
-    out = jnp.einsum("BTNH,NHD->BTD", attn, w["o_LNHD"])
+    out = _dot(attn.reshape(B * T, N * H), w["o_LNHD"].reshape(N * H, D)).reshape(B, T, D)
     if cfg.o_bias:
         out = out + w["o_bias_LD"]
     x_BTD = x_BTD + out
-    h = rms_norm(x_BTD, w["mlp_norm_LD"], cfg.norm_eps)
-    gate = jnp.einsum("BTD,DF->BTF", h, w["gate_LDF"])
-    up = jnp.einsum("BTD,DF->BTF", h, w["up_LDF"])
-    x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w["down_LFD"])
+    h = rms_norm(x_BTD, w["mlp_norm_LD"], cfg.norm_eps).reshape(B * T, D)
+    hidden = jax.nn.silu(_dot(h, w["gate_LDF"])) * _dot(h, w["up_LDF"])
+    x_BTD = x_BTD + _dot(hidden, w["down_LFD"]).reshape(B, T, D)
     return x_BTD, (k, v)
 
 
