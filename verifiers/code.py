@@ -1,6 +1,7 @@
 """Code verifier: a program and its tests in, per-test verdicts and a pass rate out.
 
-Programs run in a fresh sandboxed interpreter (see :mod:`verifiers.sandbox`).
+Programs run in a pristine sandboxed interpreter, forked from a pre-started
+one that never ran untrusted code (see :mod:`verifiers.sandbox`).
 Tests come as assert statements (MBPP), a ``check(candidate)`` function
 (HumanEval), stdin/stdout cases, or function-call cases; see
 :func:`run_tests`.

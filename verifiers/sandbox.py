@@ -262,7 +262,10 @@ class Sandbox:
         stdin: bytes = b"",
         limits: Limits | None = None,
     ) -> SandboxResult:
-        """Run Python ``source`` as ``__main__`` in a fresh sandboxed interpreter.
+        """Run Python ``source`` as ``__main__`` in a pristine sandboxed interpreter.
+
+        The interpreter is a child forked from a fork server that never ran
+        untrusted code (or, without one, a freshly started interpreter).
 
         ``source`` runs with two extra globals: ``SANDBOX_PAYLOAD`` (the bytes
         given here, never written to disk) and ``SANDBOX_REPORT_FD`` (a
