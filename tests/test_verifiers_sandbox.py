@@ -588,6 +588,7 @@ def test_forked_caller_starts_its_own_server(server_box):
         try:
             result = server_box.run_python("print(6 * 7)")
             os.write(write_end, f"{result.stdout.decode().strip()} {server_box.servers_started}".encode())
+            server_box.close()  # the child's own server; the parent's are not in its pool
         finally:
             os._exit(0)
     os.close(write_end)
