@@ -335,6 +335,7 @@ class DataConfig:
     answer_format: str = "raw"
     prompt_overflow: str = "error"
     digits: int = 3
+    fixed_width: bool = False  # arithmetic: every operand has exactly `digits` digits
     operations: tuple[str, ...] = ("+",)
     num_numbers: int = 4
     task: str = ""

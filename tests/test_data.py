@@ -146,6 +146,16 @@ def test_arithmetic_answers_are_right_and_respect_the_digits():
     assert {arithmetic_key(e.prompt)[0] for e in source.first()} == {"+", "-", "*"}
 
 
+def test_arithmetic_fixed_width_operands_have_exactly_the_digits():
+    wide = [arithmetic_key(e.prompt) for e in arithmetic_source(seed=0, digits=2, fixed_width=True).take(400)]
+    assert all(10 <= a <= 99 and 10 <= b <= 99 for _, a, b in wide)
+    loose = [arithmetic_key(e.prompt) for e in arithmetic_source(seed=0, digits=2).take(400)]
+    assert any(a < 10 for _, a, _ in loose)  # without it, 0-9 are operands too
+    from_config = make_source(DataConfig(source="arithmetic", digits=2, fixed_width=True), split="eval")
+    direct = arithmetic_source(seed=0, digits=2, fixed_width=True, heldout=True)
+    assert from_config.first(1)[0].prompt == direct.first(1)[0].prompt
+
+
 def test_arithmetic_heldout_never_overlaps_training_whatever_the_seeds():
     train = {arithmetic_key(e.prompt) for s in (0, 1) for e in arithmetic_source(seed=s, digits=2).take(3000)}
     heldout = {arithmetic_key(e.prompt) for s in (0, 5) for e in arithmetic_source(seed=s, heldout=True,

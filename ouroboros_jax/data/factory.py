@@ -50,7 +50,8 @@ def make_source(
         case "arithmetic":
             return arithmetic_source(
                 seed=seed, heldout=not train, size=size, digits=_setting(data_cfg, "digits", digits, 3),
-                operations=tuple(_setting(data_cfg, "operations", operations, ("+",))))
+                operations=tuple(_setting(data_cfg, "operations", operations, ("+",))),
+                fixed_width=bool(getattr(data_cfg, "fixed_width", False)))
         case "countdown":
             return countdown_source(seed=seed, heldout=not train, size=size,
                                     num_numbers=_setting(data_cfg, "num_numbers", num_numbers, 4))

@@ -43,6 +43,8 @@ class ArithmeticTask:
     digits: int = 3
     operations: tuple[str, ...] = ("+",)
     heldout_fraction: float = 0.1
+    # True: every operand has exactly `digits` digits (10..99 for 2), so digits line up by position.
+    fixed_width: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.digits <= 18:
@@ -56,7 +58,8 @@ class ArithmeticTask:
     def draw(self, rng: random.Random) -> tuple[str, str, dict[str, object]]:
         """One problem: (hash key, prompt, gold)."""
         op = rng.choice(self.operations)
-        a, b = rng.randrange(10**self.digits), rng.randrange(10**self.digits)
+        low = 10 ** (self.digits - 1) if self.fixed_width and self.digits > 1 else 0
+        a, b = rng.randrange(low, 10**self.digits), rng.randrange(low, 10**self.digits)
         if op == "-" and a < b:
             a, b = b, a
         result = {"+": a + b, "-": a - b, "*": a * b}[op]
@@ -165,11 +168,11 @@ def procedural_source(
 
 def arithmetic_source(
     *, seed: int = 0, heldout: bool = False, digits: int = 3, operations: Sequence[str] = ("+",),
-    size: int | None = None,
+    size: int | None = None, fixed_width: bool = False,
 ) -> PromptSource:
     """Arithmetic problems ("What is 347 + 85?", gold {"answer": "432"}); see `ArithmeticTask`."""
-    return procedural_source(ArithmeticTask(digits=digits, operations=tuple(operations)),
-                             seed=seed, heldout=heldout, size=size)
+    task = ArithmeticTask(digits=digits, operations=tuple(operations), fixed_width=fixed_width)
+    return procedural_source(task, seed=seed, heldout=heldout, size=size)
 
 
 def countdown_source(
@@ -179,3 +182,4 @@ def countdown_source(
     """Countdown problems (gold {"numbers": [...], "target": N, "solution": ...}); see `CountdownTask`."""
     task = CountdownTask(num_numbers=num_numbers, max_number=max_number, max_target=max_target)
     return procedural_source(task, seed=seed, heldout=heldout, size=size)
+
