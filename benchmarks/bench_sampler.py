@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from common import interleaved_times, machine, peak_host_memory_mb, print_table  # noqa: E402
+from workload import hf_generation_config  # noqa: E402
 
 from ouroboros_jax.models import load_hf_checkpoint  # noqa: E402
 from ouroboros_jax.sampling import generate  # noqa: E402
@@ -54,14 +55,8 @@ def build_models(directory: Path):
 def engines(model, cfg, params, prompts: np.ndarray, new_tokens: int):
     """Zero-argument callables: (ours, theirs) x (full, prefill only)."""
     import torch
-    import transformers
 
-    def hf_config(n):
-        return transformers.GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=True,
-                                             temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
-                                             pad_token_id=0)
-
-    full_cfg, one_cfg = hf_config(new_tokens), hf_config(1)
+    full_cfg, one_cfg = hf_generation_config(new_tokens), hf_generation_config(1)
     ids = torch.tensor(prompts, dtype=torch.long)
     attn = torch.ones_like(ids)
     rng = jax.random.key(0)

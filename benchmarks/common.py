@@ -1,17 +1,25 @@
 """Small helpers shared by the benchmark scripts: timing, memory, tables, the machine.
 
 Import from a script in this folder with `from common import ...` (the scripts
-put their own folder on sys.path). Nothing here knows about models.
+put their own folder on sys.path). Nothing here knows about models, and nothing
+here needs more than the standard library (workers in other virtual
+environments import it too).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import multiprocessing
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -113,3 +121,145 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None
     if title:
         print(f"\n{title}")
     print(format_table(rows, columns, floatfmt), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Worker processes: one library per process, driven over a socket pair
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1-, 5- and 15-minute load averages (what else is running on a shared machine)."""
+    return os.getloadavg()
+
+
+def package_versions(names: Sequence[str], python: str | None = None) -> dict[str, str | None]:
+    """Installed versions of `names` (None where missing), in this interpreter or another one."""
+    # A virtual environment's python is a symlink to the base interpreter: compare paths, not targets.
+    if python is None or os.path.abspath(python) == os.path.abspath(sys.executable):
+        out: dict[str, str | None] = {}
+        for name in names:
+            try:
+                out[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                out[name] = None
+        return out
+    code = ("import importlib.metadata as m, json, sys\n"
+            "def v(n):\n    try: return m.version(n)\n    except m.PackageNotFoundError: return None\n"
+            "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
+    result = subprocess.run([python, "-c", code, *names], capture_output=True, text=True, timeout=120)
+    if result.returncode:
+        raise RuntimeError(f"{python}: cannot read package versions ({result.stderr.strip()[-300:]})")
+    return json.loads(result.stdout)
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; the message carries its traceback or the tail of its log."""
+
+
+class Worker:
+    """A script run in its own process (and interpreter, if asked), answering requests.
+
+    The parent and the child share a socket pair: the child finds its end in
+    the file descriptor named by the `BENCH_WORKER_FD` environment variable
+    (see `connect_to_parent`). Each request is a tuple `(command, *args)`; the
+    child answers `("ok", value)` or `("error", traceback)`. The child's stdout
+    and stderr go to `log_path`, so library progress bars and warnings stay
+    out of the tables.
+    """
+
+    def __init__(self, name: str, argv: Sequence[str], *, python: str | None = None,
+                 log_path: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+                 ready_timeout_s: float = 900.0):
+        self.name = name
+        self.log_path = Path(log_path)
+        ours, theirs = multiprocessing.Pipe(duplex=True)
+        child_env = {**os.environ, **(env or {}), "BENCH_WORKER_FD": str(theirs.fileno())}
+        t0 = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([python or sys.executable, *argv], env=child_env, stdout=log,
+                                         stderr=subprocess.STDOUT, pass_fds=(theirs.fileno(),))
+        theirs.close()  # the child's end lives on in the child only: its death reads as EOF here
+        self.conn = ours
+        self.ready = self._answer(ready_timeout_s)
+        self.setup_s = time.perf_counter() - t0
+
+    def _answer(self, timeout_s: float | None = None) -> Any:
+        if timeout_s is not None and not self.conn.poll(timeout_s):
+            self.kill()
+            raise WorkerError(f"{self.name}: no answer in {timeout_s:.0f} s{self._log_tail()}")
+        try:
+            status, value = self.conn.recv()
+        except (EOFError, ConnectionResetError):
+            code = self.proc.wait(timeout=30)
+            tail = self._log_tail()
+            raise WorkerError(f"{self.name}: the process ended (exit code {code}){tail}") from None
+        if status != "ok":
+            self.kill()
+            raise WorkerError(f"{self.name} raised:\n{value}")
+        return value
+
+    def _log_tail(self, chars: int = 3000) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return f"\n--- last lines of {self.log_path} ---\n{text[-chars:]}"
+
+    def call(self, command: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """Send one request and wait for its answer."""
+        self.conn.send((command, *args))
+        return self._answer(timeout_s)
+
+    def close(self) -> None:
+        """Ask the child to stop and wait for it (killing it if it does not stop)."""
+        if self.proc.poll() is None:
+            try:
+                self.conn.send(("stop",))
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+        self.conn.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def connect_to_parent() -> Any:
+    """The child's end of a `Worker`'s socket pair."""
+    from multiprocessing.connection import Connection
+
+    fd = os.environ.get("BENCH_WORKER_FD")
+    if fd is None:
+        raise SystemExit("this script is a benchmark worker: run it through benchmarks/common.py Worker")
+    return Connection(int(fd))
+
+
+def serve(handlers: Mapping[str, Callable[..., Any]], ready: Any = None) -> None:
+    """The child's loop: answer `ready`, then each request with its handler's result.
+
+    Built-in requests: "stats" (peak and ready resident memory, MiB) and "stop".
+    An exception is sent back with its traceback, and the loop ends.
+    """
+    import traceback
+
+    conn = connect_to_parent()
+    rss_ready = peak_host_memory_mb()
+    conn.send(("ok", ready))
+    while True:
+        try:
+            command, *args = conn.recv()
+        except EOFError:  # the parent went away
+            return
+        if command == "stop":
+            return
+        try:
+            if command == "stats":
+                value = {"peak_rss_mb": peak_host_memory_mb(), "ready_rss_mb": rss_ready}
+            else:
+                value = handlers[command](*args)
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+            return
+        conn.send(("ok", value))
