@@ -196,6 +196,9 @@ class GenerationTask:
 
 @dataclass
 class GenerationsResult:
+    """The last model, the reports (report g describes M_g), whether the guard stopped the loop, and
+    where the reports went."""
+
     params: Params
     reports: list[dict[str, Any]]
     stopped: bool
