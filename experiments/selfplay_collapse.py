@@ -27,6 +27,22 @@ even while it is right.
    `<run_dir>/<arm>/reports.jsonl`; `<run_dir>/selfplay_collapse.png` draws
    pass@1 and distinct-2 of both arms; the script ends with one line per arm:
    `selfplay: <arm> generations=N pass@1 first=0.xx last=0.yy distinct-2 first=0.xx last=0.yy`.
+
+Measured with the defaults (8 generations; 4-5 minutes of wall time, about
+100 s of CPU time, on a shared 2-core machine):
+
+            pass@1 collapse   anchored     distinct-2 collapse   anchored
+    seed 0:        0.24 -> 0.08  0.24 -> 0.68             0.72 -> 0.27  0.72 -> 0.67
+    seed 1:        0.45 -> 0.12  0.45 -> 0.81             0.72 -> 0.28  0.72 -> 0.68
+
+Variants (seed 0): training on the single most likely of eight guesses at
+temperature 0.5 (`--collapse.temperature 0.5 --collapse.selection likely`)
+first sharpens pass@1 (0.24 -> 0.40) and then loses it (0.33 after 8
+generations) while pass@8 falls 0.83 -> 0.36 and distinct-2 0.72 -> 0.13.
+Verification alone (`--collapse.verified True --collapse.selection diverse
+--collapse.keep_per_prompt 4`, still replace, no seed data) lifts pass@1 to
+0.87 but distinct-2 still falls to 0.43 and the anchor log-likelihood drops
+1.1 nats/token: accumulation and the seed mix are what keep diversity.
 """
 
 from __future__ import annotations
