@@ -140,7 +140,7 @@ class CollapseExperiment:
 
 def main() -> None:
     cfg = tyro.cli(CollapseExperiment, default=CollapseExperiment(), description=__doc__,
-                   config=(tyro.conf.FlagConversionOff,))
+                   use_underscores=True, config=(tyro.conf.FlagConversionOff,))
     started = time.perf_counter()
     # Both arms compile the same update and sampling programs: the second loads them from disk.
     jax.config.update("jax_compilation_cache_dir", f"{cfg.run_dir}/jax_cache")
