@@ -290,6 +290,9 @@ def test_gsm8k_grpo_two_steps_on_local_jsonl(tmp_path, qwen_ckpt):
     result = module.main(args)
     check_run(module, args, result, (0.0, 1.0))
     assert result.state.ref_params is not None  # grpo: KL to the frozen checkpoint (beta 0.04)
+    assert all(math.isfinite(x["train/kl_ref"]) for x in result.history)
+    # random bytes hold no \boxed{} or '####' answer: the math verifier graded and found none
+    assert [ev["eval/format_error"] for ev in result.evals] == [1.0, 1.0]
     assert len(result.evals) == 2 and int(result.state.step) == 2
 
 
