@@ -165,7 +165,7 @@ class SamplingConfig:
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
     prompt_len_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
-    eval_temperature: float = 0.0
+    eval_temperature: float = 0.0  # sampled evaluation (pass@k, maj@k); 0: the rollout temperature
     eval_num_samples: int = 8
 
     def __post_init__(self) -> None:

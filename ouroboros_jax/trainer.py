@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from ouroboros_jax import checkpoint as ckpt
-from ouroboros_jax.config import ExperimentConfig, ModelConfig, save_json
+from ouroboros_jax.config import ConfigError, ExperimentConfig, ModelConfig, save_json
 from ouroboros_jax.evaluation import evaluate
 from ouroboros_jax.metrics import MetricsLogger
 from ouroboros_jax.models.transformer import Params
@@ -144,6 +144,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(cfg, run_dir / "config.json")
     mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    check_batch_fits_mesh(cfg, mesh)
     step_fn, state = _compile_step(cfg, model_config, params, mesh)
     checkpointer = ckpt.Checkpointer.from_config(
         cfg.checkpoint, str(run_dir / "checkpoints") if cfg.checkpoint.save_every else "")
@@ -196,6 +197,17 @@ def train(
     return result
 
 
+def check_batch_fits_mesh(cfg: ExperimentConfig, mesh: Any) -> None:
+    """Reject, before any compile, batch sizes that the mesh's batch shards do not divide."""
+    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    for name in ("mini_batch_size", "micro_batch_size"):
+        size = getattr(cfg.train, name)
+        if size % shards:
+            raise ConfigError(
+                f"train.{name}: {size} rows do not divide over the {shards} batch shards of the mesh "
+                f"(data x fsdp = {dict(mesh.shape)}); use a multiple of {shards} or a smaller mesh")
+
+
 def _compile_step(cfg: ExperimentConfig, model_config: ModelConfig, params: Params, mesh: Any):
     """The jitted update step and the initial state, from the config (an edge)."""
     per_step = cfg.train.inner_epochs * (cfg.rollout_batch_size // cfg.train.mini_batch_size)
@@ -245,7 +257,8 @@ def _evaluator(cfg: ExperimentConfig, model_config: ModelConfig, task: Task, poo
             params, model_config, examples, prompt_ids, decode=task.decode, score=pool.score,
             num_samples=cfg.sampling.eval_num_samples, max_new_tokens=cfg.sampling.max_new_tokens,
             stop_token_ids=stops, rng=jax.random.fold_in(jax.random.key(cfg.seed + 1), step),
-            temperature=cfg.sampling.temperature or 1.0, ks=(1, cfg.sampling.eval_num_samples), mesh=mesh,
+            temperature=cfg.sampling.eval_temperature or cfg.sampling.temperature or 1.0,
+            ks=(1, cfg.sampling.eval_num_samples), mesh=mesh,
             prompt_len_buckets=cfg.sampling.prompt_len_buckets)
 
     return run

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
 
 import jax
 import numpy as np
@@ -90,3 +92,32 @@ def test_non_finite_update_stops_with_a_clear_error(tmp_path):
     # nothing non-finite was saved: no checkpoint step exists
     ckpts = tmp_path / "nan" / "checkpoints"
     assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
+
+
+def test_batch_sizes_the_mesh_cannot_split_are_rejected_before_any_compile(tmp_path, monkeypatch):
+    import ouroboros_jax.trainer as trainer_mod
+    from ouroboros_jax.config import ConfigError
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before the batch sizes were checked")
+
+    monkeypatch.setattr(trainer_mod, "_compile_step", no_compile)
+    cfg = _config(tmp_path, steps=1)  # micro-batch 4 rows, 8 batch shards
+    mesh = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))
+    with pytest.raises(ConfigError, match=r"train.mini_batch_size: 8 rows.*|train.micro_batch_size: 4 rows"):
+        train(cfg, model_config=cfg.model, params=_params(cfg), task=_task(), mesh=mesh)
+
+
+def test_sampled_evaluation_uses_eval_temperature_when_set(tmp_path, monkeypatch):
+    import ouroboros_jax.trainer as trainer_mod
+
+    seen = []
+    monkeypatch.setattr(trainer_mod, "evaluate", lambda *a, **kw: seen.append(kw["temperature"]) or {})
+    task = dataclasses.replace(_task(), eval_examples=[])
+    for eval_temperature, expected in ((0.0, 1.0), (0.5, 0.5)):
+        cfg = _config(tmp_path, steps=1)
+        sampling = dataclasses.replace(cfg.sampling, eval_temperature=eval_temperature)
+        cfg = dataclasses.replace(cfg, sampling=sampling)
+        run = trainer_mod._evaluator(cfg, cfg.model, task, types.SimpleNamespace(score=None), None, ())
+        run(None, 0)
+        assert seen[-1] == expected
