@@ -48,13 +48,13 @@ from ouroboros_jax.models.hf import export_hf_checkpoint, load_hf_checkpoint
 from ouroboros_jax.models.reward import reward_scores
 from ouroboros_jax.models.safetensors_io import CheckpointError
 from ouroboros_jax.models.transformer import Params, param_shapes
+from ouroboros_jax.rollout import RewardFn
 from ouroboros_jax.sampling import DEFAULT_PROMPT_LEN_BUCKETS, SampleOutput, generate
 from ouroboros_jax.selfplay.preference import EncodedPairs, PairBatch, epoch_batches, pair_batch, pair_widths
 from ouroboros_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from ouroboros_jax.train_step import TrainState, learning_rate_of, make_optimizer
 
 Metrics = dict[str, Float[Array, ""]]
-RewardFn = Callable[[SampleOutput, Sequence[Any]], np.ndarray]
 
 # ---------------------------------------------------------------------------
 # Parameters and checkpoints
@@ -274,13 +274,15 @@ def train_reward_model(
 # Rewards for RL: ensembles, PAR
 
 
-def ensemble_stats(scores_ER: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ensemble_stats(
+    scores_ER: Float[np.ndarray, "E R"],
+) -> tuple[Float[np.ndarray, " R"], Float[np.ndarray, " R"]]:
     """Mean and (population, ddof=0) standard deviation over the ensemble axis: [E, R] -> [R], [R]."""
     scores_ER = np.asarray(scores_ER, np.float64)
     return scores_ER.mean(axis=0), scores_ER.std(axis=0)
 
 
-def ensemble_penalty(scores_ER: np.ndarray, penalty: float) -> np.ndarray:
+def ensemble_penalty(scores_ER: Float[np.ndarray, "E R"], penalty: float) -> Float[np.ndarray, " R"]:
     """Uncertainty-penalised ensemble reward ``mean - penalty * std`` per row [R]."""
     mean, std = ensemble_stats(scores_ER)
     return mean - penalty * std
@@ -291,7 +293,9 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))
 
 
-def par_shaping(rewards_BG: np.ndarray, ref_rewards_BM: np.ndarray, *, center: str = "each") -> np.ndarray:
+def par_shaping(
+    rewards_BG: Float[np.ndarray, "B G"], ref_rewards_BM: Float[np.ndarray, "B M"], *, center: str = "each",
+) -> Float[np.ndarray, "B G"]:
     """Preference As Reward: the reward as a preference probability over reference responses.
 
     ``center="each"`` is the paper's ``mean_m sigmoid(r - r_ref_m)`` (Fu et al.
