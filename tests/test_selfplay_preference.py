@@ -37,6 +37,10 @@ PAIRS = EncodedPairs(prompts=[[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]],
                      rejected=[[12, 11, 2], [9, 9, 9, 2], [5, 2], [15, 15, 2]])
 
 
+_SEQ_LOGPS = jax.jit(lambda p, tokens, mask, start, average=False: sequence_logps(
+    p, CFG, tokens, mask, start=start, average=average), static_argnums=(3, 4))
+
+
 def _mesh():
     return make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
@@ -80,18 +84,18 @@ def test_pair_batch_layout_and_errors():
 def test_sequence_logps_sum_response_tokens_only():
     params = init_params(CFG, jax.random.key(0))
     b = pair_batch(PAIRS, prompt_width=4, response_width=4)
-    got = sequence_logps(params, CFG, b.chosen_tokens, b.chosen_mask, start=4)
-    logp_all = jax.nn.log_softmax(forward_padded(params, CFG, b.chosen_tokens, b.chosen_mask), axis=-1)
+    got = _SEQ_LOGPS(params, b.chosen_tokens, b.chosen_mask, 4)
+    logits = jax.jit(lambda p: forward_padded(p, CFG, b.chosen_tokens, b.chosen_mask))(params)
+    logp_all = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     for i, response in enumerate(PAIRS.chosen):
         want = sum(float(logp_all[i, 4 + t - 1, tok]) for t, tok in enumerate(response))
         assert float(got[i]) == pytest.approx(want, rel=1e-5)
-    mean = sequence_logps(params, CFG, b.chosen_tokens, b.chosen_mask, start=4, average=True)
+    mean = _SEQ_LOGPS(params, b.chosen_tokens, b.chosen_mask, 4, True)
     np.testing.assert_allclose(mean, got / np.array([3, 2, 4, 2]), rtol=1e-6)
 
 
 def _logps(params, batch, side, start=4):
-    return sequence_logps(params, CFG, getattr(batch, f"{side}_tokens"), getattr(batch, f"{side}_mask"),
-                          start=start)
+    return _SEQ_LOGPS(params, getattr(batch, f"{side}_tokens"), getattr(batch, f"{side}_mask"), start)
 
 
 def _margin(params, ref, batch, start):
@@ -184,7 +188,6 @@ def test_spin_iterations_train_against_the_previous_model():
     # iteration 2's reference is iteration 1's model: its first step sees the policy equal to it
     b = pair_batch(its[1].pairs, prompt_width=4, response_width=4)
     assert _margin(its[1].params, its[0].params, b, 4) > 0
-    gold_logp = lambda p: float(sequence_logps(p, CFG, *pair_batch(EncodedPairs(prompts, gold, gold),
-                                                                   prompt_width=4, response_width=4)[:2],
-                                               start=4).sum())
+    gold_batch = pair_batch(EncodedPairs(prompts, gold, gold), prompt_width=4, response_width=4)
+    gold_logp = lambda p: float(_logps(p, gold_batch, "chosen").sum())
     assert gold_logp(its[1].params) > gold_logp(its[0].params) > gold_logp(params)
