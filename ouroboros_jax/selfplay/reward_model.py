@@ -370,7 +370,7 @@ class ModelReward:
 
 def responses_as_sample(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *,
                         pad_id: int = 0) -> SampleOutput:
-    """Given responses in the sampler's layout (prompts left-padded, responses right-padded).
+    """Fixed responses as a `SampleOutput` (prompts left-padded, responses right-padded, as sampled).
 
     Row r pairs `prompt_ids[r]` with `response_ids[r]`; log-prob fields are 0.
     A reward function of a `SampleOutput` then scores them like samples.
@@ -410,8 +410,8 @@ def sampled_reference(
 ) -> Callable[[Sequence[Any]], SampleOutput]:
     """A PAR reference of `num_samples` responses per prompt drawn from the reference policy `params`.
 
-    The draw depends only on `seed` and the examples' ids, so a prompt's
-    references do not depend on when it is asked for.
+    The draw is a function of `seed` and the ids of the examples asked for
+    together, so a rerun asks for and gets the same references.
     """
     def sample(examples: Sequence[Any]) -> SampleOutput:
         ids = "\n".join(str(getattr(e, "id", i)) for i, e in enumerate(examples))
