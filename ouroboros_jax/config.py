@@ -309,9 +309,16 @@ class WarmStartConfig:
     steps: int = 0
     batch_size: int = 64
     learning_rate: float = 1e-3
+    # Stop early once sampled pass@1 on a slice of the training split reaches this (0: run all
+    # `steps`): a warm-start that ends at a chosen skill whatever the seed, not at a step count.
+    target_accuracy: float = 0.0
+    check_every: int = 50
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "warmstart.steps", "must be >= 0 (0: off)", self.steps)
+        _require(0.0 <= self.target_accuracy <= 1.0, "warmstart.target_accuracy", "must be in [0, 1]",
+                 self.target_accuracy)
+        _positive(self.check_every, "warmstart.check_every")
         _positive(self.batch_size, "warmstart.batch_size")
         _positive(self.learning_rate, "warmstart.learning_rate")
 

@@ -52,6 +52,7 @@ def supervised_warmstart(
     encode: Callable[[Sequence[Any]], list[list[int]]], answer_ids: Callable[[Any], list[int]],
     steps: int, batch_size: int, learning_rate: float, seed: int = 0, mesh: Any = None,
     length: int | None = None, log_every: int = 0,
+    until: Callable[[Params, int], bool] | None = None, check_every: int = 50,
 ) -> Params:
     """Train on gold answers for `steps` steps of `batch_size` examples; returns new params.
 
@@ -60,6 +61,8 @@ def supervised_warmstart(
       encode: examples -> prompt ids; `answer_ids`: example -> answer ids (end with EOS).
       length: padded row width; default: the longest row of the first batch, rounded up to 8,
         plus 8 (one compiled program for the whole run).
+      until: optional early stop, called as `until(params, step)` every `check_every` steps;
+        training ends (before `steps`) the first time it returns True.
     """
     if steps <= 0:
         return params
@@ -77,4 +80,6 @@ def supervised_warmstart(
         state, metrics = step_fn(state, sft_batch(prompts, answers, length))
         if log_every and (i + 1) % log_every == 0:
             print(f"warm-start step {i + 1}: loss {float(metrics['loss']):.4f}", flush=True)
+        if until is not None and (i + 1) % check_every == 0 and until(state.params, i + 1):
+            break
     return state.params
