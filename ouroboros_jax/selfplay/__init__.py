@@ -29,7 +29,13 @@ from ouroboros_jax.selfplay.generations import (
     evaluate_generation,
     run_generations,
 )
-from ouroboros_jax.selfplay.preference import run_spin, spin_pairs, train_preference
+from ouroboros_jax.selfplay.preference import (
+    read_preference_pairs,
+    run_spin,
+    spin_iteration,
+    spin_pairs,
+    train_preference,
+)
 from ouroboros_jax.selfplay.reports import CollapseGuard, answer_diversity, distinct_n
 from ouroboros_jax.selfplay.reward_model import (
     ModelReward,
@@ -37,7 +43,11 @@ from ouroboros_jax.selfplay.reward_model import (
     RewardHackingTracker,
     ensemble_penalty,
     ensemble_stats,
+    init_reward_model,
+    load_reward_model,
+    make_reward_scorer,
     par_shaping,
+    save_reward_model,
     train_reward_model,
 )
 
@@ -47,5 +57,6 @@ __all__ = [
     "RewardHackingTracker", "TaskBuffer", "TaskError", "anchor_loglik", "answer_diversity", "check_solution",
     "distinct_n", "ensemble_penalty", "ensemble_stats", "evaluate_generation", "learnability_reward",
     "par_shaping", "role_advantages", "run_code_selfplay", "run_generations", "run_spin", "selfplay_step",
-    "spin_pairs", "train_preference", "train_reward_model", "validate_proposal",
+    "spin_pairs", "train_preference", "train_reward_model", "validate_proposal", "init_reward_model",
+    "load_reward_model", "make_reward_scorer", "read_preference_pairs", "save_reward_model", "spin_iteration",
 ]
