@@ -68,8 +68,21 @@ def median(xs: Sequence[float]) -> float:
 
 
 def peak_host_memory_mb() -> float:
-    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, MiB.
+
+    On Linux this is VmHWM of /proc/self/status, the high-water mark of this
+    program's own address space. `getrusage`'s ru_maxrss (the fallback) keeps
+    the peak across exec, so a worker started from a large parent would report
+    at least the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def peak_device_memory_mb(device: Any = None) -> float | None:

@@ -119,12 +119,15 @@ def final_line(rows: list[dict]) -> str:
 
 
 def commit() -> str:
+    """HEAD, and whether the measured code (library, verifiers, benchmarks) differs from it."""
+    here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+                             cwd=here, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "ouroboros_jax", "verifiers", "benchmarks"], capture_output=True, text=True,
+                               cwd=here.parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes to the measured code)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -111,12 +111,14 @@ def test_worker_answers_and_reports_errors(tmp_path):
 
         serve({{"double": lambda x: 2 * x, "boom": boom}}, ready={{"hello": 1}})
     """))
+    ballast = np.ones(40 * 2**20)  # 320 MB touched here: the worker's own peak must not include it
     w = common.Worker("echo", [str(script)], log_path=tmp_path / "echo.log")
     try:
         assert w.ready == {"hello": 1}
         assert w.call("double", 21) == 42
         stats = w.call("stats")
         assert stats["peak_rss_mb"] >= stats["ready_rss_mb"] > 0
+        assert common.peak_host_memory_mb() > 320 + ballast[0] and stats["peak_rss_mb"] < 100
         with pytest.raises(common.WorkerError, match="ValueError: no such batch"):
             w.call("boom")
     finally:
