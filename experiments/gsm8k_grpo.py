@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common import run
+from hf_run import run
 
 from ouroboros_jax.config import (
     LOSS_PRESETS,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from common import run
+from hf_run import run
 
 from ouroboros_jax.config import (
     LOSS_PRESETS,

@@ -25,6 +25,7 @@ import time
 
 import jax
 
+import verifiers
 from ouroboros_jax.config import (
     LOSS_PRESETS,
     DataConfig,
@@ -39,6 +40,7 @@ from ouroboros_jax.config import (
     parse_cli,
 )
 from ouroboros_jax.data import arithmetic_source
+from ouroboros_jax.evaluation import evaluate
 from ouroboros_jax.metrics import MetricsLogger, plot_run
 from ouroboros_jax.models import Tokenizer
 from ouroboros_jax.sharding import init_sharded, make_mesh
@@ -46,7 +48,6 @@ from ouroboros_jax.supervised import supervised_warmstart
 from ouroboros_jax.trainer import Task, train
 
 TOKENIZER = Tokenizer.char_level("0123456789+-*=? .Whatis")
-DIGITS = 2
 
 DEFAULT = ExperimentConfig(
     name="quickstart",
@@ -57,10 +58,10 @@ DEFAULT = ExperimentConfig(
                             eval_num_samples=16),
     loss=dataclasses.replace(LOSS_PRESETS["grpo"], kl_coef=0.0),
     optimizer=OptimizerConfig(learning_rate=1e-4, b2=0.99, max_grad_norm=1.0),
-    train=TrainConfig(steps=120, prompts_per_step=16, mini_batch_size=32, micro_batch_size=32,
-                      eval_every=40, eval_size=200),
-    data=DataConfig(source="arithmetic"),
-    warmstart=WarmStartConfig(steps=750, batch_size=64, learning_rate=1e-3),
+    train=TrainConfig(steps=150, prompts_per_step=32, mini_batch_size=64, micro_batch_size=64,
+                      eval_every=50, eval_size=200),
+    data=DataConfig(source="arithmetic", digits=2, fixed_width=True),
+    warmstart=WarmStartConfig(steps=1000, batch_size=64, learning_rate=1e-3, target_accuracy=0.7),
     verifier=VerifierConfig(names=("math_any",), weights=(1.0,), num_workers=1, timeout_s=10.0),
     logging=LoggingConfig(run_dir="runs/quickstart"),
 )
@@ -79,20 +80,37 @@ def main() -> None:
     t_start = time.perf_counter()
     mesh = make_mesh(cfg.mesh)
     params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
-    train_source = arithmetic_source(seed=cfg.data.seed, digits=DIGITS)
-    heldout = arithmetic_source(seed=cfg.data.seed, digits=DIGITS, heldout=True)
+    problems = dict(digits=cfg.data.digits, operations=cfg.data.operations, fixed_width=cfg.data.fixed_width)
+    train_source = arithmetic_source(seed=cfg.data.seed, **problems)
+    heldout = arithmetic_source(seed=cfg.data.seed, heldout=True, **problems)
     eval_examples = heldout.take(cfg.train.eval_size)
     eos = TOKENIZER.eos_id
     task = Task(train_source=train_source, encode=encode, decode=decode, verifier=cfg.verifier.names[0],
                 stop_token_ids=(eos,), eval_examples=eval_examples)
 
-    print(f"quickstart: {cfg.model.num_params():,} parameters, warm-start {cfg.warmstart.steps} steps")
-    warm_source = arithmetic_source(seed=cfg.data.seed + 1, digits=DIGITS)
+    print(f"quickstart: {cfg.model.num_params():,} parameters, warm-start up to {cfg.warmstart.steps} steps")
+    warm_source = arithmetic_source(seed=cfg.data.seed + 1, **problems)
+    check = arithmetic_source(seed=cfg.data.seed + 2, **problems).take(128)  # training split, not held-out
+    grade = verifiers.resolve(cfg.verifier.names[0])
+
+    def skilled_enough(params, step: int) -> bool:
+        """Greedy accuracy on training problems: stop the warm-start at the target skill."""
+        scores = evaluate(params, cfg.model, check, encode(check), decode=decode, num_samples=8,
+                       score=lambda texts, golds: [grade(t, g) for t, g in zip(texts, golds, strict=True)],
+                       max_new_tokens=cfg.sampling.max_new_tokens, stop_token_ids=(eos,),
+                       rng=jax.random.key(cfg.seed + step), mesh=mesh,
+                       prompt_len_buckets=cfg.sampling.prompt_len_buckets)
+        greedy, sampled = scores["eval/greedy_acc"], scores["eval/pass@1"]
+        print(f"quickstart: warm-start step {step}: greedy {greedy:.2f} sampled {sampled:.2f}")
+        return greedy >= cfg.warmstart.target_accuracy
+
     params = supervised_warmstart(
         params, cfg.model, warm_source, encode=encode,
         answer_ids=lambda ex: TOKENIZER.encode(str(ex.gold["answer"])) + [eos],
         steps=cfg.warmstart.steps, batch_size=cfg.warmstart.batch_size,
-        learning_rate=cfg.warmstart.learning_rate, seed=cfg.seed, mesh=mesh)
+        learning_rate=cfg.warmstart.learning_rate, seed=cfg.seed, mesh=mesh,
+        until=skilled_enough if cfg.warmstart.target_accuracy > 0 else None,
+        check_every=cfg.warmstart.check_every)
 
     logger = MetricsLogger.from_config(cfg.logging)
     result = train(cfg, model_config=cfg.model, params=params, task=task, mesh=mesh, logger=logger)

@@ -86,7 +86,7 @@ def qwen_ckpt(tmp_path_factory) -> Path:
 
 
 def load_script(name: str):
-    """Import experiments/<name>.py (its `from common import ...` needs experiments/ on sys.path)."""
+    """Import experiments/<name>.py (its `from hf_run import ...` needs experiments/ on sys.path)."""
     if str(EXPERIMENTS) not in sys.path:
         sys.path.insert(0, str(EXPERIMENTS))
     spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
@@ -169,7 +169,7 @@ def test_script_defaults_are_the_presets():
 
 def test_task_renders_chat_template_system_prompt_and_stop_tokens(tmp_path):
     module = load_script("gsm8k_grpo")
-    common = importlib.import_module("common")
+    common = importlib.import_module("hf_run")
     cfg = module.parse_cli(module.DEFAULT, ["--data.system_prompt", "Be brief."])
     example = Example(id="x", prompt="What is 2 + 3?", gold={"answer": "5"})
     source = make_source(dataclasses.replace(cfg.data, source="countdown"), split="train", size=4)
@@ -209,7 +209,7 @@ def test_task_renders_chat_template_system_prompt_and_stop_tokens(tmp_path):
 
 def test_load_policy_names_bad_settings(qwen_ckpt):
     module = load_script("gsm8k_grpo")
-    common = importlib.import_module("common")
+    common = importlib.import_module("hf_run")
     with pytest.raises(ConfigError, match="model.path: name a Hugging Face checkpoint directory"):
         module.main(["--data.source", "countdown"])
     cfg = module.parse_cli(module.DEFAULT, ["--model.path", str(qwen_ckpt),
