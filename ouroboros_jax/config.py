@@ -309,7 +309,7 @@ class WarmStartConfig:
     steps: int = 0
     batch_size: int = 64
     learning_rate: float = 1e-3
-    # Stop early once sampled pass@1 on a slice of the training split reaches this (0: run all
+    # Stop early once greedy accuracy on a slice of the training split reaches this (0: run all
     # `steps`): a warm-start that ends at a chosen skill whatever the seed, not at a step count.
     target_accuracy: float = 0.0
     check_every: int = 50
