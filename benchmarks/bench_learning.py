@@ -18,7 +18,8 @@ same weights by both libraries with the same algorithm settings:
 Ours runs the quickstart's own loop (`trainer.train`, verifier pool with one
 worker process); TRL runs `GRPOTrainer.train` in a separate process with the
 verifier called in-process as its reward function, on the same prompts in
-the same order. Both final policies are then evaluated by the same evaluator
+the same order (torch's OpenMP threads wait passively, as in run_cpu.py: see
+peers.worker_env). Both final policies are then evaluated by the same evaluator
 (ours) on the same held-out problems: sampled pass@1 at temperature 1 over 16
 samples, and greedy accuracy.
 
@@ -32,6 +33,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import load_average, machine, package_versions, print_table  # noqa: E402
+from peers import worker_env  # noqa: E402
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 ROWS_PER_UPDATE = 32  # the quickstart's mini_batch_size
@@ -237,7 +240,7 @@ def run_trl(cfg, checkpoint: Path, root: Path, steps: int) -> dict:
     log = root / "trl.log"
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, __file__, "--trl-run", json.dumps(spec)], stdout=f,
-                              stderr=subprocess.STDOUT)
+                              stderr=subprocess.STDOUT, env={**os.environ, **worker_env("trl")})
     if proc.returncode:
         raise RuntimeError(f"the TRL run failed (exit code {proc.returncode}):\n{log.read_text()[-3000:]}")
     return json.loads(Path(spec["result"]).read_text())

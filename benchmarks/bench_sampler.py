@@ -20,9 +20,14 @@ results copied back to numpy), compiled before timing.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
+
+# torch's OpenMP threads wait passively: spin-waiting on a shared machine makes
+# `generate` several times slower (see peers.worker_env). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

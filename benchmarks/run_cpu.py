@@ -21,7 +21,9 @@ update) or the new tokens (generate). "ours x" is our tokens/s over the
 library's: above 1 means ours is faster. Peak RSS is each worker process's
 own peak resident memory, its runtime included; "RSS ready" is the same
 after loading, before the first step. "first step s" includes JIT
-compilation for the JAX libraries.
+compilation for the JAX libraries. TRL's worker runs with
+OMP_WAIT_POLICY=PASSIVE (unless set): torch's default spin-waiting made it
+10-20x slower on this shared machine (peers.worker_env).
 
     python benchmarks/run_cpu.py                 # the full set (tens of minutes on 2 shared cores)
     python benchmarks/run_cpu.py --quick         # sections a-c at a small workload, minutes
@@ -54,6 +56,7 @@ from peers import (  # noqa: E402
     by_name,
     find_libraries,
     measure,
+    worker_env,
 )
 from workload import ModelShape, Settings, Workload, make_checkpoint, make_update_batch  # noqa: E402
 
@@ -141,6 +144,8 @@ def print_header(a: argparse.Namespace, libraries: dict[str, str], notes: list[s
               ("" if python == sys.executable else f" ({python})"))
     for note in notes:
         print(note)
+    if "trl" in libraries:
+        print(f"trl worker: OMP_WAIT_POLICY={worker_env('trl')['OMP_WAIT_POLICY']}")
     print(f"model: {a.shape.describe()}")
     print(f"workload: {a.work.describe()}; {a.repeats} timed steps per library after {a.warmup} untimed",
           flush=True)
@@ -172,8 +177,8 @@ def run_scale(a, libraries, directory: Path, log_dir: Path, base_rows: list[dict
         if work not in measured:
             settings = Settings(directory=str(directory), mode="step", work=work, seed=a.seed)
             measured[work] = measure(libraries, settings, repeats=a.scale_repeats, warmup=0, log_dir=log_dir)
-            print(f"  scale: completion {work.completion_len}, group {work.group} measured "
-                  f"(load {measured[work][0]['load']:.1f})", flush=True)
+            print_table(measured[work], COLUMNS, floatfmt=FLOATFMT,
+                        title=f"(d) point: {work.describe()}; load {measured[work][0]['load']:.1f}")
     table = []
     for sweep, points in sweeps.items():
         rows = []

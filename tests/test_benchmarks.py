@@ -90,6 +90,15 @@ def test_find_libraries_skips_missing_peers(monkeypatch):
     assert [n.split(":")[0] for n in notes] == ["trl", "tunix"]
 
 
+def test_worker_env(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_foo=1")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert peers.worker_env("ours") == {"XLA_FLAGS": "--xla_cpu_foo=1", "JAX_PLATFORMS": "cpu"}
+    assert peers.worker_env("trl")["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the caller's choice wins
+    assert peers.worker_env("trl")["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_final_line_format_with_and_without_peers():
     rows = [{"_name": "ours", "tokens/s": 300.0}, {"_name": "trl", "tokens/s": 100.0},
             {"_name": "tunix", "tokens/s": 250.0}]
