@@ -209,7 +209,9 @@ def test_jit_equals_eager(params):
     batch = make_batch(params, seed=3)
     eager_state, eager = train_step(init_train_state(params, ADAM, jax.random.key(0)), batch, **ADAM_STEP_KW)
     jit_state, jitted = ADAM_STEP(init_train_state(params, ADAM, jax.random.key(0)), batch)
-    tree_allclose(eager_state.params, jit_state.params, atol=1e-5)
+    # Adam divides by |g|: float reassociation on a near-zero gradient moves that element by up to
+    # ~1e-3 of the step (lr 3e-2), so parameters agree to 1e-4; a wrong update is off by ~lr.
+    tree_allclose(eager_state.params, jit_state.params, atol=1e-4)
     tree_allclose(eager, jitted, rtol=1e-5, atol=1e-6)
 
 
