@@ -8,9 +8,10 @@ settings, then exported once as a Hugging Face checkpoint with a matching
 tokenizer (the same ids for every prompt, checked) and trained from those
 same weights by both libraries with the same algorithm settings:
 
-  16 prompts x 8 completions per step, at most 5 new tokens, temperature 1;
-  group-normalised advantages, PPO-clip 0.2, per-sequence token-mean loss, no
-  KL; the 128 rows shuffled into 4 mini-batches of 32, one AdamW step each
+  the quickstart's 32 prompts x 8 completions per step, at most 5 new tokens,
+  temperature 1; group-normalised advantages, PPO-clip 0.2, per-sequence
+  token-mean loss, no KL; the 256 rows shuffled into 4 mini-batches of 64
+  (train.mini_batch_size, read from the quickstart's config), one AdamW step each
   (learning rate 1e-4, beta2 0.99, constant), gradient clip 1.0; the old
   policy of the ratio is the sampling policy (ours: the sampler's log-probs;
   TRL: its extra forward pass, as `steps_per_generation` > 1 asks).
@@ -47,7 +48,6 @@ from common import load_average, machine, package_versions, print_table  # noqa:
 from peers import worker_env  # noqa: E402
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
-ROWS_PER_UPDATE = 32  # the quickstart's mini_batch_size
 
 
 def problems(cfg) -> dict:
@@ -198,9 +198,10 @@ def trl_child(spec: dict) -> None:
         return [float(verifiers.run_verifier(verify, c, {"answer": a}).score)
                 for c, a in zip(completions, answer, strict=True)]
 
-    updates_per_step = prompts_per_step * group // ROWS_PER_UPDATE
+    rows_per_update = spec["rows_per_update"]
+    updates_per_step = prompts_per_step * group // rows_per_update
     args = trl.GRPOConfig(
-        output_dir=spec["output"], per_device_train_batch_size=ROWS_PER_UPDATE, gradient_accumulation_steps=1,
+        output_dir=spec["output"], per_device_train_batch_size=rows_per_update, gradient_accumulation_steps=1,
         steps_per_generation=updates_per_step, num_generations=group,
         max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         loss_type="grpo", scale_rewards="group", beta=0.0, epsilon=spec["clip"],
@@ -232,7 +233,8 @@ def run_trl(cfg, checkpoint: Path, root: Path, steps: int) -> dict:
     o = cfg.optimizer
     spec = {"seed": cfg.seed, "data_seed": cfg.data.seed, "problems": problems(cfg), "steps": steps,
             "prompts_per_step": cfg.train.prompts_per_step, "group": cfg.sampling.group_size,
-            "max_new_tokens": cfg.sampling.max_new_tokens, "clip": cfg.loss.clip_low,
+            "rows_per_update": cfg.train.mini_batch_size, "max_new_tokens": cfg.sampling.max_new_tokens,
+            "clip": cfg.loss.clip_low,
             "learning_rate": o.learning_rate, "b1": o.b1, "b2": o.b2, "eps": o.eps,
             "max_grad_norm": o.max_grad_norm, "verifier": cfg.verifier.names[0],
             "checkpoint": str(checkpoint), "output": str(root / "trl_out"), "final": str(root / "trl_final"),
@@ -261,7 +263,7 @@ def check_settings(cfg) -> None:
         "loss.dynamic_sampling": (loss.dynamic_sampling, False),
         "loss.overlong": (loss.overlong, "none"),
         "train.inner_epochs": (t.inner_epochs, 1),
-        "train.mini_batch_size": (t.mini_batch_size, ROWS_PER_UPDATE),
+        "train.micro_batch_size": (t.micro_batch_size, t.mini_batch_size),
         "optimizer.schedule": (cfg.optimizer.schedule, "constant"),
         "optimizer.warmup_steps": (cfg.optimizer.warmup_steps, 0),
         "optimizer.weight_decay": (cfg.optimizer.weight_decay, 0.0),

@@ -156,3 +156,16 @@ def test_run_cpu_step_section_ours_only(capsys, tmp_path):
     assert float(m.group(1)) == pytest.approx(row["tokens/s"], rel=1e-3)
     assert all(math.isnan(float(g)) for g in m.groups()[1:])
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "logs" / "ours-step.log").is_file()
+
+
+def test_bench_learning_maps_the_quickstart_defaults_onto_trl():
+    """The learning-efficiency comparison accepts the quickstart as it ships, and names a setting it cannot map."""
+    import dataclasses
+
+    import bench_learning
+
+    default = bench_learning.quickstart().DEFAULT
+    bench_learning.check_settings(default)  # the shipped quickstart: accepted
+    epochs = dataclasses.replace(default, train=dataclasses.replace(default.train, inner_epochs=2))
+    with pytest.raises(SystemExit, match="train.inner_epochs is 2"):
+        bench_learning.check_settings(epochs)
