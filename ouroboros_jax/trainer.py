@@ -58,6 +58,10 @@ class Task:
       reward_model_weight: its weight in the reward.
       verifier_weight: the verifier score's weight; 0 with a reward model trains
         on the model's reward alone, while `accuracy` still reports the verifier.
+        A reward model with a `last_stats` dict of floats (`ModelReward`: ensemble
+        mean and disagreement; `PAR`: raw and reference rewards) has it logged
+        with each step's metrics, as the values of the step's last rollout call,
+        beside `time/reward_model`.
     """
 
     train_source: Any
@@ -244,6 +248,9 @@ def _rl_step(cfg, model_config, step_fn, state, task: Task, settings, score, mes
     metrics |= rollout_metrics(rollout)
     metrics |= {"time/sample": timings.get("sample", 0.0), "time/verify": timings.get("verify", 0.0),
                 "time/update": t2 - t1, "time/step": t2 - t0, "throughput/tokens_per_s": tokens / (t2 - t0)}
+    if task.reward_model is not None:
+        metrics["time/reward_model"] = timings.get("reward_model", 0.0)
+        metrics |= {k: float(v) for k, v in (getattr(task.reward_model, "last_stats", None) or {}).items()}
     return state, metrics
 
 

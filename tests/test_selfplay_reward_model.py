@@ -285,9 +285,15 @@ def test_trainer_task_reward_model_alone(tmp_path):
         verifier=VerifierConfig(names=("math_any",), weights=(1.0,), num_workers=1))
     seen = []
 
-    def reward_model(sample, examples):
-        seen.append(np.asarray(sample.lengths))
-        return 0.25 * sample.lengths + 1.0
+    class LengthReward:
+        last_stats: dict = {}
+
+        def __call__(self, sample, examples):
+            seen.append(np.asarray(sample.lengths))
+            self.last_stats = {"reward_model/longest": float(np.max(sample.lengths))}
+            return 0.25 * sample.lengths + 1.0
+
+    reward_model = LengthReward()
 
     task = Task(train_source=arithmetic_source(seed=0, digits=1),
                 encode=lambda exs: tok.encode_batch([e.prompt for e in exs]),
@@ -299,6 +305,8 @@ def test_trainer_task_reward_model_alone(tmp_path):
     for lengths, metrics in zip(seen, result.history, strict=True):
         assert metrics["reward/mean"] == pytest.approx(2.0 * (0.25 * lengths.mean() + 1.0), rel=1e-9)
         assert metrics["length/mean"] == pytest.approx(lengths.mean())
+        assert metrics["reward_model/longest"] == lengths.max()  # the reward object's own stats are logged
+        assert metrics["time/reward_model"] > 0.0
 
 
 # ---------------------------------------------------------------------------
