@@ -178,6 +178,39 @@ def _attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, cfg: ModelConfig):
     return out.reshape(B, T, N, H)
 
 
+# Causal self-attention without a cache runs over query blocks of at least this
+# many positions (at most _MAX_QUERY_BLOCKS blocks); see `_causal_attention`.
+_MIN_QUERY_BLOCK = 64
+_MAX_QUERY_BLOCKS = 4
+
+
+def _causal_attention(q_BTNH, k_BTKH, v_BTKH, allowed_BTT, cfg: ModelConfig):
+    """`_attention` when query t sits at key slot t: each query block sees only the keys up to its end.
+
+    A key after the last query of a block is masked for every query in it, so
+    its score only ever added exp(min - max) = 0 to the softmax: dropping it
+    leaves every real query's output as it was, and skips that part of the
+    score and probability work, forward and backward (a quarter at 2 blocks,
+    3/8 at 4, which was ~10% of the layers' time at T=288 on CPU). Blocks are
+    equal splits of T, no shorter than _MIN_QUERY_BLOCK (short sequences run
+    in one piece) and at most _MAX_QUERY_BLOCKS of them, so the program grows
+    by a bounded number of einsums. A query that sees no real key at all (a
+    left-padding position) gets a uniform average over its block's keys
+    instead of all T: a value no real token reads.
+    """
+    T = q_BTNH.shape[1]
+    n_blocks = max(1, min(_MAX_QUERY_BLOCKS, T // _MIN_QUERY_BLOCK))
+    if n_blocks == 1:
+        return _attention(q_BTNH, k_BTKH, v_BTKH, allowed_BTT, cfg)
+    size = -(-T // n_blocks)
+    outs = []
+    for start in range(0, T, size):
+        end = min(start + size, T)
+        outs.append(_attention(q_BTNH[:, start:end], k_BTKH[:, :end], v_BTKH[:, :end],
+                               allowed_BTT[:, start:end, :end], cfg))
+    return jnp.concatenate(outs, axis=1)
+
+
 def _dot(x: Float[Array, "M A"], w: Float[Array, "A C"]) -> Float[Array, "M C"]:
     """A plain 2-D matmul: the layer's projections run on [B*T, D] rows.
 
@@ -220,6 +253,8 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cach
         k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (ck, cv))
         attn = _attention(q, k, v, allowed_BTS, cfg)
         k, v = ck, cv
+    elif isinstance(cache_index, int) and cache_index == 0:  # query t at key slot t
+        attn = _causal_attention(q, k, v, allowed_BTS, cfg)
     else:
         attn = _attention(q, k, v, allowed_BTS, cfg)
     out = _dot(attn.reshape(B * T, N * H), w["o_LNHD"].reshape(N * H, D)).reshape(B, T, D)
