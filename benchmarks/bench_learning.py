@@ -3,10 +3,11 @@
 The task is experiments/quickstart.py's: "What is a + b?" with 2-digit
 operands, a character-level tokenizer, a ~0.3M-parameter Qwen2-shaped model,
 reward 1 for the right number (the `math_any` verifier). The model is
-warm-started here on clean demonstrations with the quickstart's warm-start
-settings, then exported once as a Hugging Face checkpoint with a matching
-tokenizer (the same ids for every prompt, checked) and trained from those
-same weights by both libraries with the same algorithm settings:
+warm-started here on clean demonstrations by the quickstart's own warm-start
+(until greedy accuracy 0.7 on training problems), then exported once as a
+Hugging Face checkpoint with a matching tokenizer (the same ids for every
+prompt, checked) and trained from those same weights by both libraries
+with the same algorithm settings:
 
   the quickstart's 32 prompts x 8 completions per step, at most 5 new tokens,
   temperature 1; group-normalised advantages, PPO-clip 0.2, per-sequence
@@ -70,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="RL steps (rollout + 4 updates) per library")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmstart-steps", type=int, default=None, help="default: the quickstart's")
+    p.add_argument("--warmstart-steps", type=int, default=None,
+                   help="a fixed number of warm-start steps (default: the quickstart's rule, "
+                        "until its greedy accuracy target on training problems)")
     p.add_argument("--eval-size", type=int, default=200, help="held-out problems")
     p.add_argument("--libraries", default="ours,trl", help="ours, trl, or both (comma-separated)")
     p.add_argument("--work-dir", default="", help="keep checkpoints and runs here (default: a temp dir)")
@@ -110,23 +113,17 @@ def hf_char_tokenizer(tokenizer, texts):
     return hf
 
 
-def warm_start(cfg, mesh, steps: int):
+def warm_start(cfg, mesh, steps: int | None):
+    """The quickstart's warm-start (until its greedy-accuracy target), or exactly `steps` steps."""
     import jax
 
-    from ouroboros_jax.data import arithmetic_source
     from ouroboros_jax.sharding import init_sharded
-    from ouroboros_jax.supervised import supervised_warmstart
 
-    qs = quickstart()
-    TOKENIZER, encode = qs.TOKENIZER, qs.encode
-
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, warmstart=dataclasses.replace(cfg.warmstart, steps=steps,
+                                                                     target_accuracy=0.0))
     params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
-    source = arithmetic_source(seed=cfg.data.seed + 1, **problems(cfg))
-    return supervised_warmstart(
-        params, cfg.model, source, encode=encode,
-        answer_ids=lambda ex: TOKENIZER.encode(str(ex.gold["answer"])) + [TOKENIZER.eos_id],
-        steps=steps, batch_size=cfg.warmstart.batch_size, learning_rate=cfg.warmstart.learning_rate,
-        seed=cfg.seed, mesh=mesh)
+    return quickstart().warm_start(cfg, params, mesh, verbose=False)
 
 
 def evaluate_policy(params, cfg, examples, pool, mesh, seed: int) -> dict[str, float]:
@@ -303,11 +300,13 @@ def main(argv=None) -> list[dict]:
     cfg = dataclasses.replace(DEFAULT, seed=a.seed,
                               train=dataclasses.replace(DEFAULT.train, steps=a.steps, eval_every=0))
     check_settings(cfg)
-    warm_steps = cfg.warmstart.steps if a.warmstart_steps is None else a.warmstart_steps
+    warm_steps = a.warmstart_steps
     print(f"machine: {machine()}; load average {' '.join(f'{x:.2f}' for x in load_average())}")
     print(", ".join(f"{k} {v}" for k, v in package_versions(("jax", "torch", "transformers", "trl")).items()
                     if v))
-    print(f"quickstart task: {cfg.model.num_params():,} parameters, warm-start {warm_steps} steps, "
+    warm = (f"{warm_steps} steps" if warm_steps is not None
+            else f"until greedy {cfg.warmstart.target_accuracy} on training problems")
+    print(f"quickstart task: {cfg.model.num_params():,} parameters, warm-start {warm}, "
           f"{a.steps} RL steps of {cfg.train.prompts_per_step} prompts x {cfg.sampling.group_size}",
           flush=True)
     mesh = make_mesh(cfg.mesh)

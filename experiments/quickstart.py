@@ -32,6 +32,7 @@ import jax
 import verifiers
 from ouroboros_jax.config import (
     LOSS_PRESETS,
+    ConfigError,
     DataConfig,
     ExperimentConfig,
     LoggingConfig,
@@ -79,8 +80,43 @@ def decode(ids) -> str:
     return TOKENIZER.decode(list(ids))
 
 
+def warm_start(cfg: ExperimentConfig, params, mesh, *, verbose: bool = True):
+    """Supervised warm-start on clean demonstrations until greedy accuracy on training problems
+    reaches `cfg.warmstart.target_accuracy` (checked every `check_every` steps; 0: run all
+    `cfg.warmstart.steps`)."""
+    problems = dict(digits=cfg.data.digits, operations=cfg.data.operations, fixed_width=cfg.data.fixed_width)
+    warm_source = arithmetic_source(seed=cfg.data.seed + 1, **problems)
+    check = arithmetic_source(seed=cfg.data.seed + 2, **problems).take(128)  # training split, not held-out
+    grade = verifiers.resolve(cfg.verifier.names[0])
+    eos = TOKENIZER.eos_id
+
+    def skilled_enough(params, step: int) -> bool:
+        """Greedy accuracy on training problems: stop the warm-start at the target skill."""
+        scores = evaluate(params, cfg.model, check, encode(check), decode=decode, num_samples=8,
+                          score=lambda texts, golds: [grade(t, g) for t, g in zip(texts, golds, strict=True)],
+                          max_new_tokens=cfg.sampling.max_new_tokens, stop_token_ids=(eos,),
+                          rng=jax.random.key(cfg.seed + step), mesh=mesh,
+                          prompt_len_buckets=cfg.sampling.prompt_len_buckets)
+        greedy, sampled = scores["eval/greedy_acc"], scores["eval/pass@1"]
+        if verbose:
+            print(f"quickstart: warm-start step {step}: greedy {greedy:.2f} sampled {sampled:.2f}",
+                  flush=True)
+        return greedy >= cfg.warmstart.target_accuracy
+
+    return supervised_warmstart(
+        params, cfg.model, warm_source, encode=encode,
+        answer_ids=lambda ex: TOKENIZER.encode(str(ex.gold["answer"])) + [eos],
+        steps=cfg.warmstart.steps, batch_size=cfg.warmstart.batch_size,
+        learning_rate=cfg.warmstart.learning_rate, seed=cfg.seed, mesh=mesh,
+        until=skilled_enough if cfg.warmstart.target_accuracy > 0 else None,
+        check_every=cfg.warmstart.check_every)
+
+
 def main() -> None:
     cfg = parse_cli(DEFAULT, description=__doc__)
+    if cfg.train.eval_every <= 0 or cfg.train.eval_size <= 0:
+        raise ConfigError("train.eval_every and train.eval_size must be > 0: the quickstart reports held-out "
+                          "accuracy before and after RL")
     t_start = time.perf_counter()
     mesh = make_mesh(cfg.mesh)
     params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
@@ -93,28 +129,7 @@ def main() -> None:
                 stop_token_ids=(eos,), eval_examples=eval_examples)
 
     print(f"quickstart: {cfg.model.num_params():,} parameters, warm-start up to {cfg.warmstart.steps} steps")
-    warm_source = arithmetic_source(seed=cfg.data.seed + 1, **problems)
-    check = arithmetic_source(seed=cfg.data.seed + 2, **problems).take(128)  # training split, not held-out
-    grade = verifiers.resolve(cfg.verifier.names[0])
-
-    def skilled_enough(params, step: int) -> bool:
-        """Greedy accuracy on training problems: stop the warm-start at the target skill."""
-        scores = evaluate(params, cfg.model, check, encode(check), decode=decode, num_samples=8,
-                       score=lambda texts, golds: [grade(t, g) for t, g in zip(texts, golds, strict=True)],
-                       max_new_tokens=cfg.sampling.max_new_tokens, stop_token_ids=(eos,),
-                       rng=jax.random.key(cfg.seed + step), mesh=mesh,
-                       prompt_len_buckets=cfg.sampling.prompt_len_buckets)
-        greedy, sampled = scores["eval/greedy_acc"], scores["eval/pass@1"]
-        print(f"quickstart: warm-start step {step}: greedy {greedy:.2f} sampled {sampled:.2f}")
-        return greedy >= cfg.warmstart.target_accuracy
-
-    params = supervised_warmstart(
-        params, cfg.model, warm_source, encode=encode,
-        answer_ids=lambda ex: TOKENIZER.encode(str(ex.gold["answer"])) + [eos],
-        steps=cfg.warmstart.steps, batch_size=cfg.warmstart.batch_size,
-        learning_rate=cfg.warmstart.learning_rate, seed=cfg.seed, mesh=mesh,
-        until=skilled_enough if cfg.warmstart.target_accuracy > 0 else None,
-        check_every=cfg.warmstart.check_every)
+    params = warm_start(cfg, params, mesh)
 
     logger = MetricsLogger.from_config(cfg.logging)
     result = train(cfg, model_config=cfg.model, params=params, task=task, mesh=mesh, logger=logger)

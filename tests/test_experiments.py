@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -360,3 +361,34 @@ def test_gsm8k_grpo_two_steps_on_shared_test_split(tmp_path, qwen_ckpt):
     args = tiny_args(qwen_ckpt, tmp_path / "run", "--data.source", "jsonl", "--data.path", str(SHARED_GSM8K),
                      "--data.eval_path", str(SHARED_GSM8K), "--data.prompt_overflow", "truncate")
     check_run(module, args, module.main(args), (0.0, 1.0))
+
+
+# ---------------------------------------------------------------------------
+# The README's main job, at a tiny size
+
+
+def test_quickstart_tiny_run_ends_with_the_summary_line(tmp_path, monkeypatch, capsys):
+    module = load_script("quickstart")
+    run_dir = tmp_path / "qs"
+    tiny = ["--model.d_model", "32", "--model.n_heads", "2", "--model.n_kv_heads", "2",
+            "--model.head_dim", "16", "--model.d_ff", "64", "--warmstart.steps", "20",
+            "--warmstart.check_every", "10",
+            "--train.steps", "2", "--train.prompts_per_step", "8", "--train.eval_every", "2",
+            "--train.eval_size", "8", "--sampling.eval_num_samples", "2", "--logging.run_dir", str(run_dir)]
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", *tiny])
+    module.main()
+    out = capsys.readouterr().out
+    assert out.count("quickstart: warm-start step") == 2  # checked every 10 steps, the target never reached
+    summary = out.strip().splitlines()[-1]
+    line = r"quickstart: held-out accuracy before=(\d\.\d\d) after=(\d\.\d\d) \(2 steps, \d+ s\)"
+    match = re.fullmatch(line, summary)
+    assert match, summary
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in evals if "eval/pass@1" in x]
+    assert [x["step"] for x in evals] == [0, 2]
+    assert match.groups() == tuple(f"{x['eval/pass@1']:.2f}" for x in evals)
+    assert (run_dir / "curves.png").exists()
+    # without evaluation there is no before/after to report: refused up front, naming the fields
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", *tiny, "--train.eval_every", "0"])
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        module.main()
