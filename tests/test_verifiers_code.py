@@ -322,3 +322,22 @@ def test_fork_server_and_fresh_interpreters_give_the_same_verdicts():
             assert statuses(ours) == statuses(theirs), program
             assert [v.detail for v in ours.verdicts] == [v.detail for v in theirs.verdicts]
         assert statuses(ours) == ["passed", "wrong_answer"]
+
+
+def test_ast_parse_is_serialised_across_threads():
+    """Test plans parse through one lock (CPython 3.11's AST converter is not thread-safe, gh-106905)."""
+    import ast
+    from concurrent.futures import ThreadPoolExecutor
+
+    from verifiers import _pyast
+
+    source = "def check(candidate):\n" + "".join(f"    assert candidate({i}) == {i * i}\n" for i in range(40))
+    want = ast.dump(ast.parse(source))
+
+    def parse(_):
+        return ast.dump(_pyast.parse(source))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert set(pool.map(parse, range(64))) == {want}
+    assert ast.dump(_pyast.parse("1 + 2", mode="eval")) == ast.dump(ast.parse("1 + 2", mode="eval"))
+    assert not _pyast._LOCK.locked()

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from verifiers import _pyast
+
 UNIT_HOOK = "__ouroboros_unit__"
 
 
@@ -74,7 +76,7 @@ def plan_tests(program: str, tests: Any, entry_point: str | None) -> CasePlan:
         return _plan_cases(program, spec)
     if not isinstance(tests, str):
         raise TypeError(f"tests must be a string, a mapping or a list of cases, got {type(tests)}")
-    module = ast.parse(tests)
+    module = _pyast.parse(tests)
     check = next((n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)
     if entry_point is not None and check is not None:
         return _plan_check(program, tests, module, check, entry_point)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
+from verifiers import _pyast
 from verifiers._mathnorm import last_boxed
 from verifiers.base import Verdict
 
@@ -54,7 +55,7 @@ def evaluate(expression: str) -> tuple[Fraction, list[int]]:
     if len(expression) > _MAX_CHARS:
         raise ValueError("expression too long")
     try:
-        tree = ast.parse(expression, mode="eval")
+        tree = _pyast.parse(expression, mode="eval")
     except SyntaxError as exc:
         raise ValueError(f"not an arithmetic expression: {exc.msg}") from None
     used: list[int] = []

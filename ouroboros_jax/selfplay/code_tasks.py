@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from verifiers._pyast import parse as parse_python
+
 TASK_TYPES: tuple[str, ...] = ("deduction", "abduction", "induction")
 # Imports that make a program nondeterministic or reach outside it; the double run catches the rest.
 FORBIDDEN_MODULES: tuple[str, ...] = (
@@ -67,7 +69,7 @@ class CodeTask:
     @functools.cached_property
     def key(self) -> tuple[str, str, tuple[str, ...]]:
         """Identity for deduplication: type, program up to formatting and comments, inputs."""
-        return self.kind, ast.dump(ast.parse(self.program)), self.inputs
+        return self.kind, ast.dump(parse_python(self.program)), self.inputs
 
     @property
     def held_back(self) -> tuple[tuple[str, str], ...]:
@@ -198,7 +200,7 @@ def check_program(program: str, *, max_chars: int, forbidden: Sequence[str] = FO
     if len(program) > max_chars:
         raise TaskError(f"program longer than {max_chars} characters")
     try:
-        tree = ast.parse(program)
+        tree = parse_python(program)
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
         raise TaskError(f"program does not parse: {e}") from None
     if not any(isinstance(n, ast.FunctionDef) and n.name == "f" for n in tree.body):
