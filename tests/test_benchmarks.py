@@ -159,7 +159,7 @@ def test_run_cpu_step_section_ours_only(capsys, tmp_path):
 
 
 def test_bench_learning_maps_the_quickstart_defaults_onto_trl():
-    """The learning-efficiency comparison accepts the quickstart as it ships, and names a setting it cannot map."""
+    """The learning comparison accepts the shipped quickstart and names a setting it cannot map."""
     import dataclasses
 
     import bench_learning
