@@ -27,12 +27,13 @@ Hugging Face checkpoint. The script ends with one line:
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from hf_run import stop_token_ids
 
 from ouroboros_jax.config import (
     LOSS_PRESETS,
@@ -50,8 +51,6 @@ from ouroboros_jax.selfplay.code_selfplay import CodeSelfPlayConfig, run_code_se
 from ouroboros_jax.sharding import initialize_distributed, make_mesh
 
 SYSTEM_PROMPT = "You are an expert Python programmer. Follow the requested format exactly."
-# Tokens that close a chat turn in common templates; a chat model ends its answer with one of them.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,19 +113,6 @@ def prompt_encoder(tokenizer: Tokenizer, *, chat: bool, system_prompt: str):
     return lambda text: bos + tokenizer.encode(prefix + text)
 
 
-def stop_tokens(path: str, tokenizer: Tokenizer, *, chat: bool) -> tuple[int, ...]:
-    """EOS of the tokenizer and of config.json / generation_config.json, plus end-of-turn tokens for chat."""
-    ids = {tokenizer.eos_id}
-    for name in ("config.json", "generation_config.json"):
-        file = Path(path) / name
-        if file.is_file():
-            eos = json.loads(file.read_text()).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [eos])
-    if chat:
-        ids.update(tokenizer.token_to_id(t) for t in END_OF_TURN)
-    return tuple(sorted(i for i in ids if i is not None))
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     cfg = parse(argv)
     t_start = time.perf_counter()
@@ -138,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     save_json(cfg, run_dir / "config.json")
     chat = cfg.chat_template and bool(tokenizer.chat_template)
     encode = prompt_encoder(tokenizer, chat=chat, system_prompt=cfg.system_prompt)
-    stops = stop_tokens(cfg.model.path, tokenizer, chat=chat)
+    stops = stop_token_ids(cfg.model.path, tokenizer, chat=chat)
     print(f"code_selfplay: {model_config.num_params():,} parameters from {cfg.model.path}; "
           f"{cfg.selfplay.steps} steps, task types {', '.join(cfg.selfplay.task_types)}")
     with MetricsLogger.from_config(cfg.logging, total_steps=cfg.selfplay.steps) as logger:

@@ -432,6 +432,8 @@ def _load_script():
     from pathlib import Path
 
     file = Path(__file__).parents[1] / "experiments" / "code_selfplay.py"
+    if str(file.parent) not in sys.path:
+        sys.path.insert(0, str(file.parent))  # the script imports the shared experiments/hf_run.py
     spec = importlib.util.spec_from_file_location("code_selfplay_script", file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
@@ -481,7 +483,7 @@ def test_experiment_prompts_use_the_chat_template_and_its_stop_tokens(tmp_path):
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     plain = script.prompt_encoder(tokenizer, chat=False, system_prompt="S")
     assert tokenizer.decode(plain("hi")) == "S\n\nhi"
-    assert script.stop_tokens(str(tmp_path), tokenizer, chat=True) == (2,)
+    assert script.stop_token_ids(str(tmp_path), tokenizer, chat=True) == (2,)
     with pytest.raises(ConfigError, match="model.path: name a Hugging Face checkpoint"):
         script.load_policy(script.parse([]), mesh=None)
 
