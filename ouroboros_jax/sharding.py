@@ -48,7 +48,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 # Logical axes of the arrays that flow through the sampler and the update step.
 ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
     "tokens_BT": ("batch", "length"),
-    "kv_cache_LBSKH": ("layers", "batch", "cache_length", "act_kv_heads", "head_dim"),
+    "kv_cache_LBKSH": ("layers", "batch", "act_kv_heads", "cache_length", "head_dim"),
 }
 
 

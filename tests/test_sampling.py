@@ -104,6 +104,24 @@ def test_greedy_equals_cache_free_argmax_for_mixed_lengths():
     assert len(set(map(tuple, ref))) == len(PROMPTS)  # the prompts really lead different ways
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_unrolled_layer_loop_equals_scan(temperature):
+    params = model_params()
+    kw = dict(max_new_tokens=N_NEW, num_samples=2, temperature=temperature, rng=jax.random.key(7))
+    scan = generate(params, CFG, PROMPTS, layer_loop="scan", **kw)
+    unroll = generate(params, CFG, PROMPTS, layer_loop="unroll", **kw)
+    np.testing.assert_array_equal(unroll.tokens, scan.tokens)
+    np.testing.assert_allclose(unroll.policy_logprobs, scan.policy_logprobs, atol=1e-5)
+    if temperature == 0.0:
+        np.testing.assert_array_equal(unroll.tokens[0::2], reference_greedy(params, CFG, PROMPTS, N_NEW))
+
+
+def test_auto_layer_loop_unrolls_long_caches_on_cpu():
+    assert not sampling._unroll_layers("auto", None, sampling.UNROLL_MIN_CACHE_SLOTS - 1)
+    assert sampling._unroll_layers("auto", None, sampling.UNROLL_MIN_CACHE_SLOTS)
+    assert sampling._unroll_layers("unroll", None, 8) and not sampling._unroll_layers("scan", None, 4096)
+
+
 def test_prompt_as_padded_array_with_mask_equals_lists():
     params = model_params()
     width = 20
@@ -315,6 +333,8 @@ def test_bad_input_is_named():
         generate(params, CFG, PROMPTS, stop_token_ids=(64,), **kw)
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(params, CFG, PROMPTS, max_new_tokens=250, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="layer_loop"):
+        generate(params, CFG, PROMPTS, layer_loop="unrolled", **kw)
     with pytest.raises(ValueError, match="equal 2-D shapes"):
         pack_prompts(np.ones((2, 3), np.int32), np.ones((2, 4), bool))
 
@@ -332,6 +352,8 @@ def test_eight_devices_equal_one_device():
     one = generate(params, CFG, PROMPTS[:3], **kw)
     eight = generate(sharded, CFG, PROMPTS[:3], mesh=mesh, **kw)
     np.testing.assert_array_equal(eight.tokens, one.tokens)
+    unrolled = generate(sharded, CFG, PROMPTS[:3], mesh=mesh, layer_loop="unroll", **kw)
+    np.testing.assert_array_equal(unrolled.tokens, one.tokens)
     np.testing.assert_array_equal(eight.lengths, one.lengths)
     np.testing.assert_allclose(eight.logprobs, one.logprobs, atol=1e-5)
     np.testing.assert_allclose(eight.policy_logprobs, one.policy_logprobs, atol=1e-5)
@@ -342,7 +364,7 @@ def test_mesh_that_does_not_divide_the_kv_heads_is_an_error():
 
     cfg = ModelConfig(**{**CFG.__dict__, "n_kv_heads": 1})
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
-    with pytest.raises(ConfigError, match=r"kv_cache: dimension 3 \(act_kv_heads\) of size 1"):
+    with pytest.raises(ConfigError, match=r"kv_cache: dimension 2 \(act_kv_heads\) of size 1"):
         generate(model_params(), cfg, PROMPTS, max_new_tokens=2, mesh=mesh, rng=jax.random.key(0))
 
 

@@ -154,61 +154,164 @@ def apply_rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"],
 
 
 class KVCache(NamedTuple):
-    """Keys and values for every layer: [L, B, S, K, H]."""
+    """Keys and values for every layer: [L, B, K, S, H].
 
-    k: Float[Array, "L B S K H"]
-    v: Float[Array, "L B S K H"]
+    Heads come before slots so that a layer's [B, K, S, H] block is already in
+    the layout of the attention's batched matmuls (batch dims B, K leading, the
+    slots and head dim contiguous): a decode step reads the cache once instead
+    of first copying it into that layout.
+    """
+
+    k: Float[Array, "L B K S H"]
+    v: Float[Array, "L B K S H"]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty cache of `length` slots, in the compute dtype."""
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, dtype_of(cfg.compute_dtype))
-    return KVCache(zeros, zeros)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+    dtype = dtype_of(cfg.compute_dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))  # two buffers, so both can be donated
 
 
-def _attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, cfg: ModelConfig):
+def _attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, cfg: ModelConfig):
+    """Softmax attention of queries [B, T, N, H] over keys and values [B, K, S, H]."""
     B, T, N, H = q_BTNH.shape
     q = q_BTNH.reshape(B, T, cfg.n_kv_heads, cfg.q_per_kv, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32)
+    if T == 1:
+        return _decode_attention(q[:, 0], k_BKSH, v_BKSH, allowed_BTS[:, 0]).reshape(B, 1, N, H)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(H)
     scores = jnp.where(allowed_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BKSH)
     return out.reshape(B, T, N, H)
+
+
+def _decode_attention(q_BKGH, k_BKSH, v_BKSH, allowed_BS):
+    """One query per row (a decode step): the same softmax attention, oriented for a KV cache.
+
+    With one query, each (row, kv head) is a [G, H] x [H, S] product: a few
+    query vectors against the whole cache, which bounds the step by how fast
+    the cache is read. The key product is written with the cache as the left
+    operand ([S, H] x [H, G], contraction on the minor axis of both) and the
+    value product as probs [G, S] x values [S, H] with a [G, H] result: in
+    those orientations XLA's CPU matmul streams the cache as it lies, while
+    the mirrored forms (q x k^T, or a transposed output) repack the cache
+    first and ran 6-7x slower at 1k slots. The transposes left are of the
+    small [S, G] scores.
+    """
+    H = q_BKGH.shape[-1]
+    scores = jnp.einsum("BKSH,BKGH->BKSG", k_BKSH, q_BKGH, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(H)
+    scores = jnp.where(allowed_BS[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=2).astype(v_BKSH.dtype)
+    probs_BKGS = jax.lax.optimization_barrier(probs.transpose(0, 1, 3, 2))
+    return jnp.einsum("BKGS,BKSH->BKGH", probs_BKGS, v_BKSH)
 
 
 # Causal self-attention without a cache runs over query blocks of at least this
 # many positions (at most _MAX_QUERY_BLOCKS blocks); see `_causal_attention`.
 _MIN_QUERY_BLOCK = 64
-_MAX_QUERY_BLOCKS = 4
+_MAX_QUERY_BLOCKS = 8
 
 
-def _causal_attention(q_BTNH, k_BTKH, v_BTKH, allowed_BTT, cfg: ModelConfig):
-    """`_attention` when query t sits at key slot t: each query block sees only the keys up to its end.
-
-    A key after the last query of a block is masked for every query in it, so
-    its score only ever added exp(min - max) = 0 to the softmax: dropping it
-    leaves every real query's output as it was, and skips that part of the
-    score and probability work, forward and backward (a quarter at 2 blocks,
-    3/8 at 4, which was ~10% of the layers' time at T=288 on CPU). Blocks are
-    equal splits of T, no shorter than _MIN_QUERY_BLOCK (short sequences run
-    in one piece) and at most _MAX_QUERY_BLOCKS of them, so the program grows
-    by a bounded number of einsums. A query that sees no real key at all (a
-    left-padding position) gets a uniform average over its block's keys
-    instead of all T: a value no real token reads.
-    """
-    T = q_BTNH.shape[1]
+def _query_blocks(T: int) -> list[tuple[int, int]]:
+    """Equal splits [start, end) of T, no shorter than _MIN_QUERY_BLOCK, at most _MAX_QUERY_BLOCKS."""
     n_blocks = max(1, min(_MAX_QUERY_BLOCKS, T // _MIN_QUERY_BLOCK))
-    if n_blocks == 1:
-        return _attention(q_BTNH, k_BTKH, v_BTKH, allowed_BTT, cfg)
     size = -(-T // n_blocks)
-    outs = []
-    for start in range(0, T, size):
-        end = min(start + size, T)
-        outs.append(_attention(q_BTNH[:, start:end], k_BTKH[:, :end], v_BTKH[:, :end],
-                               allowed_BTT[:, start:end, :end], cfg))
-    return jnp.concatenate(outs, axis=1)
+    return [(start, min(start + size, T)) for start in range(0, T, size)]
+
+
+def _block_scores(q_BTKGH, k_BKSH, allowed_BTS):
+    """Masked float32 scores [B, K, G, Tq, S] of one query block."""
+    H = q_BTKGH.shape[-1]
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(H)
+    return jnp.where(allowed_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+
+
+def _causal_forward(q, k, v, allowed):
+    """Block by block: outputs [B, T, K, G, H] and each row's softmax max and sum [B, K, G, T]."""
+    T = q.shape[1]
+    outs, maxes, sums = [], [], []
+    for start, end in _query_blocks(T):
+        scores = _block_scores(q[:, start:end], k[:, :, :end], allowed[:, start:end, :end])
+        m = jnp.max(scores, axis=-1, keepdims=True)
+        e = jnp.exp(scores - m)
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        probs = (e / total).astype(v.dtype)
+        outs.append(jnp.einsum("BKGTS,BKSH->BTKGH", probs, v[:, :, :end]))
+        maxes.append(m[..., 0])
+        sums.append(total[..., 0])
+    return (jnp.concatenate(outs, axis=1), jnp.concatenate(maxes, axis=-1),
+            jnp.concatenate(sums, axis=-1))
+
+
+@jax.custom_vjp
+def _causal_attention_core(q_BTKGH, k_BKTH, v_BKTH, allowed_BTT):
+    return _causal_forward(q_BTKGH, k_BKTH, v_BKTH, allowed_BTT)[0]
+
+
+def _causal_core_fwd(q, k, v, allowed):
+    out, m, total = _causal_forward(q, k, v, allowed)
+    return out, (q, k, v, allowed, out, m, total)
+
+
+def _causal_core_bwd(res, d_out):
+    """The softmax-attention gradient, recomputing each block's probabilities from (max, sum).
+
+    With P = softmax(S) and O = P V: dV = P^T dO, dP = dO V^T,
+    dS = P * (dP - rowsum(dO * O)), dQ = dS K / sqrt(H), dK = dS^T Q / sqrt(H).
+    """
+    q, k, v, allowed, out, m, total = res
+    H = q.shape[-1]
+    delta = jnp.einsum("BTKGH,BTKGH->BKGT", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    dqs = []
+    for start, end in _query_blocks(q.shape[1]):
+        q_i, do_i = q[:, start:end], d_out[:, start:end]
+        k_j, v_j = k[:, :, :end], v[:, :, :end]
+        scores = _block_scores(q_i, k_j, allowed[:, start:end, :end])
+        probs = jnp.exp(scores - m[..., start:end, None]) / total[..., start:end, None]
+        # Products come out in the compute dtype (XLA's CPU fallback matmul has no
+        # bfloat16 x bfloat16 -> float32) and are summed over blocks in float32.
+        dv = dv.at[:, :, :end].add(jnp.einsum("BKGTS,BTKGH->BKSH", probs.astype(v.dtype), do_i))
+        dp = jnp.einsum("BTKGH,BKSH->BKGTS", do_i, v_j, preferred_element_type=jnp.float32)
+        ds = (probs * (dp - delta[..., start:end, None]) / math.sqrt(H)).astype(q.dtype)
+        dqs.append(jnp.einsum("BKGTS,BKSH->BTKGH", ds, k_j))
+        dk = dk.at[:, :, :end].add(jnp.einsum("BKGTS,BTKGH->BKSH", ds, q_i))
+    dq = jnp.concatenate(dqs, axis=1)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_causal_attention_core.defvjp(_causal_core_fwd, _causal_core_bwd)
+
+
+def _causal_attention(q_BTNH, k_BKTH, v_BKTH, allowed_BTT, cfg: ModelConfig):
+    """`_attention` when query t sits at key slot t, in query blocks with a hand-written gradient.
+
+    Each query block sees only the keys up to its own end: a key after the
+    block's last query is masked for every query in it, so it only ever added
+    exp(min - max) = 0 to the softmax, and dropping it leaves every real
+    query's output as it was while skipping that part of the score work
+    (nearly half of it at 8 blocks). The gradient recomputes each block's
+    probabilities from the saved row max and sum instead of keeping the
+    [B, N, T, T] float32 scores and probabilities of every layer for the
+    backward pass (285 MB per layer at 16 rows of 1056 tokens): the update
+    step's memory then grows with T, not T^2, and the largest temporary is
+    one block's [B, N, T/8, T]. Blocks are equal splits of T, no shorter than
+    _MIN_QUERY_BLOCK (short sequences run in one piece) and at most
+    _MAX_QUERY_BLOCKS of them, so the program grows by a bounded number of
+    einsums. A query that sees no real key at all (a left-padding position)
+    gets a uniform average over its block's keys instead of all T: a value no
+    real token reads.
+    """
+    B, T, N, H = q_BTNH.shape
+    if len(_query_blocks(T)) == 1:
+        return _attention(q_BTNH, k_BKTH, v_BKTH, allowed_BTT, cfg)
+    q = q_BTNH.reshape(B, T, cfg.n_kv_heads, cfg.q_per_kv, H)
+    return _causal_attention_core(q, k_BKTH, v_BKTH, allowed_BTT).reshape(B, T, N, H)
 
 
 def _dot(x: Float[Array, "M A"], w: Float[Array, "A C"]) -> Float[Array, "M C"]:
@@ -226,9 +329,11 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cach
     """One decoder layer. Returns the new residual stream and (k, v).
 
     Without a cache (k, v) are this layer's keys and values. With one,
-    `cache_kv` is the whole stacked cache [L, B, S, K, H]: only the T new slots
+    `cache_kv` is the whole stacked cache [L, B, K, S, H]: only the T new slots
     of `layer` are written, so a decode step updates the cache in place instead
-    of copying every layer's slots, and (k, v) is the updated stack.
+    of copying every layer's slots, and (k, v) is the updated stack. With
+    `layer=None`, `cache_kv` is this layer's own cache [B, K, S, H] (the
+    unstacked form, see `unstack_layers`) and (k, v) is that cache updated.
     """
     cdt = dtype_of(cfg.compute_dtype)
     w = {k: v.astype(cdt) for k, v in p.items()}
@@ -244,10 +349,17 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cach
         q = rms_norm(q, w["q_norm_LH"], cfg.norm_eps)
         k = rms_norm(k, w["k_norm_LH"], cfg.norm_eps)
     q = apply_rope(q, positions_BT, inv_freq)
-    k = apply_rope(k, positions_BT, inv_freq)
-    if cache_kv is not None:
+    k = apply_rope(k, positions_BT, inv_freq).transpose(0, 2, 1, 3)  # B K T H
+    v = v.transpose(0, 2, 1, 3)
+    if cache_kv is not None and layer is None:  # this layer's own cache [B, K, S, H]
         ck, cv = cache_kv
-        start = (layer, 0, cache_index, 0, 0)
+        start = (0, 0, cache_index, 0)
+        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+        attn = _attention(q, k, v, allowed_BTS, cfg)
+    elif cache_kv is not None:
+        ck, cv = cache_kv
+        start = (layer, 0, 0, cache_index, 0)
         k = ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
         v = cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
         k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (ck, cv))
@@ -290,9 +402,13 @@ def hidden_states(
       hidden [B, T, D] in the compute dtype, and the updated cache (or None).
     """
     B, T = tokens.shape
+    unstacked = isinstance(params["layers"], tuple)
+    if cache is not None and unstacked != isinstance(cache.k, tuple):
+        raise ValueError("hidden_states: params['layers'] and the cache must be both stacked or both "
+                         "unstacked (see unstack_layers / unstack_cache)")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T)[None] + cache_index, (B, T))
-    S = T if cache is None else cache.k.shape[2]
+    S = T if cache is None else (cache.k[0].shape[2] if unstacked else cache.k.shape[3])
     if kv_mask is None:
         kv_mask = jnp.ones((B, S), bool)
     q_slot = jnp.arange(T) + cache_index
@@ -300,6 +416,16 @@ def hidden_states(
     cdt = dtype_of(cfg.compute_dtype)
     x = params["embed_VD"].astype(cdt)[tokens]
     inv_freq = rope_inv_freq(cfg)
+
+    if unstacked:  # one program piece per layer, each reading its own weights and cache
+        new_k, new_v = [], []
+        for i, p in enumerate(params["layers"]):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = _layer(cfg, inv_freq, x, p, positions, allowed, kv, cache_index, None)
+            new_k.append(k)
+            new_v.append(v)
+        x = rms_norm(x, params["final_norm_D"], cfg.norm_eps)
+        return x, (None if cache is None else KVCache(tuple(new_k), tuple(new_v)))
 
     # The cache rides in the scan carry (not in xs/ys) so that each layer writes only
     # its new slots in place; as a scanned output it would be copied whole every call.
@@ -319,6 +445,33 @@ def hidden_states(
     return x, new_cache
 
 
+def unstack_layers(params: Params, cfg: ModelConfig) -> Params:
+    """The params with "layers" as a tuple of one dict per layer (slices of the stacked arrays).
+
+    `hidden_states` given such params runs the layers as an unrolled loop
+    instead of a `lax.scan`: a longer program, but each layer reads its own
+    weights (and, with an unstacked cache, its own cache arrays) as they lie.
+    Under a scan, XLA's CPU backend copies every layer's weight and cache
+    slices out of the stacked arrays before using them, which in a decode
+    step costs more than the step's own reads. Do the split once, outside
+    a loop, so the slices are taken once.
+    """
+    layers = params["layers"]
+    per_layer = tuple({k: v[i] for k, v in layers.items()} for i in range(cfg.n_layers))
+    return {**params, "layers": per_layer}
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """A stacked cache [L, B, K, S, H] as L per-layer arrays [B, K, S, H] (for unstacked params)."""
+    L = cache.k.shape[0]
+    return KVCache(tuple(cache.k[i] for i in range(L)), tuple(cache.v[i] for i in range(L)))
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+    """The inverse of `unstack_cache`."""
+    return KVCache(jnp.stack(cache.k), jnp.stack(cache.v))
+
+
 def lm_head(params: Params, cfg: ModelConfig) -> Float[Array, "D V"]:
     """The output projection: the tied embedding transposed, or the separate head."""
     if "lm_head_DV" in params:
@@ -330,6 +483,13 @@ def logits_from_hidden(
     params: Params, cfg: ModelConfig, hidden: Float[Array, "B T D"]
 ) -> Float[Array, "B T V"]:
     """Logits in float32 from hidden states."""
+    if hidden.shape[1] == 1 and "lm_head_DV" not in params:
+        # A decode step with a tied head: [V, D] x [D, B] streams the embedding as it
+        # lies (twice the throughput of [B, D] x [D, V] on XLA's CPU matmul, which
+        # repacks its right operand); the [V, B] result is small to transpose.
+        w_VD = params["embed_VD"].astype(hidden.dtype)
+        logits_VB = jnp.einsum("VD,BD->VB", w_VD, hidden[:, 0], preferred_element_type=jnp.float32)
+        return jax.lax.optimization_barrier(logits_VB).T[:, None]
     w = lm_head(params, cfg).astype(hidden.dtype)
     return jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
 
