@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "until its greedy accuracy target on training problems)")
     p.add_argument("--eval-size", type=int, default=200, help="held-out problems")
     p.add_argument("--libraries", default="ours,trl", help="ours, trl, or both (comma-separated)")
+    p.add_argument("--compilation-cache", default=None,
+                   help="XLA's persistent compilation cache directory ('' turns it off; default: the "
+                        "quickstart's, ~/.cache/ouroboros_jax/xla). A second run loads our compiled programs")
     p.add_argument("--work-dir", default="", help="keep checkpoints and runs here (default: a temp dir)")
     p.add_argument("--trl-run", default="", help=argparse.SUPPRESS)  # internal: the TRL child process
     a = p.parse_args(argv)
@@ -300,8 +303,16 @@ def main(argv=None) -> list[dict]:
     cfg = dataclasses.replace(DEFAULT, seed=a.seed,
                               train=dataclasses.replace(DEFAULT.train, steps=a.steps, eval_every=0))
     check_settings(cfg)
+    from ouroboros_jax.trainer import use_compilation_cache
+
+    cache = use_compilation_cache(a.compilation_cache if a.compilation_cache is not None
+                                  else cfg.compilation_cache_dir)
+    cfg = dataclasses.replace(cfg, compilation_cache_dir=str(cache or ""))
     warm_steps = a.warmstart_steps
     print(f"machine: {machine()}; load average {' '.join(f'{x:.2f}' for x in load_average())}")
+    entries = len(list(cache.iterdir())) if cache else 0
+    print(f"compilation cache: {cache or 'off'}" + (f" ({entries} entries before this run: "
+          f"{'warm' if entries else 'cold'})" if cache else ""))
     print(", ".join(f"{k} {v}" for k, v in package_versions(("jax", "torch", "transformers", "trl")).items()
                     if v))
     warm = (f"{warm_steps} steps" if warm_steps is not None

@@ -50,7 +50,7 @@ from ouroboros_jax.metrics import MetricsLogger, plot_run
 from ouroboros_jax.models import Tokenizer
 from ouroboros_jax.sharding import init_sharded, make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
-from ouroboros_jax.trainer import Task, train
+from ouroboros_jax.trainer import Task, train, use_compilation_cache
 
 TOKENIZER = Tokenizer.char_level("0123456789+-*=? .Whatis")
 
@@ -69,6 +69,7 @@ DEFAULT = ExperimentConfig(
     warmstart=WarmStartConfig(steps=1000, batch_size=64, learning_rate=1e-3, target_accuracy=0.7),
     verifier=VerifierConfig(names=("math_any",), weights=(1.0,), num_workers=1, timeout_s=10.0),
     logging=LoggingConfig(run_dir="runs/quickstart"),
+    compilation_cache_dir="~/.cache/ouroboros_jax/xla",  # a second run skips most of the compiling
 )
 
 
@@ -118,6 +119,7 @@ def main() -> None:
         raise ConfigError("train.eval_every and train.eval_size must be > 0: the quickstart reports held-out "
                           "accuracy before and after RL")
     t_start = time.perf_counter()
+    use_compilation_cache(cfg.compilation_cache_dir)  # before the warm-start compiles anything
     mesh = make_mesh(cfg.mesh)
     params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
     problems = dict(digits=cfg.data.digits, operations=cfg.data.operations, fixed_width=cfg.data.fixed_width)

@@ -430,6 +430,9 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    # XLA's persistent compilation cache ("" leaves JAX's own setting): a program
+    # compiled once is loaded from this directory by later runs of the same shapes.
+    compilation_cache_dir: str = ""
 
     def __post_init__(self) -> None:
         batch = self.rollout_batch_size

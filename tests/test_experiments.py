@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 pytest.importorskip("torch")
@@ -368,15 +369,29 @@ def test_gsm8k_grpo_two_steps_on_shared_test_split(tmp_path, qwen_ckpt):
 
 
 def test_quickstart_tiny_run_ends_with_the_summary_line(tmp_path, monkeypatch, capsys):
+    from jax.experimental.compilation_cache.compilation_cache import reset_cache
+
+    from ouroboros_jax.trainer import use_compilation_cache
+
+    previous_cache = jax.config.jax_compilation_cache_dir
     module = load_script("quickstart")
     run_dir = tmp_path / "qs"
     tiny = ["--model.d_model", "32", "--model.n_heads", "2", "--model.n_kv_heads", "2",
             "--model.head_dim", "16", "--model.d_ff", "64", "--warmstart.steps", "20",
             "--warmstart.check_every", "10",
             "--train.steps", "2", "--train.prompts_per_step", "8", "--train.eval_every", "2",
-            "--train.eval_size", "8", "--sampling.eval_num_samples", "2", "--logging.run_dir", str(run_dir)]
+            "--train.eval_size", "8", "--sampling.eval_num_samples", "2", "--logging.run_dir", str(run_dir),
+            "--compilation_cache_dir", str(tmp_path / "xla")]
     monkeypatch.setattr(sys, "argv", ["quickstart.py", *tiny])
-    module.main()
+    try:
+        module.main()
+        cached = list((tmp_path / "xla").iterdir())
+    finally:
+        use_compilation_cache(previous_cache or "")
+        if not previous_cache:
+            jax.config.update("jax_compilation_cache_dir", None)
+            reset_cache()
+    assert len(cached) >= 2  # the compiled programs (sampler, update, warm-start step) were saved
     out = capsys.readouterr().out
     assert out.count("quickstart: warm-start step") == 2  # checked every 10 steps, the target never reached
     summary = out.strip().splitlines()[-1]
