@@ -324,6 +324,18 @@ def _dot(x: Float[Array, "M A"], w: Float[Array, "A C"]) -> Float[Array, "M C"]:
     return jnp.dot(x, w)
 
 
+@jax.checkpoint
+def _swiglu(gate, up):
+    """silu(gate) * up, recomputed in the backward pass from (gate, up).
+
+    Without the checkpoint the backward pass keeps sigmoid(gate) and the
+    product as well, two more [B*T, F] arrays per layer (the largest
+    activations of a layer): 190 MB over 4 layers of 16 x 1056 rows at F=704.
+    The recomputation is one elementwise pass.
+    """
+    return jax.nn.silu(gate) * up
+
+
 def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cache_kv, cache_index,
            layer=0):
     """One decoder layer. Returns the new residual stream and (k, v).
@@ -374,7 +386,7 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, allowed_BTS, cach
         out = out + w["o_bias_LD"]
     x_BTD = x_BTD + out
     h = rms_norm(x_BTD, w["mlp_norm_LD"], cfg.norm_eps).reshape(B * T, D)
-    hidden = jax.nn.silu(_dot(h, w["gate_LDF"])) * _dot(h, w["up_LDF"])
+    hidden = _swiglu(_dot(h, w["gate_LDF"]), _dot(h, w["up_LDF"]))
     x_BTD = x_BTD + _dot(hidden, w["down_LFD"]).reshape(B, T, D)
     return x_BTD, (k, v)
 
