@@ -159,7 +159,8 @@ class KVCache(NamedTuple):
     Heads come before slots so that a layer's [B, K, S, H] block is already in
     the layout of the attention's batched matmuls (batch dims B, K leading, the
     slots and head dim contiguous): a decode step reads the cache once instead
-    of first copying it into that layout.
+    of first copying it into that layout. `unstack_cache` gives the unstacked
+    form: k and v as tuples of L arrays [B, K, S, H].
     """
 
     k: Float[Array, "L B K S H"]
@@ -466,7 +467,8 @@ def unstack_layers(params: Params, cfg: ModelConfig) -> Params:
     Under a scan, XLA's CPU backend copies every layer's weight and cache
     slices out of the stacked arrays before using them, which in a decode
     step costs more than the step's own reads. Do the split once, outside
-    a loop, so the slices are taken once.
+    a loop, so the slices are taken once. Meant for inference: the unrolled
+    loop does not apply `cfg.remat`.
     """
     layers = params["layers"]
     per_layer = tuple({k: v[i] for k, v in layers.items()} for i in range(cfg.n_layers))
