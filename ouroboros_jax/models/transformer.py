@@ -180,10 +180,7 @@ def _attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, cfg: ModelConfig):
     q = q_BTNH.reshape(B, T, cfg.n_kv_heads, cfg.q_per_kv, H)
     if T == 1:
         return _decode_attention(q[:, 0], k_BKSH, v_BKSH, allowed_BTS[:, 0]).reshape(B, 1, N, H)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(H)
-    scores = jnp.where(allowed_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+    probs = jax.nn.softmax(_block_scores(q, k_BKSH, allowed_BTS), axis=-1).astype(v_BKSH.dtype)
     out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BKSH)
     return out.reshape(B, T, N, H)
 
