@@ -422,17 +422,19 @@ def train_state_shardings(
     mesh: Mesh,
     *,
     with_reference: bool = False,
+    head: str = "lm",
 ) -> TrainState:
     """Shardings of every leaf of the TrainState: optimizer moments as their parameter.
 
     An optimizer-state leaf whose trailing dict keys name a parameter (and has
     its shape) takes that parameter's sharding; counters, hyperparameters and
-    the step are replicated.
+    the step are replicated. `head` is "lm" for a policy and "score" for a
+    reward model (see `param_shapes`).
     """
     replicated = NamedSharding(mesh, PartitionSpec())
-    p_shardings = param_shardings(model_config, mesh)
+    p_shardings = param_shardings(model_config, mesh, head=head)
     is_shape = lambda x: isinstance(x, tuple)
-    shapes = param_shapes(model_config)
+    shapes = param_shapes(model_config, head=head)
     by_keys = {
         tuple(k.key for k in path): (shape, sharding)
         for (path, shape), sharding in zip(jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0],

@@ -7,11 +7,14 @@ Importable without JAX (and without sympy until math is graded):
 * :mod:`verifiers.math`: answer extraction and sympy equivalence.
 * :mod:`verifiers.code`: programs and tests through :mod:`verifiers.sandbox`.
 * :mod:`verifiers.format`, :mod:`verifiers.countdown`: small task verifiers.
+* :func:`parse_python`: ``ast.parse`` that is safe to call from many threads at once
+  (CPython 3.11's AST converter is not; use it in verifiers that read Python source).
 
 Registered names: ``math``, ``math_any``, ``code``, ``code_partial``, ``format``,
 ``countdown``, plus whatever :func:`register` adds.
 """
 
+from verifiers._pyast import parse as parse_python
 from verifiers.base import (
     Routed,
     Verdict,
@@ -37,6 +40,7 @@ __all__ = [
     "combine",
     "get",
     "names",
+    "parse_python",
     "register",
     "resolve",
     "route",

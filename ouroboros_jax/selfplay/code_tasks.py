@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from verifiers._pyast import parse as parse_python
+from verifiers import parse_python
 
 TASK_TYPES: tuple[str, ...] = ("deduction", "abduction", "induction")
 # Imports that make a program nondeterministic or reach outside it; the double run catches the rest.

@@ -47,12 +47,12 @@ from ouroboros_jax.config import MeshConfig, ModelConfig
 from ouroboros_jax.models.hf import export_hf_checkpoint, load_hf_checkpoint
 from ouroboros_jax.models.reward import reward_scores
 from ouroboros_jax.models.safetensors_io import CheckpointError
-from ouroboros_jax.models.transformer import Params, param_shapes
+from ouroboros_jax.models.transformer import Params
 from ouroboros_jax.rollout import RewardFn
 from ouroboros_jax.sampling import DEFAULT_PROMPT_LEN_BUCKETS, SampleOutput, generate
 from ouroboros_jax.selfplay.preference import EncodedPairs, PairBatch, epoch_batches, pair_batch, pair_widths
 from ouroboros_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
-from ouroboros_jax.train_step import TrainState, learning_rate_of, make_optimizer
+from ouroboros_jax.train_step import TrainState, learning_rate_of, make_optimizer, train_state_shardings
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -93,24 +93,7 @@ def load_reward_model(path: str | os.PathLike[str], *, dtype: str = "float32",
 def reward_model_state_shardings(model_config: ModelConfig, optimizer: optax.GradientTransformation,
                                  mesh: Mesh) -> TrainState:
     """Shardings of a reward model's TrainState: optimizer moments as their parameter, the rest replicated."""
-    p_shardings = param_shardings(model_config, mesh, head="score")
-    shapes = param_shapes(model_config, head="score")
-    is_shape = lambda x: isinstance(x, tuple)
-    flat_shapes = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]
-    by_keys = {tuple(k.key for k in path): (shape, sharding)
-               for (path, shape), sharding in zip(flat_shapes, jax.tree.leaves(p_shardings), strict=True)}
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=is_shape)
-
-    def one(path, leaf):
-        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-        for start in range(len(keys)):
-            shape, sharding = by_keys.get(keys[start:], (None, None))
-            if shape is not None and tuple(shape) == tuple(leaf.shape):
-                return sharding
-        return replicated(mesh)
-
-    opt = jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, abstract))
-    return TrainState(replicated(mesh), p_shardings, opt, replicated(mesh), None)
+    return train_state_shardings(model_config, optimizer, mesh, head="score")
 
 
 def reward_model_step(
