@@ -485,7 +485,8 @@ def make_train_step(
     Returns:
       `(step_fn, state_shardings)`: `step_fn(state, batch, loss_start=0) -> (state, metrics)`
       (`loss_start` static, see `train_step`) and the TrainState of shardings
-      to create the state in.
+      to create the state in. `step_fn.jitted` is the jitted program, e.g. for
+      `step_fn.jitted.lower(state, batch, 0).compile().memory_analysis()`.
     """
     if with_reference is None:
         with_reference = step_kwargs.get("kl_coef", 0.0) != 0
@@ -510,4 +511,6 @@ def make_train_step(
         # jit takes no keyword arguments once in_shardings are given; this keeps `loss_start=` callable.
         return jitted(state, batch, loss_start)
 
+    # The jitted program itself, for ahead-of-time use: step_fn.jitted.lower(state, batch, loss_start).
+    step_fn.jitted = jitted
     return step_fn, state_shardings

@@ -169,3 +169,29 @@ def test_bench_learning_maps_the_quickstart_defaults_onto_trl():
     epochs = dataclasses.replace(default, train=dataclasses.replace(default.train, inner_epochs=2))
     with pytest.raises(SystemExit, match="train.inner_epochs is 2"):
         bench_learning.check_settings(epochs)
+
+
+@pytest.mark.slow
+def test_profile_update_cpu_reports_temp_memory_faults_and_matmuls():
+    """The CPU update profile (a subprocess: its trace flag must be set before JAX starts)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(BENCH / "profile_update_cpu.py"), "--tiny", "--top", "40"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout.splitlines()
+    tables, rows = [], []
+    for line in out + [""]:
+        if line.startswith("|-"):  # a header's separator row
+            continue
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif rows:
+            tables.append(rows)
+            rows = []
+    summary, ops, kinds = ({name: value for name, value in zip(t[0], t[1], strict=True)} if i == 0 else t
+                           for i, t in enumerate(tables))
+    assert float(summary["step s"]) > 0 and float(summary["temp MiB"]) > 0
+    assert float(summary["minor faults"].replace(",", "")) >= 0
+    assert ops[0] == ["op", "ms/step", "share", "shape", "from"]
+    # The tiny model's matmuls show up as operations with their shapes.
+    assert any(("dot" in r[0] or "ynn_fusion" in r[0]) and r[3].startswith("f32[") for r in ops[1:])
+    assert 0 < sum(float(r[2]) for r in kinds[1:]) <= 1.0 + 1e-3
