@@ -45,8 +45,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import format_table, machine  # noqa: E402
+from workload import ModelShape, Settings, Workload, model_config  # noqa: E402
 
-from ouroboros_jax.config import MeshConfig, ModelConfig  # noqa: E402
+from ouroboros_jax.config import MeshConfig  # noqa: E402
 from ouroboros_jax.models.transformer import init_params  # noqa: E402
 from ouroboros_jax.sharding import make_mesh  # noqa: E402
 from ouroboros_jax.train_step import Batch, init_train_state, make_optimizer, make_train_step  # noqa: E402
@@ -61,16 +62,12 @@ def _is_op(name: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    shape, work = ModelShape(), Workload()  # the side-by-side benchmark's defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--d-ff", type=int, default=704)
-    p.add_argument("--rows", type=int, default=16, help="sequences per update (prompts x group)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--completion-len", type=int, default=256)
+    for name in ("vocab", "d_model", "layers", "heads", "kv_heads", "d_ff"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(shape, name))
+    for name in ("prompts", "group", "prompt_len", "completion_len"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(work, name))
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one untimed)")
     p.add_argument("--profiled-steps", type=int, default=2)
     p.add_argument("--top", type=int, default=25, help="operations listed")
@@ -78,24 +75,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.vocab, args.d_model, args.layers, args.heads, args.kv_heads, args.d_ff = 128, 32, 2, 2, 1, 64
-        args.rows, args.prompt_len, args.completion_len, args.steps, args.profiled_steps = 4, 4, 8, 2, 1
+        args.prompts, args.group, args.prompt_len, args.completion_len = 2, 2, 4, 8
+        args.steps, args.profiled_steps = 2, 1
+    args.shape = ModelShape(args.vocab, args.d_model, args.layers, args.heads, args.kv_heads, args.d_ff)
+    args.work = Workload(args.prompts, args.group, args.prompt_len, args.completion_len)
     return args
 
 
-def build(args):
-    """The update program, its state and one batch of the benchmark's layout."""
-    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                      n_kv_heads=args.kv_heads, d_ff=args.d_ff, tie_embeddings=True, qkv_bias=True)
+def build(shape: ModelShape, work: Workload):
+    """The update program as worker_ours.py builds it, its state, and one batch of the benchmark's layout."""
+    cfg = model_config(shape, work.seq_len)
+    settings = Settings(directory="", mode="update", work=work)
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
-    tx = make_optimizer(1e-6, max_grad_norm=1.0)
-    step, shardings = make_train_step(cfg, tx, mesh, variant="ppo_clip", clip_low=0.2, clip_high=0.2,
-                                      aggregation="seq_mean_token_mean")
+    tx = make_optimizer(settings.learning_rate, max_grad_norm=settings.max_grad_norm)
+    step, shardings = make_train_step(cfg, tx, mesh, variant="ppo_clip", clip_low=settings.clip,
+                                      clip_high=settings.clip, aggregation="seq_mean_token_mean")
     state = init_train_state(init_params(cfg, jax.random.key(0)), tx, jax.random.key(0), shardings=shardings)
-    B, P, T = args.rows, args.prompt_len, args.prompt_len + args.completion_len
+    B, P, T = work.rows, work.prompt_len, work.seq_len
     rng = np.random.default_rng(0)
     loss_mask = np.zeros((B, T), bool)
     loss_mask[:, P:] = True
-    batch = Batch(jnp.asarray(rng.integers(1, args.vocab, (B, T)), jnp.int32), jnp.ones((B, T), bool),
+    batch = Batch(jnp.asarray(rng.integers(1, shape.vocab, (B, T)), jnp.int32), jnp.ones((B, T), bool),
                   jnp.asarray(loss_mask), jnp.asarray(rng.normal(size=(B, T)) - 9.0, jnp.float32),
                   jnp.asarray(rng.normal(size=B), jnp.float32))
     return step, state, batch
@@ -155,8 +155,8 @@ def kind(name: str) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    step, state, batch = build(args)
-    P = args.prompt_len
+    step, state, batch = build(args.shape, args.work)
+    P = args.work.prompt_len
     state, first, _ = timed_steps(step, state, batch, P, 1)
     state, times, per = timed_steps(step, state, batch, P, args.steps)
     compiled = step.jitted.lower(state, batch, P).compile()  # the same program, compiled ahead of time
@@ -167,13 +167,12 @@ def main(argv=None) -> dict:
         ops = op_times(trace_dir, args.profiled_steps)
     described = op_descriptions(compiled)
 
-    tokens = args.rows * (args.prompt_len + args.completion_len)
+    tokens = args.work.tokens
     summary = {"step s": statistics.median(times), "tokens/s": tokens / statistics.median(times),
                "first step s": first[0], **per, "temp MiB": None if temp is None else temp / 2**20}
     print(f"machine: {machine()}")
-    print(f"model: vocab {args.vocab}, d_model {args.d_model}, {args.layers} layers, "
-          f"{args.heads}/{args.kv_heads} heads, d_ff {args.d_ff}; "
-          f"{args.rows} rows of {args.prompt_len} + {args.completion_len} tokens")
+    print(f"model: {args.shape.describe()}")
+    print(f"workload: {args.work.describe()}")
     print(format_table([summary], floatfmt={"step s": ",.3f", "tokens/s": ",.1f", "first step s": ",.1f",
                                             "minor faults": ",.0f", "user s": ",.3f", "system s": ",.3f",
                                             "temp MiB": ",.1f"}))
