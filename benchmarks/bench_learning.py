@@ -120,7 +120,7 @@ def warm_start(cfg, mesh, steps: int | None):
     """The quickstart's warm-start (until its greedy-accuracy target), or exactly `steps` steps."""
     import jax
 
-    from ouroboros_jax.sharding import init_sharded
+    from ouroboros_jax.models import init_sharded
 
     if steps is not None:
         cfg = dataclasses.replace(cfg, warmstart=dataclasses.replace(cfg.warmstart, steps=steps,

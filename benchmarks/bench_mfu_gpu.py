@@ -36,9 +36,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import machine, median, peak_device_memory_mb, print_table  # noqa: E402
 
+from ouroboros_jax.batch import Batch  # noqa: E402
 from ouroboros_jax.config import MeshConfig, ModelConfig  # noqa: E402
-from ouroboros_jax.sharding import init_sharded, make_mesh  # noqa: E402
-from ouroboros_jax.train_step import Batch, init_train_state, make_optimizer, make_train_step  # noqa: E402
+from ouroboros_jax.models import init_sharded, param_specs  # noqa: E402
+from ouroboros_jax.objectives import policy_gradient  # noqa: E402
+from ouroboros_jax.sharding import batch_sharding, make_mesh  # noqa: E402
+from ouroboros_jax.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
 
 BF16 = dict(dtype="float32", compute_dtype="bfloat16", family="qwen2", qkv_bias=True, tie_embeddings=True,
             rope_theta=1_000_000.0, max_seq_len=32_768)
@@ -110,14 +113,15 @@ def _timed(fn) -> float:
 
 
 def random_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> Batch:
-    """Full rows: a quarter prompt, the rest completion, old log-probs near a uniform policy's."""
+    """Full rows: a quarter prompt (`loss_start`), the rest completion, old log-probs near uniform."""
     rs = np.random.RandomState(seed)
     tokens = rs.randint(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
     loss_mask = np.zeros((batch, seq_len), bool)
     loss_mask[:, seq_len // 4:] = True  # the prompt is the first quarter
     old_logp = np.full((batch, seq_len), -np.log(cfg.vocab_size), np.float32)
     advantages = rs.choice([-1.0, 1.0], batch).astype(np.float32)
-    return Batch(tokens, np.ones((batch, seq_len), bool), loss_mask, old_logp, advantages)
+    return Batch(tokens, np.ones((batch, seq_len), bool), loss_mask, old_logp, advantages,
+                 loss_start=seq_len // 4)
 
 
 def run_one(cfg: ModelConfig, seq_len: int, a: argparse.Namespace, mesh) -> dict:
@@ -126,22 +130,21 @@ def run_one(cfg: ModelConfig, seq_len: int, a: argparse.Namespace, mesh) -> dict
     micro = max(a.micro_tokens // seq_len, 1) if a.micro_tokens else batch_size
     cfg = dataclasses.replace(cfg, remat=not a.no_remat, max_seq_len=max(cfg.max_seq_len, seq_len))
     tx = make_optimizer(1e-6, max_grad_norm=1.0)
-    step, shardings = make_train_step(cfg, tx, mesh, micro_batch_size=micro, logprob_chunk=a.logprob_chunk,
-                                      variant="ppo_clip", clip_low=0.2, clip_high=0.28,
-                                      aggregation="token_mean")
+    objective = policy_gradient(cfg, variant="ppo_clip", clip_low=0.2, clip_high=0.28,
+                                aggregation="token_mean", logprob_chunk=a.logprob_chunk)
+    step, shardings = make_train_step(objective, tx, mesh, param_specs(cfg), micro_batch_size=micro)
     params = init_sharded(cfg, jax.random.key(0), mesh)
     state = init_train_state(params, tx, jax.random.key(1), shardings=shardings)
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    batch = jax.device_put(random_batch(cfg, batch_size, seq_len), batch_sharding)
-    prompt = seq_len // 4
+    batch = jax.device_put(random_batch(cfg, batch_size, seq_len), batch_sharding(mesh))
+    prompt = batch.loss_start
     start = time.perf_counter()
-    state, metrics = step(state, batch, loss_start=prompt)
+    state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     times = []
     for _ in range(a.steps):
         start = time.perf_counter()
-        state, metrics = step(state, batch, loss_start=prompt)
+        state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_s = median(times)

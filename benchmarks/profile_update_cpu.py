@@ -47,10 +47,12 @@ import numpy as np  # noqa: E402
 from common import format_table, machine  # noqa: E402
 from workload import ModelShape, Settings, Workload, model_config  # noqa: E402
 
+from ouroboros_jax.batch import Batch  # noqa: E402
 from ouroboros_jax.config import MeshConfig  # noqa: E402
-from ouroboros_jax.models.transformer import init_params  # noqa: E402
+from ouroboros_jax.models import init_params, param_specs  # noqa: E402
+from ouroboros_jax.objectives import policy_gradient  # noqa: E402
 from ouroboros_jax.sharding import make_mesh  # noqa: E402
-from ouroboros_jax.train_step import Batch, init_train_state, make_optimizer, make_train_step  # noqa: E402
+from ouroboros_jax.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
 
 # Trace events that are not one XLA operation: runtime scopes, Python frames, and
 # loops (a while event spans its body's operations, which have events of their own).
@@ -88,8 +90,9 @@ def build(shape: ModelShape, work: Workload):
     settings = Settings(directory="", mode="update", work=work)
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
     tx = make_optimizer(settings.learning_rate, max_grad_norm=settings.max_grad_norm)
-    step, shardings = make_train_step(cfg, tx, mesh, variant="ppo_clip", clip_low=settings.clip,
-                                      clip_high=settings.clip, aggregation="seq_mean_token_mean")
+    objective = policy_gradient(cfg, variant="ppo_clip", clip_low=settings.clip, clip_high=settings.clip,
+                                aggregation="seq_mean_token_mean")
+    step, shardings = make_train_step(objective, tx, mesh, param_specs(cfg))
     state = init_train_state(init_params(cfg, jax.random.key(0)), tx, jax.random.key(0), shardings=shardings)
     B, P, T = work.rows, work.prompt_len, work.seq_len
     rng = np.random.default_rng(0)
@@ -97,7 +100,7 @@ def build(shape: ModelShape, work: Workload):
     loss_mask[:, P:] = True
     batch = Batch(jnp.asarray(rng.integers(1, shape.vocab, (B, T)), jnp.int32), jnp.ones((B, T), bool),
                   jnp.asarray(loss_mask), jnp.asarray(rng.normal(size=(B, T)) - 9.0, jnp.float32),
-                  jnp.asarray(rng.normal(size=B), jnp.float32))
+                  jnp.asarray(rng.normal(size=B), jnp.float32), loss_start=P)
     return step, state, batch
 
 
@@ -107,13 +110,13 @@ def temp_bytes(compiled) -> int | None:
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-def timed_steps(step, state, batch, loss_start: int, n: int):
+def timed_steps(step, state, batch, n: int):
     """Run n steps; returns the state, per-step times and per-step faults / CPU seconds."""
     before = resource.getrusage(resource.RUSAGE_SELF)
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        state, metrics = step(state, batch, loss_start=loss_start)
+        state, metrics = step(state, batch)
         float(metrics["loss"])
         times.append(time.perf_counter() - start)
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -156,14 +159,13 @@ def kind(name: str) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     step, state, batch = build(args.shape, args.work)
-    P = args.work.prompt_len
-    state, first, _ = timed_steps(step, state, batch, P, 1)
-    state, times, per = timed_steps(step, state, batch, P, args.steps)
-    compiled = step.jitted.lower(state, batch, P).compile()  # the same program, compiled ahead of time
+    state, first, _ = timed_steps(step, state, batch, 1)
+    state, times, per = timed_steps(step, state, batch, args.steps)
+    compiled = step.jitted.lower(state, batch).compile()  # the same program, compiled ahead of time
     temp = temp_bytes(compiled)
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            state, _, _ = timed_steps(step, state, batch, P, args.profiled_steps)
+            state, _, _ = timed_steps(step, state, batch, args.profiled_steps)
         ops = op_times(trace_dir, args.profiled_steps)
     described = op_descriptions(compiled)
 

@@ -27,19 +27,22 @@ import numpy as np  # noqa: E402
 from common import serve  # noqa: E402
 from workload import Settings, ids_to_text, load_batch, prompt_ids, reward  # noqa: E402
 
+from ouroboros_jax.batch import Batch  # noqa: E402
 from ouroboros_jax.config import MeshConfig  # noqa: E402
-from ouroboros_jax.models import load_hf_checkpoint  # noqa: E402
+from ouroboros_jax.models import load_hf_checkpoint, param_specs  # noqa: E402
+from ouroboros_jax.objectives import policy_gradient  # noqa: E402
 from ouroboros_jax.rollout import RolloutSettings, sample_and_score  # noqa: E402
 from ouroboros_jax.sampling import generate  # noqa: E402
-from ouroboros_jax.sharding import make_mesh  # noqa: E402
-from ouroboros_jax.train_step import Batch, init_train_state, make_optimizer, make_train_step  # noqa: E402
+from ouroboros_jax.sharding import batch_sharding, make_mesh  # noqa: E402
+from ouroboros_jax.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
 from verifiers import Verdict  # noqa: E402
 
 
 def _update_program(s: Settings, cfg, params, mesh):
     tx = make_optimizer(s.learning_rate, max_grad_norm=s.max_grad_norm)
-    step, shardings = make_train_step(cfg, tx, mesh, micro_batch_size=s.micro, variant="ppo_clip",
-                                      clip_low=s.clip, clip_high=s.clip, aggregation="seq_mean_token_mean")
+    objective = policy_gradient(cfg, variant="ppo_clip", clip_low=s.clip, clip_high=s.clip,
+                                aggregation="seq_mean_token_mean")
+    step, shardings = make_train_step(objective, tx, mesh, param_specs(cfg), micro_batch_size=s.micro)
     return step, init_train_state(params, tx, jax.random.key(s.seed), shardings=shardings)
 
 
@@ -68,11 +71,12 @@ def main() -> None:
     elif s.mode == "update":
         step, holder["state"] = _update_program(s, cfg, params, mesh)
         b = load_batch(s.directory)
-        batch = Batch(b["tokens"], b["attention"], b["loss_mask"], b["old_logp"], b["advantages"])
-        batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        batch = Batch(b["tokens"], b["attention"], b["loss_mask"], b["old_logp"], b["advantages"],
+                      loss_start=w.prompt_len)
+        batch = jax.device_put(batch, batch_sharding(mesh))
 
         def run():
-            holder["state"], metrics = step(holder["state"], batch, loss_start=w.prompt_len)
+            holder["state"], metrics = step(holder["state"], batch)
             return {k: float(metrics[k]) for k in ("loss", "grad_norm")}
 
     else:
@@ -87,7 +91,7 @@ def main() -> None:
             rollout = sample_and_score(state.params, cfg, examples, prompts, settings=settings,
                                        decode=ids_to_text, score=score, mesh=mesh,
                                        rng=jax.random.fold_in(jax.random.key(s.seed), holder["n"]))
-            holder["state"], metrics = step(state, rollout.to_batch(), loss_start=w.prompt_len)
+            holder["state"], metrics = step(state, rollout.to_batch())
             return {"loss": float(metrics["loss"]), "reward": float(np.mean(rollout.rewards)),
                     "new_tokens": int(rollout.sample.lengths.sum())}
 

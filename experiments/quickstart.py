@@ -47,8 +47,8 @@ from ouroboros_jax.config import (
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.evaluation import evaluate
 from ouroboros_jax.metrics import MetricsLogger, plot_run
-from ouroboros_jax.models import Tokenizer
-from ouroboros_jax.sharding import init_sharded, make_mesh
+from ouroboros_jax.models import Tokenizer, init_sharded
+from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
 from ouroboros_jax.trainer import Task, train, use_compilation_cache
 

@@ -60,7 +60,7 @@ from ouroboros_jax.config import (
 )
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.metrics import MetricsLogger
-from ouroboros_jax.models import Tokenizer
+from ouroboros_jax.models import Tokenizer, init_sharded
 from ouroboros_jax.selfplay.preference import PreferencePair, encode_pairs
 from ouroboros_jax.selfplay.reward_model import (
     ModelReward,
@@ -70,7 +70,7 @@ from ouroboros_jax.selfplay.reward_model import (
     sampled_reference,
     train_reward_model,
 )
-from ouroboros_jax.sharding import init_sharded, make_mesh
+from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
 from ouroboros_jax.trainer import Task, train
 from verifiers import Verdict

@@ -60,10 +60,10 @@ import tyro
 
 from ouroboros_jax.config import MeshConfig, ModelConfig, WarmStartConfig
 from ouroboros_jax.data import Example, LazyExamples, PromptSource
-from ouroboros_jax.models import Tokenizer
+from ouroboros_jax.models import Tokenizer, init_sharded
 from ouroboros_jax.selfplay.generations import GenerationsConfig, GenerationTask, run_generations
 from ouroboros_jax.selfplay.reports import CollapseGuard, plot_arms
-from ouroboros_jax.sharding import init_sharded, make_mesh
+from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
 from verifiers import Verdict
 

@@ -2,7 +2,7 @@
 
 The host side of one RL step. The sampler runs on the device; decoding to
 text and verification run on the host (the verifier pool's worker processes);
-the result is a `train_step.Batch` whose rows are prompt + completion.
+the result is a `batch.Batch` whose rows are prompt + completion.
 
 DAPO's trainer-side parts live here too: the soft overlong penalty (or masking
 truncated completions out of the loss) and dynamic sampling, which drops groups
@@ -20,9 +20,9 @@ import jax
 import numpy as np
 
 from ouroboros_jax.algorithms import compute_advantages
+from ouroboros_jax.batch import Batch, pack_rows
 from ouroboros_jax.config import ModelConfig
 from ouroboros_jax.sampling import DEFAULT_PROMPT_LEN_BUCKETS, SampleOutput, generate
-from ouroboros_jax.train_step import Batch
 
 # (completions, examples) -> list of verdicts with .score and .correct
 ScoreFn = Callable[[Sequence[str], Sequence[Mapping[str, Any]]], Sequence[Any]]
@@ -78,15 +78,16 @@ class Rollout:
             loss_rows=self.loss_rows[rows], groups_drawn=self.groups_drawn)
 
     def to_batch(self) -> Batch:
-        """The training batch: prompt + completion per row, sampler log-probs as the old policy."""
-        tokens, attention = self.sample.sequences()
-        P = self.sample.prompt_tokens.shape[1]
-        loss_mask = np.zeros_like(attention)
-        loss_mask[:, P:] = self.sample.mask & self.loss_rows[:, None]
-        old = np.zeros(tokens.shape, np.float32)
-        old[:, P:] = self.sample.policy_logprobs
-        return Batch(tokens=tokens.astype(np.int32), attention_mask=attention, loss_mask=loss_mask,
-                     old_logp=old, advantages=self.advantages.reshape(-1).astype(np.float32))
+        """The training batch in the sampler's (split) layout: prompt + completion per row, the
+        sampler's log-probs as the old policy, `loss_start` at the prompt bucket's width."""
+        s = self.sample
+        lengths = np.asarray(s.lengths)
+        return pack_rows(
+            [p[m] for p, m in zip(s.prompt_tokens, s.prompt_mask, strict=True)],
+            [t[:n] for t, n in zip(s.tokens, lengths, strict=True)],
+            completion_logp=[lp[:n] for lp, n in zip(s.policy_logprobs, lengths, strict=True)],
+            advantages=self.advantages.reshape(-1), loss_rows=self.loss_rows,
+            prompt_width=s.prompt_tokens.shape[1], completion_width=s.tokens.shape[1])
 
 
 def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:

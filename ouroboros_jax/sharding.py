@@ -1,10 +1,11 @@
-"""Device mesh, the one rules table, and sharded parameter creation.
+"""Device mesh, the one rules table, and shardings from logical axis names.
 
-Sharding is stated once: every parameter carries logical axis names
-(`models.transformer.param_logical_axes`), activations use the names in
-`ACTIVATION_AXES`, and `RULES` maps logical names onto the mesh axes
-(data, fsdp, tensor). A logical axis whose size the mesh axes do not divide is
-an error that names the tensor and the dimension, never a silent replication.
+Sharding is stated once: every parameter carries logical axis names (the
+models give them as a tree of `Logical` leaves, `models.param_specs`),
+activations use the names in `ACTIVATION_AXES`, batches the name "batch", and
+`RULES` maps logical names onto the mesh axes (data, fsdp, tensor). A logical
+axis whose size the mesh axes do not divide is an error that names the tensor
+and the dimension, never a silent replication. This module knows no model.
 
 Multi-host: call `initialize_distributed()` first on every host (it is a no-op
 on one host); the mesh then spans all hosts' devices and each host creates or
@@ -14,8 +15,8 @@ loads only the shards its devices hold.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -45,9 +46,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_kv_heads": "tensor",
 }
 
-# Logical axes of the arrays that flow through the sampler and the update step.
+# Logical axes of the activations the sampler places and constrains.
 ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
-    "tokens_BT": ("batch", "length"),
     "kv_cache_LBKSH": ("layers", "batch", "act_kv_heads", "cache_length", "head_dim"),
 }
 
@@ -104,44 +104,50 @@ def check_divisible(name: str, shape: Sequence[int], spec: PartitionSpec, mesh: 
             )
 
 
-def named_shardings(
-    shapes: Any, logical_axes: Any, mesh: Mesh, rules: Mapping[str, Any] = RULES
-) -> Any:
-    """NamedShardings for a tree of shapes with a matching tree of logical axes."""
-    def one(path, shape, logical):
-        spec = logical_to_spec(logical, rules)
-        check_divisible(jax.tree_util.keystr(path), shape, spec, mesh, logical)
+class Logical(NamedTuple):
+    """An array as the sharding rules see it: its shape and one logical axis name per dimension."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+
+
+def _is_logical(x: Any) -> bool:
+    return isinstance(x, Logical)
+
+
+def logical_shardings(specs: Any, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> Any:
+    """NamedShardings for a tree of `Logical` leaves (e.g. `models.param_specs`), under the rules table.
+
+    Raises:
+      ConfigError: naming the tensor and dimension whose size its mesh axes do not divide.
+    """
+    def one(path, leaf: Logical):
+        spec = logical_to_spec(leaf.axes, rules)
+        check_divisible(jax.tree_util.keystr(path), leaf.shape, spec, mesh, leaf.axes)
         return NamedSharding(mesh, spec)
 
-    is_leaf = lambda x: isinstance(x, tuple)
-    return jax.tree_util.tree_map_with_path(one, shapes, logical_axes, is_leaf=is_leaf)
+    return jax.tree_util.tree_map_with_path(one, specs, is_leaf=_is_logical)
 
 
-def param_shardings(model_cfg, mesh: Mesh, *, head: str = "lm") -> Any:
-    """Shardings of every model parameter under the rules table."""
-    from ouroboros_jax.models.transformer import param_logical_axes, param_shapes
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of every batch array: its leading (row) axis over the batch axes, the rest replicated.
 
-    return named_shardings(param_shapes(model_cfg, head=head),
-                           param_logical_axes(model_cfg, head=head), mesh)
+    One spec serves arrays of any rank ([B], [B, T], ...), so it also serves a
+    whole batch pytree as a `jax.jit` sharding prefix.
+    """
+    return NamedSharding(mesh, logical_to_spec(("batch",)))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Leading dimension over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many shards the batch axis is split into (1 without a mesh): row counts must divide by it."""
+    if mesh is None:
+        return 1
+    return _axis_size(mesh, logical_to_spec(("batch",))[0])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that keeps a whole copy on every device (scalars, metrics, counters)."""
     return NamedSharding(mesh, PartitionSpec())
-
-
-def init_sharded(model_cfg, rng: jax.Array, mesh: Mesh | None, *, head: str = "lm") -> Any:
-    """Random parameters created directly in their shardings (no gather on one device)."""
-    from ouroboros_jax.models.transformer import init_params
-
-    fn: Callable[[jax.Array], Any] = lambda key: init_params(model_cfg, key, head=head)
-    if mesh is None:
-        return jax.jit(fn)(rng)
-    return jax.jit(fn, out_shardings=param_shardings(model_cfg, mesh, head=head))(rng)
 
 
 def initialize_distributed() -> bool:

@@ -19,23 +19,27 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.experimental.compilation_cache.compilation_cache import reset_cache, set_cache_dir
 
 from ouroboros_jax import checkpoint as ckpt
-from ouroboros_jax.config import ConfigError, ExperimentConfig, ModelConfig, save_json
+from ouroboros_jax.batch import Batch
+from ouroboros_jax.config import (
+    ConfigError,
+    ExperimentConfig,
+    LossConfig,
+    ModelConfig,
+    OptimizerConfig,
+    save_json,
+)
 from ouroboros_jax.evaluation import evaluate
 from ouroboros_jax.metrics import MetricsLogger
-from ouroboros_jax.models.transformer import Params
+from ouroboros_jax.models.logprobs import DEFAULT_CHUNK
+from ouroboros_jax.models.transformer import Params, param_specs
+from ouroboros_jax.objectives import Objective, policy_gradient
 from ouroboros_jax.rollout import Rollout, RolloutSettings, collect, rollout_metrics
-from ouroboros_jax.sharding import make_mesh
-from ouroboros_jax.train_step import (
-    Batch,
-    TrainState,
-    init_train_state,
-    loss_kwargs,
-    make_train_step,
-    optimizer_from_config,
-)
+from ouroboros_jax.sharding import batch_shards, make_mesh
+from ouroboros_jax.step import TrainState, init_train_state, make_optimizer, make_train_step
 
 
 def use_compilation_cache(directory: str) -> Path | None:
@@ -104,7 +108,48 @@ class TrainResult:
     run_dir: Path
 
 
+# ---------------------------------------------------------------------------
+# Config adapters: the edge where config values become the explicit settings of the pieces
+
+
+def optimizer_from_config(
+    cfg: OptimizerConfig, total_steps: int | None = None
+) -> optax.GradientTransformation:
+    """`step.make_optimizer` with the values of an OptimizerConfig."""
+    return make_optimizer(
+        cfg.learning_rate, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, total_steps=total_steps,
+        b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+    )
+
+
+def policy_loss_settings(
+    loss: LossConfig, *, max_completion_len: int, temperature: float = 1.0
+) -> dict[str, Any]:
+    """The keyword arguments of `objectives.policy_gradient` from a LossConfig.
+
+    Args:
+      loss: the loss section of the experiment config.
+      max_completion_len: Dr. GRPO's constant normaliser when `loss.max_len` is unset.
+      temperature: the sampling temperature (log-probs are of the tempered policy).
+    """
+    return dict(
+        variant=loss.variant, clip_low=loss.clip_low, clip_high=loss.clip_high, aggregation=loss.aggregation,
+        dual_clip=loss.dual_clip, max_len=loss.max_len or max_completion_len, kl_coef=loss.kl_coef,
+        kl_kind=loss.kl_kind, entropy_coef=loss.entropy_coef, temperature=temperature)
+
+
+def policy_objective(
+    model_config: ModelConfig, loss: LossConfig, *, max_completion_len: int, temperature: float = 1.0,
+    logprob_chunk: int = DEFAULT_CHUNK,
+) -> Objective:
+    """`objectives.policy_gradient` of `model_config` with the settings of a LossConfig
+    (`policy_loss_settings`); `logprob_chunk` is the positions per chunk of the output projection."""
+    settings = policy_loss_settings(loss, max_completion_len=max_completion_len, temperature=temperature)
+    return policy_gradient(model_config, logprob_chunk=logprob_chunk, **settings)
+
+
 def rollout_settings(cfg: ExperimentConfig) -> RolloutSettings:
+    """The rollout's explicit settings from the sampling and loss sections."""
     s, loss = cfg.sampling, cfg.loss
     return RolloutSettings(
         group_size=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
@@ -116,23 +161,19 @@ def rollout_settings(cfg: ExperimentConfig) -> RolloutSettings:
 def _minibatches(batch: Batch, size: int, rng: np.random.Generator) -> list[Batch]:
     """The rollout batch shuffled and cut into mini-batches of `size` rows."""
     order = rng.permutation(batch.tokens.shape[0])
-    parts = []
-    for start in range(0, len(order), size):
-        rows = order[start:start + size]
-        parts.append(Batch(*[None if a is None else np.asarray(a)[rows] for a in batch]))
-    return parts
+    return [jax.tree.map(lambda a, rows=order[start:start + size]: np.asarray(a)[rows], batch)
+            for start in range(0, len(order), size)]
 
 
 def _update(step_fn, state: TrainState, rollout: Rollout, cfg: ExperimentConfig, step: int):
     """`inner_epochs` passes over the rollout in mini-batches; metrics averaged over updates."""
+    # Completion tokens start at the prompt bucket's width (`loss_start`): the output head skips the prompt.
     batch = rollout.to_batch()
-    # Completion tokens start at the prompt bucket's width: the output head skips the prompt.
-    prompt_width = rollout.sample.prompt_tokens.shape[1]
     rng = np.random.default_rng([cfg.seed, step])
     collected = []
     for _ in range(cfg.train.inner_epochs):
         for mb in _minibatches(batch, cfg.train.mini_batch_size, rng):
-            state, metrics = step_fn(state, mb, loss_start=prompt_width)
+            state, metrics = step_fn(state, mb)
             collected.append(metrics)
     host = jax.device_get(collected)  # one transfer for every update of this step
     keys = host[0].keys()
@@ -225,7 +266,7 @@ def train(
 
 def check_batch_fits_mesh(cfg: ExperimentConfig, mesh: Any) -> None:
     """Reject, before any compile, batch sizes that the mesh's batch shards do not divide."""
-    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    shards = batch_shards(mesh)
     for name in ("mini_batch_size", "micro_batch_size"):
         size = getattr(cfg.train, name)
         if size % shards:
@@ -238,12 +279,12 @@ def _compile_step(cfg: ExperimentConfig, model_config: ModelConfig, params: Para
     """The jitted update step and the initial state, from the config (an edge)."""
     per_step = cfg.train.inner_epochs * (cfg.rollout_batch_size // cfg.train.mini_batch_size)
     optimizer = optimizer_from_config(cfg.optimizer, total_steps=cfg.train.steps * per_step)
-    step_fn, shardings = make_train_step(
-        model_config, optimizer, mesh, micro_batch_size=cfg.train.micro_batch_size,
-        **loss_kwargs(cfg.loss, max_completion_len=cfg.sampling.max_new_tokens,
-                      temperature=cfg.sampling.temperature or 1.0))
-    state = init_train_state(params, optimizer, jax.random.key(cfg.seed), with_reference=cfg.loss.kl_coef > 0,
-                             shardings=shardings)
+    objective = policy_objective(model_config, cfg.loss, max_completion_len=cfg.sampling.max_new_tokens,
+                                 temperature=cfg.sampling.temperature or 1.0)
+    step_fn, shardings = make_train_step(objective, optimizer, mesh, param_specs(model_config),
+                                         micro_batch_size=cfg.train.micro_batch_size)
+    state = init_train_state(params, optimizer, jax.random.key(cfg.seed),
+                             with_reference=objective.uses_reference, shardings=shardings)
     return step_fn, state
 
 

@@ -108,7 +108,7 @@ def test_unstacked_layers_and_cache_equal_the_scan():
         h2, flat_cache = hidden_states(flat, CFG, tokens[:, t:t + 1], kv_mask=kv_mask,
                                           cache=flat_cache, cache_index=t)
         np.testing.assert_allclose(h2, h1, atol=1e-5)
-    restacked = tr.stack_cache(flat_cache)
+    restacked = tr.KVCache(jnp.stack(flat_cache.k), jnp.stack(flat_cache.v))
     np.testing.assert_allclose(restacked.k, scan_cache.k, atol=1e-5)
     np.testing.assert_allclose(restacked.v, scan_cache.v, atol=1e-5)
     no_cache, _ = hidden_states(flat, CFG, tokens)  # unstacked params also run without a cache

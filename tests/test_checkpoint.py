@@ -33,8 +33,8 @@ from ouroboros_jax.config import (
     from_dict,
     to_dict,
 )
-from ouroboros_jax.models.transformer import param_shapes
-from ouroboros_jax.sharding import make_mesh, param_shardings
+from ouroboros_jax.models.transformer import param_shapes, param_shardings
+from ouroboros_jax.sharding import make_mesh
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 OPT = optax.adamw(1e-2)

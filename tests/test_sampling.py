@@ -15,9 +15,9 @@ import pytest
 
 from ouroboros_jax import sampling
 from ouroboros_jax.config import MeshConfig, ModelConfig
-from ouroboros_jax.models import forward, forward_padded, load_hf_checkpoint, param_shapes
+from ouroboros_jax.models import forward, forward_padded, load_hf_checkpoint, param_shapes, param_shardings
 from ouroboros_jax.sampling import bucket_size, choose_tokens, draw_inverse_cdf, generate, pack_prompts
-from ouroboros_jax.sharding import make_mesh, param_shardings
+from ouroboros_jax.sharding import make_mesh
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
                   max_seq_len=256)

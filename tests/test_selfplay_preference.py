@@ -11,24 +11,21 @@ import numpy as np
 import pytest
 
 from ouroboros_jax.algorithms import dpo_loss
+from ouroboros_jax.batch import EncodedPairs, pack_pairs, pair_widths
 from ouroboros_jax.config import MeshConfig, ModelConfig
 from ouroboros_jax.data import DataError
-from ouroboros_jax.models import forward_padded, init_params
+from ouroboros_jax.models import forward_padded, init_params, param_specs
+from ouroboros_jax.objectives import preference, sequence_logps
 from ouroboros_jax.sampling import SampleOutput
 from ouroboros_jax.selfplay.preference import (
-    EncodedPairs,
     PreferencePair,
-    make_preference_step,
-    pair_batch,
-    pair_widths,
     read_preference_pairs,
     run_spin,
-    sequence_logps,
     spin_pairs,
     train_preference,
 )
 from ouroboros_jax.sharding import make_mesh
-from ouroboros_jax.train_step import init_train_state, make_optimizer
+from ouroboros_jax.step import init_train_state, make_optimizer, make_train_step
 
 CFG = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64,
                   max_seq_len=64)
@@ -69,21 +66,21 @@ def test_read_preference_pairs_field_mapping_and_errors(tmp_path):
 
 def test_pair_batch_layout_and_errors():
     assert pair_widths(PAIRS) == (8, 8)
-    b = pair_batch(PAIRS.take([0, 1]), prompt_width=4, response_width=4, rows=3)
+    b = pack_pairs(PAIRS.take([0, 1]), prompt_width=4, completion_width=4, num_rows=3)
     np.testing.assert_array_equal(b.chosen_tokens[0], [0, 1, 2, 3, 11, 12, 2, 0])
     np.testing.assert_array_equal(b.rejected_tokens[1], [0, 0, 4, 5, 9, 9, 9, 2])
     np.testing.assert_array_equal(b.chosen_mask[1], [0, 0, 1, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(b.pair_mask, [True, True, False])
     np.testing.assert_array_equal(b.chosen_mask[2], False)
     with pytest.raises(ValueError, match="pair 1: rejected response has 4 tokens, more than its width 3"):
-        pair_batch(PAIRS.take([0, 1]), prompt_width=4, response_width=3)
+        pack_pairs(PAIRS.take([0, 1]), prompt_width=4, completion_width=3)
     with pytest.raises(ValueError, match="pair 0 has an empty prompt"):
-        pair_batch(EncodedPairs([[]], [[1]], [[2]]), prompt_width=2, response_width=2)
+        pack_pairs(EncodedPairs([[]], [[1]], [[2]]), prompt_width=2, completion_width=2)
 
 
 def test_sequence_logps_sum_response_tokens_only():
     params = init_params(CFG, jax.random.key(0))
-    b = pair_batch(PAIRS, prompt_width=4, response_width=4)
+    b = pack_pairs(PAIRS, prompt_width=4, completion_width=4)
     got = _SEQ_LOGPS(params, b.chosen_tokens, b.chosen_mask, 4)
     logits = jax.jit(lambda p: forward_padded(p, CFG, b.chosen_tokens, b.chosen_mask))(params)
     logp_all = np.asarray(jax.nn.log_softmax(logits, axis=-1))
@@ -109,13 +106,14 @@ def _margin(params, ref, batch, start):
 def test_preference_step_raises_the_chosen_vs_rejected_margin(variant, beta, first_loss):
     params = init_params(CFG, jax.random.key(1))
     optimizer = make_optimizer(1e-2, b2=0.99)
-    step_fn, shardings = make_preference_step(CFG, optimizer, _mesh(), beta=beta, variant=variant)
+    step_fn, shardings = make_train_step(preference(CFG, beta=beta, variant=variant), optimizer, _mesh(),
+                                         param_specs(CFG))
     state = init_train_state(jax.tree.map(jnp.copy, params), optimizer, jax.random.key(0),
                              with_reference=True, shardings=shardings)
-    batch = pair_batch(PAIRS, prompt_width=4, response_width=4)
+    batch = pack_pairs(PAIRS, prompt_width=4, completion_width=4)
     history = []
     for _ in range(4):
-        state, metrics = step_fn(state, batch, loss_start=4)
+        state, metrics = step_fn(state, batch)
         history.append(jax.device_get(metrics))
     # step 1: policy == reference, h = 0: sigmoid loss log 2; IPO (0 - 1/(2 beta))^2 = 1
     assert history[0]["loss"] == pytest.approx(first_loss, rel=1e-5)
@@ -131,7 +129,7 @@ def test_preference_step_raises_the_chosen_vs_rejected_margin(variant, beta, fir
     lp = lambda p, side: _logps(p, batch, side)
     want, _ = dpo_loss(lp(state.params, "chosen"), lp(state.params, "rejected"), lp(params, "chosen"),
                        lp(params, "rejected"), beta=beta, variant=variant)
-    state, metrics = step_fn(state, batch, loss_start=4)
+    state, metrics = step_fn(state, batch)
     assert float(metrics["loss"]) == pytest.approx(float(want), rel=1e-4)
 
 
@@ -186,8 +184,8 @@ def test_spin_iterations_train_against_the_previous_model():
         assert it.history[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # starts from its reference
         assert it.history[-1]["log_ratio_margin"] > 0
     # iteration 2's reference is iteration 1's model: its first step sees the policy equal to it
-    b = pair_batch(its[1].pairs, prompt_width=4, response_width=4)
+    b = pack_pairs(its[1].pairs, prompt_width=4, completion_width=4)
     assert _margin(its[1].params, its[0].params, b, 4) > 0
-    gold_batch = pair_batch(EncodedPairs(prompts, gold, gold), prompt_width=4, response_width=4)
+    gold_batch = pack_pairs(EncodedPairs(prompts, gold, gold), prompt_width=4, completion_width=4)
     gold_logp = lambda p: float(_logps(p, gold_batch, "chosen").sum())
     assert gold_logp(its[1].params) > gold_logp(its[0].params) > gold_logp(params)

@@ -11,17 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ouroboros_jax.batch import pack_pairs, pair_widths
 from ouroboros_jax.config import MeshConfig, ModelConfig
 from ouroboros_jax.data import Example
-from ouroboros_jax.models import CheckpointError, Tokenizer, export_hf_checkpoint, init_params, reward_scores
-from ouroboros_jax.rollout import RolloutSettings, collect
-from ouroboros_jax.selfplay.preference import (
-    PreferencePair,
-    encode_pairs,
-    pair_batch,
-    pair_widths,
-    read_preference_pairs,
+from ouroboros_jax.models import (
+    CheckpointError,
+    Tokenizer,
+    export_hf_checkpoint,
+    init_params,
+    param_specs,
+    reward_scores,
 )
+from ouroboros_jax.objectives import bradley_terry
+from ouroboros_jax.rollout import RolloutSettings, collect
+from ouroboros_jax.selfplay.preference import PreferencePair, encode_pairs, read_preference_pairs
 from ouroboros_jax.selfplay.reward_model import (
     ModelReward,
     PARReward,
@@ -32,14 +35,13 @@ from ouroboros_jax.selfplay.reward_model import (
     hacking_deltas,
     init_reward_model,
     load_reward_model,
-    make_reward_model_step,
     par_shaping,
     responses_as_sample,
     save_reward_model,
     train_reward_model,
 )
 from ouroboros_jax.sharding import make_mesh
-from ouroboros_jax.train_step import TrainState, make_optimizer
+from ouroboros_jax.step import TrainState, make_optimizer, make_train_step
 from verifiers import Verdict
 
 TOK = Tokenizer.char_level("abcdefgh0123456789")
@@ -193,15 +195,16 @@ def test_bradley_terry_training_separates_heldout_pairs(tmp_path):
 
 def test_reward_model_step_on_8_devices_equals_1_device():
     pairs = _encode(_synthetic_pairs(8, seed=3))
-    P, N = pair_widths(pairs)
-    batch = pair_batch(pairs, prompt_width=P, response_width=N)
+    P, C = pair_widths(pairs)
+    batch = pack_pairs(pairs, prompt_width=P, completion_width=C)
     # A large Adam eps: with the default, a near-zero gradient's update is lr * sign(g), and the
     # sign of a rounding-level gradient is not a property of the sharding.
     optimizer = make_optimizer(1e-2, b2=0.99, eps=1e-3)
     out = {}
     meshes = {"one": _one_device_mesh(), "eight": make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))}
     for name, mesh in meshes.items():
-        step_fn, shardings = make_reward_model_step(CFG, optimizer, mesh, center_coef=0.01)
+        step_fn, shardings = make_train_step(bradley_terry(CFG, center_coef=0.01), optimizer, mesh,
+                                             param_specs(CFG, head="score"))
         params = _rm_params()
         state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
                                           jax.random.key(0)), shardings)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from ouroboros_jax import sharding
 from ouroboros_jax.config import ConfigError, MeshConfig, ModelConfig
-from ouroboros_jax.models import forward, init_params, load_hf_checkpoint
+from ouroboros_jax.models import forward, init_params, init_sharded, load_hf_checkpoint, param_shardings
 from ouroboros_jax.sharding import (
+    Logical,
     batch_sharding,
-    init_sharded,
+    batch_shards,
+    logical_shardings,
     logical_to_spec,
     make_mesh,
-    param_shardings,
 )
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 simulated devices")
@@ -43,6 +48,21 @@ def test_rules_table_specs():
     assert logical_to_spec(("batch", "length")) == PartitionSpec(("data", "fsdp"), None)
     # a mesh axis shards at most one dimension of a tensor
     assert logical_to_spec(("vocab", "heads")) == PartitionSpec("tensor", None)
+
+
+def test_batch_sharding_and_shards_come_from_the_rules_and_the_module_knows_no_model():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    assert batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"))
+    assert batch_shards(mesh) == 4 and batch_shards(make_mesh(MeshConfig(fsdp=-1))) == 8
+    assert batch_shards(None) == 1
+    source = Path(sharding.__file__).read_text()
+    assert not re.search(r"^\s*(from|import) ouroboros_jax\.models", source, re.M)
+    specs = {"w": Logical((8, 6), ("embed", "mlp")), "inner": {"b": Logical((6,), ("norm",))}}
+    shardings = logical_shardings(specs, mesh)
+    assert shardings["w"].spec == PartitionSpec("fsdp", "tensor")
+    assert shardings["inner"]["b"].spec == PartitionSpec(None)
+    with pytest.raises(ConfigError, match=r"tensor \['w'\]: dimension 1 \(mlp\) of size 5"):
+        logical_shardings({"w": Logical((8, 5), ("embed", "mlp"))}, mesh)
 
 
 def test_parameters_are_really_split():

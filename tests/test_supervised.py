@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ouroboros_jax.batch import pack_rows
 from ouroboros_jax.config import MeshConfig, ModelConfig
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.models import Tokenizer, init_params
 from ouroboros_jax.models.transformer import forward_padded
 from ouroboros_jax.sharding import make_mesh
-from ouroboros_jax.supervised import sft_batch, supervised_warmstart
+from ouroboros_jax.supervised import supervised_warmstart
 
 TOK = Tokenizer.char_level("0123456789+-*=? .Whatis")
 CFG = ModelConfig(vocab_size=TOK.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
@@ -19,7 +20,7 @@ CFG = ModelConfig(vocab_size=TOK.vocab_size, d_model=32, n_layers=1, n_heads=2, 
 
 
 def test_sft_batch_puts_the_loss_on_the_answer_tokens_only():
-    b = sft_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 2]], length=6, weights=[1.0, 0.5])
+    b = pack_rows([[5, 6, 7], [8]], [[1, 2], [3, 4, 2]], width=6, advantages=[1.0, 0.5])
     np.testing.assert_array_equal(b.tokens, [[5, 6, 7, 1, 2, 0], [8, 3, 4, 2, 0, 0]])
     np.testing.assert_array_equal(b.attention_mask, [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
     np.testing.assert_array_equal(b.loss_mask, [[0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 0, 0]])
@@ -29,7 +30,7 @@ def test_sft_batch_puts_the_loss_on_the_answer_tokens_only():
 def _answer_nll(params, examples) -> float:
     prompts = TOK.encode_batch([e.prompt for e in examples])
     answers = [TOK.encode(e.gold["answer"]) + [TOK.eos_id] for e in examples]
-    b = sft_batch(prompts, answers, 24)
+    b = pack_rows(prompts, answers, width=24)
     logits = forward_padded(params, CFG, b.tokens, b.attention_mask)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), b.tokens[:, 1:, None], axis=-1)[..., 0]
     mask = b.loss_mask[:, 1:]

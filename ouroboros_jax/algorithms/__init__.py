@@ -3,8 +3,8 @@
 Arrays in, ``(loss, metrics)`` out: no flax, no config objects, no ``jax.jit``
 (the one update step that calls these is jitted elsewhere).
 
-Dimension legend: B batch, G group (completions per prompt), T time
-(completion tokens).
+Dimension legend (docs/dimensions.md): B rows (sequences, or pairs), G group
+(completions per prompt), T positions.
 
 - advantages: ``group_advantages`` (GRPO / Dr. GRPO), ``rloo_advantages``,
   ``batch_normalized_advantages`` (REINFORCE++), ``compute_advantages``.
@@ -17,6 +17,7 @@ Dimension legend: B batch, G group (completions per prompt), T time
 
 from ouroboros_jax.algorithms.advantages import (
     ADVANTAGE_MODES,
+    AdvantageMode,
     batch_normalized_advantages,
     compute_advantages,
     group_advantages,
@@ -24,6 +25,7 @@ from ouroboros_jax.algorithms.advantages import (
 )
 from ouroboros_jax.algorithms.aggregation import (
     AGGREGATIONS,
+    Aggregation,
     aggregate_loss,
     masked_max,
     masked_mean,
@@ -32,18 +34,23 @@ from ouroboros_jax.algorithms.aggregation import (
     masked_sum,
 )
 from ouroboros_jax.algorithms.gspo import gspo_terms, gspo_token_terms, sequence_log_ratio
-from ouroboros_jax.algorithms.kl import KL_KINDS, kl_penalty
-from ouroboros_jax.algorithms.policy_loss import POLICY_VARIANTS, policy_loss
+from ouroboros_jax.algorithms.kl import KL_KINDS, KLKind, kl_penalty
+from ouroboros_jax.algorithms.policy_loss import POLICY_VARIANTS, PolicyVariant, policy_loss
 from ouroboros_jax.algorithms.ppo_clip import SurrogateTerms, clipped_surrogate, ppo_clip_terms
-from ouroboros_jax.algorithms.preference import DPO_VARIANTS, dpo_loss, spin_loss
+from ouroboros_jax.algorithms.preference import DPO_VARIANTS, DPOVariant, dpo_loss, spin_loss
 from ouroboros_jax.algorithms.reward_model import bradley_terry_loss
 
 __all__ = [
     "ADVANTAGE_MODES",
     "AGGREGATIONS",
+    "AdvantageMode",
+    "Aggregation",
+    "DPOVariant",
     "DPO_VARIANTS",
+    "KLKind",
     "KL_KINDS",
     "POLICY_VARIANTS",
+    "PolicyVariant",
     "SurrogateTerms",
     "aggregate_loss",
     "batch_normalized_advantages",

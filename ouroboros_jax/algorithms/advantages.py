@@ -13,13 +13,14 @@ Dimension legend: B batch (prompts), G group (completions per prompt).
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 AdvantageMode = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
-ADVANTAGE_MODES: tuple[str, ...] = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+ADVANTAGE_MODES: tuple[str, ...] = typing.get_args(AdvantageMode)
 
 
 def _constant_groups(rewards: Float[Array, "B G"]) -> Array:
@@ -122,7 +123,9 @@ def batch_normalized_advantages(
     return jnp.where(zero, jnp.zeros_like(advantages), advantages)
 
 
-def compute_advantages(rewards: Float[Array, "B G"], *, mode: str, eps: float = 1e-6) -> Float[Array, "B G"]:
+def compute_advantages(
+    rewards: Float[Array, "B G"], *, mode: AdvantageMode, eps: float = 1e-6
+) -> Float[Array, "B G"]:
     """Advantages by name.
 
     Args:

@@ -38,18 +38,14 @@ Dimension legend: B batch (sequences), T time (completion tokens).
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Shaped
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
-AGGREGATIONS: tuple[str, ...] = (
-    "token_mean",
-    "seq_mean_token_mean",
-    "seq_mean_token_sum",
-    "seq_mean_token_sum_norm",
-)
+AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)
 
 
 def _weights(x: Array, mask: Array) -> Array:
@@ -125,7 +121,7 @@ def valid_sequences(mask: Shaped[Array, "B T"]) -> Shaped[Array, " B"]:
 def aggregate_loss(
     loss: Float[Array, "B T"],
     mask: Shaped[Array, "B T"],
-    mode: str,
+    mode: Aggregation,
     *,
     max_len: int | float | None = None,
     normalizer: float | Float[Array, ""] | None = None,

@@ -25,17 +25,18 @@ Dimension legend: B batch, T time.
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 KLKind = Literal["k1", "k2", "k3"]
-KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3")
+KL_KINDS: tuple[str, ...] = typing.get_args(KLKind)
 
 
 def kl_penalty(
-    logp: Float[Array, "*dims"], ref_logp: Float[Array, "*dims"], kind: str = "k3"
+    logp: Float[Array, "*dims"], ref_logp: Float[Array, "*dims"], kind: KLKind = "k3"
 ) -> Float[Array, "*dims"]:
     """Per-token estimate of ``KL(pi || pi_ref)`` for tokens sampled from ``pi``.
 

@@ -20,6 +20,7 @@ Dimension legend: B batch (sequences), T time (completion tokens).
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import jax
@@ -28,6 +29,7 @@ from jaxtyping import Array, Float, Shaped
 
 from ouroboros_jax.algorithms.aggregation import (
     AGGREGATIONS,
+    Aggregation,
     aggregate_loss,
     masked_max,
     masked_mean,
@@ -36,18 +38,18 @@ from ouroboros_jax.algorithms.aggregation import (
     valid_sequences,
 )
 from ouroboros_jax.algorithms.gspo import gspo_terms, gspo_token_terms
-from ouroboros_jax.algorithms.kl import KL_KINDS, kl_penalty
+from ouroboros_jax.algorithms.kl import KL_KINDS, KLKind, kl_penalty
 from ouroboros_jax.algorithms.ppo_clip import SurrogateTerms, ppo_clip_terms
 from ouroboros_jax.algorithms.sft import sft_terms
 
 PolicyVariant = Literal["ppo_clip", "gspo", "gspo_token", "sft"]
-POLICY_VARIANTS: tuple[str, ...] = ("ppo_clip", "gspo", "gspo_token", "sft")
+POLICY_VARIANTS: tuple[str, ...] = typing.get_args(PolicyVariant)
 
 Metrics = dict[str, Float[Array, ""]]
 
 
 def _variant_terms(
-    variant: str,
+    variant: PolicyVariant,
     logp: Float[Array, "B T"],
     old_logp: Float[Array, "B T"],
     advantages: Float[Array, "B T"],
@@ -147,14 +149,14 @@ def policy_loss(
     advantages: Float[Array, " B"] | Float[Array, "B T"],
     mask: Shaped[Array, "B T"],
     *,
-    variant: str,
+    variant: PolicyVariant,
     clip_low: float,
     clip_high: float,
-    aggregation: str,
+    aggregation: Aggregation,
     dual_clip: float | None = None,
     ref_logp: Float[Array, "B T"] | None = None,
     kl_coef: float | Float[Array, ""] = 0.0,
-    kl_kind: str = "k3",
+    kl_kind: KLKind = "k3",
     max_len: int | float | None = None,
     entropy: Float[Array, "B T"] | None = None,
     entropy_coef: float | Float[Array, ""] = 0.0,

@@ -26,16 +26,17 @@ Dimension legend: B batch (preference pairs).
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Shaped
 
-from ouroboros_jax.algorithms.aggregation import masked_mean
+from ouroboros_jax.algorithms.aggregation import masked_mean, masked_sum
 
 DPOVariant = Literal["sigmoid", "ipo"]
-DPO_VARIANTS: tuple[str, ...] = ("sigmoid", "ipo")
+DPO_VARIANTS: tuple[str, ...] = typing.get_args(DPOVariant)
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -52,9 +53,10 @@ def dpo_loss(
     ref_rejected_logp: Float[Array, " B"],
     *,
     beta: float,
-    variant: str = "sigmoid",
+    variant: DPOVariant = "sigmoid",
     label_smoothing: float = 0.0,
     mask: Shaped[Array, " B"] | None = None,
+    normalizer: float | Float[Array, ""] | None = None,
 ) -> tuple[Float[Array, ""], Metrics]:
     """DPO (or IPO) loss of preference pairs, averaged over pairs.
 
@@ -67,6 +69,9 @@ def dpo_loss(
       variant: ``sigmoid`` (DPO) or ``ipo``.
       label_smoothing: probability that a label is flipped (sigmoid only).
       mask: optional [B], nonzero for real pairs (padding pairs are ignored).
+      normalizer: divide the summed loss by this instead of the number of
+        real pairs, e.g. the full batch's count when accumulating micro-batches
+        (the metrics other than ``loss`` stay means over this call's pairs).
 
     Returns:
       ``(loss, metrics)`` with metrics ``loss``, ``rewards_chosen``,
@@ -96,7 +101,7 @@ def dpo_loss(
             losses = jnp.square(h - 1.0 / (2.0 * beta))
         case _:
             raise ValueError(f"unknown DPO variant {variant!r}; expected one of {DPO_VARIANTS}")
-    loss = masked_mean(losses, keep)
+    loss = masked_mean(losses, keep) if normalizer is None else masked_sum(losses, keep) / normalizer
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_log_ratio)
     rejected_rewards = jax.lax.stop_gradient(beta * rejected_log_ratio)
     metrics = {
@@ -119,8 +124,9 @@ def spin_loss(
     opponent_generated_logp: Float[Array, " B"],
     *,
     beta: float,
-    variant: str = "sigmoid",
+    variant: DPOVariant = "sigmoid",
     mask: Shaped[Array, " B"] | None = None,
+    normalizer: float | Float[Array, ""] | None = None,
 ) -> tuple[Float[Array, ""], Metrics]:
     """SPIN: DPO with real data as chosen and the previous model's samples as rejected.
 
@@ -141,6 +147,7 @@ def spin_loss(
       beta: SPIN's lambda.
       variant: ``sigmoid`` (the paper's logistic loss) or ``ipo``.
       mask: optional [B], nonzero for real pairs.
+      normalizer: as in ``dpo_loss``.
 
     Returns:
       ``(loss, metrics)`` exactly as ``dpo_loss``.
@@ -153,4 +160,5 @@ def spin_loss(
         beta=beta,
         variant=variant,
         mask=mask,
+        normalizer=normalizer,
     )

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Shaped
 
-from ouroboros_jax.algorithms.aggregation import masked_mean
+from ouroboros_jax.algorithms.aggregation import masked_mean, masked_sum
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -35,6 +35,7 @@ def bradley_terry_loss(
     margin: float | Float[Array, " B"] | None = None,
     center_coef: float = 0.0,
     mask: Shaped[Array, " B"] | None = None,
+    normalizer: float | Float[Array, ""] | None = None,
 ) -> tuple[Float[Array, ""], Metrics]:
     """Pairwise Bradley-Terry loss, ``mean(-log sigmoid(c - r - margin))``.
 
@@ -44,6 +45,9 @@ def bradley_terry_loss(
       margin: optional required score gap per pair (or one for all).
       center_coef: weight of the ``(c + r) ** 2`` centring penalty.
       mask: optional [B], nonzero for real pairs (padding pairs are ignored).
+      normalizer: divide the summed loss by this instead of the number of real
+        pairs (the full batch's count when accumulating micro-batches); the
+        other metrics stay means over this call's pairs.
 
     Returns:
       ``(loss, metrics)`` with metrics ``loss``, ``accuracy`` (fraction of pairs
@@ -55,9 +59,10 @@ def bradley_terry_loss(
     rejected = jnp.where(keep, rejected_scores, jnp.zeros_like(rejected_scores))
     gap = chosen - rejected
     logits = gap if margin is None else gap - margin
-    loss = masked_mean(-jax.nn.log_sigmoid(logits), keep)
+    mean = masked_mean if normalizer is None else (lambda x, m: masked_sum(x, m) / normalizer)
+    loss = mean(-jax.nn.log_sigmoid(logits), keep)
     if center_coef:
-        loss = loss + center_coef * masked_mean(jnp.square(chosen + rejected), keep)
+        loss = loss + center_coef * mean(jnp.square(chosen + rejected), keep)
     gap = jax.lax.stop_gradient(gap)
     metrics = {
         "loss": loss,

@@ -18,14 +18,18 @@ from ouroboros_jax.models.transformer import (
     hidden_states,
     init_cache,
     init_params,
+    init_sharded,
     logits_from_hidden,
     param_logical_axes,
     param_shapes,
+    param_shardings,
+    param_specs,
 )
 
 __all__ = [
     "CheckpointError", "KVCache", "Params", "Tokenizer", "config_from_hf", "config_to_hf",
     "export_hf_checkpoint", "forward", "forward_padded", "hidden_states", "init_cache",
-    "init_params", "load_hf_checkpoint", "logits_from_hidden", "param_logical_axes",
-    "param_shapes", "policy_logprobs", "reward_scores", "token_logprobs", "token_values",
+    "init_params", "init_sharded", "load_hf_checkpoint", "logits_from_hidden", "param_logical_axes",
+    "param_shapes", "param_shardings", "param_specs", "policy_logprobs", "reward_scores", "token_logprobs",
+    "token_values",
 ]

@@ -20,11 +20,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh
 
 from ouroboros_jax.config import ConfigError, ModelConfig
 from ouroboros_jax.models.safetensors_io import CheckpointError, SafetensorsFile, save_file
-from ouroboros_jax.models.transformer import LAYER_AXES, Params, dtype_of, param_shapes
+from ouroboros_jax.models.transformer import LAYER_AXES, Params, dtype_of, param_shapes, param_shardings
 
 ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", "lm"),
@@ -264,8 +265,6 @@ def load_hf_checkpoint(
             return jnp.asarray(reader.read(path_[-1].key, shape))
         params = jax.tree_util.tree_map_with_path(load, shapes, is_leaf=is_leaf)
     else:
-        from ouroboros_jax.sharding import param_shardings
-
         shardings = param_shardings(cfg, mesh, head=head)
 
         def load(path_, shape, sharding):
@@ -294,16 +293,15 @@ def export_hf_checkpoint(
     np_dtype = np.dtype(dtype_of(dtype or cfg.dtype))
     layout = _hf_layout(cfg)
     tensors: dict[str, np.ndarray] = {}
-    flat = dict(params)
-    layers = flat.pop("layers")
-    for ours, value in flat.items():
-        template, _, from_ours = layout[ours]
-        tensors[template] = np.ascontiguousarray(from_ours(np.asarray(value).astype(np_dtype)))
-    for ours, stacked in layers.items():
-        template, _, from_ours = layout[ours]
-        host = np.asarray(stacked).astype(np_dtype)
-        for i in range(cfg.n_layers):
-            tensors[template.format(i=i)] = np.ascontiguousarray(from_ours(host[i]))
+    # ("layers", name) for a stacked layer parameter, (name,) for the others
+    for path, value in traverse_util.flatten_dict(params).items():
+        template, _, from_ours = layout[path[-1]]
+        host = np.asarray(value).astype(np_dtype)
+        if path[0] == "layers":
+            for i in range(cfg.n_layers):
+                tensors[template.format(i=i)] = np.ascontiguousarray(from_ours(host[i]))
+        else:
+            tensors[template] = np.ascontiguousarray(from_ours(host))
     _write_shards(tensors, directory, max_shard_bytes)
     hf_cfg = config_to_hf(dataclasses.replace(cfg, path=""), head=head, dtype=dtype or cfg.dtype)
     source = Path(cfg.path) if cfg.path else None

@@ -19,9 +19,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from ouroboros_jax.config import ModelConfig
+from ouroboros_jax.sharding import Logical, logical_shardings
 
 Params = dict[str, Any]
 
@@ -90,11 +92,31 @@ def param_logical_axes(cfg: ModelConfig, *, head: str = "lm") -> Params:
     return out
 
 
+def param_specs(cfg: ModelConfig, *, head: str = "lm") -> Params:
+    """Every parameter as a `sharding.Logical` (shape and logical axes): what shardings are made from."""
+    is_shape = lambda x: isinstance(x, tuple)
+    return jax.tree.map(lambda shape, axes: Logical(tuple(shape), tuple(axes)), param_shapes(cfg, head=head),
+                        param_logical_axes(cfg, head=head), is_leaf=is_shape)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, *, head: str = "lm") -> Params:
+    """Shardings of every parameter under the rules table (`sharding.RULES`)."""
+    return logical_shardings(param_specs(cfg, head=head), mesh)
+
+
+def init_sharded(cfg: ModelConfig, rng: jax.Array, mesh: Mesh | None, *, head: str = "lm") -> Params:
+    """Random parameters (`init_params`) created directly in their shardings (no gather on one device)."""
+    fn = lambda key: init_params(cfg, key, head=head)
+    if mesh is None:
+        return jax.jit(fn)(rng)
+    return jax.jit(fn, out_shardings=param_shardings(cfg, mesh, head=head))(rng)
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array, *, head: str = "lm") -> Params:
     """Random parameters: normal(0, 0.02) matrices, unit norms, zero biases.
 
     Call it under `jax.jit(..., out_shardings=...)` to create the params sharded
-    (see `sharding.init_sharded`).
+    (see `init_sharded`).
     """
     shapes = param_shapes(cfg, head=head)
     dtype = dtype_of(cfg.dtype)
@@ -476,11 +498,6 @@ def unstack_cache(cache: KVCache) -> KVCache:
     """A stacked cache [L, B, K, S, H] as L per-layer arrays [B, K, S, H] (for unstacked params)."""
     L = cache.k.shape[0]
     return KVCache(tuple(cache.k[i] for i in range(L)), tuple(cache.v[i] for i in range(L)))
-
-
-def stack_cache(cache: KVCache) -> KVCache:
-    """The inverse of `unstack_cache`."""
-    return KVCache(jnp.stack(cache.k), jnp.stack(cache.v))
 
 
 def lm_head(params: Params, cfg: ModelConfig) -> Float[Array, "D V"]:

@@ -11,8 +11,9 @@ One step, for each task type (deduction, abduction, induction):
    (`invalid_proposal_reward` for a proposal that made no task);
 5. advantages: normalised within each (task type, role) group, the
    "task-relative" baselines of Absolute Zero (Zhao et al. 2025, arXiv:2505.03335);
-6. update: proposer and solver rows form one batch for the single jitted
-   update step (`train_step.make_train_step`) with the configured GRPO-family loss.
+6. update: proposer and solver rows form one batch (`batch.pack_rows`) for the
+   single jitted update step (`step.make_train_step`) with the configured
+   GRPO-family objective.
 
 Valid new tasks then join the buffer (deduplicated). The batch is padded to a
 fixed shape (rows and width), so the update compiles once.
@@ -34,8 +35,10 @@ import numpy as np
 from jaxtyping import Bool, Float
 
 from ouroboros_jax.algorithms import compute_advantages
+from ouroboros_jax.batch import Batch, pack_rows
 from ouroboros_jax.config import ADVANTAGE_MODES, ConfigError, LossConfig, ModelConfig, OptimizerConfig
 from ouroboros_jax.metrics import MetricsLogger
+from ouroboros_jax.models.transformer import param_specs
 from ouroboros_jax.rollout import strip_stop
 from ouroboros_jax.sampling import SampleOutput, generate
 from ouroboros_jax.selfplay.code_executor import CodeExecutor, ExecSettings, Validation
@@ -48,14 +51,9 @@ from ouroboros_jax.selfplay.code_tasks import (
     proposer_prompt,
     solver_prompt,
 )
-from ouroboros_jax.train_step import (
-    Batch,
-    TrainState,
-    init_train_state,
-    loss_kwargs,
-    make_train_step,
-    optimizer_from_config,
-)
+from ouroboros_jax.sharding import batch_shards
+from ouroboros_jax.step import TrainState, init_train_state, make_train_step
+from ouroboros_jax.trainer import optimizer_from_config, policy_objective
 
 PROPOSER, SOLVER = "proposer", "solver"
 
@@ -198,31 +196,19 @@ def rows_to_batch(samples: Sequence[SampleOutput], advantages: Sequence[np.ndarr
     total = sum(s.tokens.shape[0] for s in samples)
     if total > num_rows or total == 0:
         raise ValueError(f"rows_to_batch: {total} rows for a batch of {num_rows}")
-    width = prompt_width + completion_width
-    tokens = np.zeros((num_rows, width), np.int32)
-    attention = np.zeros((num_rows, width), bool)
-    loss_mask = np.zeros((num_rows, width), bool)
-    old = np.zeros((num_rows, width), np.float32)
-    adv = np.zeros(num_rows, np.float32)
-    row = 0
-    for s, a in zip(samples, advantages, strict=True):
-        R, P = s.prompt_tokens.shape
-        N = s.tokens.shape[1]
-        if P > prompt_width or N > completion_width:
-            raise ValueError(f"rows_to_batch: prompt {P} / completion {N} wider than {prompt_width} / "
-                             f"{completion_width}")
-        rows = slice(row, row + R)
-        tokens[rows, prompt_width - P:prompt_width] = s.prompt_tokens
-        attention[rows, prompt_width - P:prompt_width] = s.prompt_mask
-        tokens[rows, prompt_width:prompt_width + N] = s.tokens
-        attention[rows, prompt_width:prompt_width + N] = s.mask
-        loss_mask[rows, prompt_width:prompt_width + N] = s.mask
-        old[rows, prompt_width:prompt_width + N] = s.policy_logprobs
-        adv[rows] = np.asarray(a, np.float32).reshape(-1)
-        row += R
-    real = np.arange(num_rows) < row
-    tokens[row:], attention[row:] = tokens[0], attention[0]
-    return Batch(tokens, attention, loss_mask, old, adv), real
+    prompts, completions, logp = [], [], []
+    for s in samples:
+        lengths = np.asarray(s.lengths)
+        prompts += [p[m] for p, m in zip(s.prompt_tokens, s.prompt_mask, strict=True)]
+        completions += [t[:n] for t, n in zip(s.tokens, lengths, strict=True)]
+        logp += [lp[:n] for lp, n in zip(s.policy_logprobs, lengths, strict=True)]
+    pad = num_rows - total
+    adv = np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in advantages] + [np.zeros(pad)])
+    batch = pack_rows(prompts + prompts[:1] * pad, completions + completions[:1] * pad,
+                      completion_logp=logp + logp[:1] * pad, advantages=adv,
+                      loss_rows=np.arange(num_rows) < total, prompt_width=prompt_width,
+                      completion_width=completion_width)
+    return batch, np.arange(num_rows) < total
 
 
 # ---------------------------------------------------------------------------
@@ -390,7 +376,7 @@ def selfplay_step(state: TrainState, rt: SelfPlayRuntime, step: int
     added = [t for t in new if rt.buffer.add(t)]
     batch, _ = rows_to_batch([prop_out, sol_out], [adv_p, adv_s], prompt_width=cfg.max_prompt_len,
                              completion_width=cfg.completion_width, num_rows=rt.batch_rows)
-    state, train_metrics = rt.step_fn(state, batch, loss_start=cfg.max_prompt_len)
+    state, train_metrics = rt.step_fn(state, batch)
     train_metrics = jax.device_get(train_metrics)
     t5 = time.perf_counter()
     record = StepRecord(prop_kinds, prop_texts, validations, proposal_task, tasks, sol_texts, correct,
@@ -433,16 +419,17 @@ def make_runtime(
     if width > model_config.max_seq_len:
         raise ConfigError(f"selfplay.max_prompt_len: max_prompt_len + the longest completion = {width} "
                           f"exceeds model.max_seq_len={model_config.max_seq_len}")
-    shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    shards = batch_shards(mesh)
     rows = len(cfg.task_types) * cfg.group_size * (cfg.proposer_prompts + cfg.max_tasks_per_type)
     # Rows come in whole micro-batches, each spread evenly over the batch shards.
     step_rows = math.lcm(cfg.micro_batch_size, shards) if cfg.micro_batch_size else shards
     batch_rows = -(-rows // step_rows) * step_rows
     opt = optimizer_from_config(optimizer, total_steps=cfg.steps)
-    step_fn, shardings = make_train_step(
-        model_config, opt, mesh, micro_batch_size=cfg.micro_batch_size or batch_rows,
-        **loss_kwargs(loss, max_completion_len=cfg.completion_width, temperature=cfg.temperature or 1.0))
-    state = init_train_state(params, opt, jax.random.key(cfg.seed), with_reference=loss.kl_coef > 0,
+    objective = policy_objective(model_config, loss, max_completion_len=cfg.completion_width,
+                                 temperature=cfg.temperature or 1.0)
+    step_fn, shardings = make_train_step(objective, opt, mesh, param_specs(model_config),
+                                         micro_batch_size=cfg.micro_batch_size)
+    state = init_train_state(params, opt, jax.random.key(cfg.seed), with_reference=objective.uses_reference,
                              shardings=shardings)
     executor = executor or CodeExecutor(cfg.exec_settings(), workers=cfg.workers)
     rt = SelfPlayRuntime(cfg, model_config, step_fn, encode, decode, tuple(stop_token_ids), executor,

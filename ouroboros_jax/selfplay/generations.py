@@ -57,7 +57,8 @@ from ouroboros_jax.algorithms import compute_advantages
 from ouroboros_jax.config import LOSS_PRESETS, ConfigError, LossConfig, MeshConfig, ModelConfig, save_json
 from ouroboros_jax.evaluation import pass_at_k
 from ouroboros_jax.models.logprobs import policy_logprobs
-from ouroboros_jax.models.transformer import Params
+from ouroboros_jax.models.transformer import Params, param_specs
+from ouroboros_jax.objectives import sft
 from ouroboros_jax.rollout import Rollout, RolloutSettings, ScoreFn, concat_rollouts, sample_and_score
 from ouroboros_jax.selfplay.reports import (
     CollapseGuard,
@@ -78,9 +79,9 @@ from ouroboros_jax.selfplay.selection import (
     training_pool,
     training_rewards,
 )
-from ouroboros_jax.sharding import make_mesh
-from ouroboros_jax.supervised import SFT_LOSS
-from ouroboros_jax.train_step import init_train_state, loss_kwargs, make_optimizer, make_train_step
+from ouroboros_jax.sharding import batch_shards, make_mesh
+from ouroboros_jax.step import init_train_state, make_optimizer, make_train_step
+from ouroboros_jax.trainer import policy_objective
 
 METHODS = ("sft", "grpo")
 SCORE_ROWS = 128  # rows per forward of the scoring program (the last chunk is padded: one compile)
@@ -314,15 +315,15 @@ def _make_update(cfg: GenerationsConfig, model_config: ModelConfig, params: Para
     # b2 = 0.99: short runs of a few hundred updates, where the 0.999 default's second moment lags.
     optimizer = make_optimizer(cfg.learning_rate, b2=0.99, max_grad_norm=cfg.max_grad_norm)
     if cfg.method == "sft":
-        kwargs = dict(SFT_LOSS)
+        objective = sft(model_config)
     else:
-        kwargs = loss_kwargs(cfg.loss, max_completion_len=cfg.max_new_tokens, temperature=cfg.temperature)
-    with_ref = kwargs["kl_coef"] > 0
-    step_fn, shardings = make_train_step(model_config, optimizer, mesh, with_reference=with_ref,
-                                         micro_batch_size=cfg.micro_batch_size or None, **kwargs)
+        objective = policy_objective(model_config, cfg.loss, max_completion_len=cfg.max_new_tokens,
+                                     temperature=cfg.temperature)
+    step_fn, shardings = make_train_step(objective, optimizer, mesh, param_specs(model_config),
+                                         micro_batch_size=cfg.micro_batch_size)
     # a copy: the step donates its state, and the caller keeps `params`
     state = init_train_state(jax.tree.map(jnp.copy, params), optimizer, jax.random.key(cfg.seed),
-                             with_reference=with_ref, shardings=shardings)
+                             with_reference=objective.uses_reference, shardings=shardings)
     return step_fn, state
 
 
@@ -424,7 +425,7 @@ def run_generations(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(cfg, run_dir / "generations_config.json")
     mesh = mesh if mesh is not None else make_mesh(MeshConfig())
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     _check(cfg.batch_size % shards == 0, "batch_size",
            f"must be a multiple of the mesh's {shards} batch shards", cfg.batch_size)
     step_fn, state = _make_update(cfg, model_config, params, mesh)

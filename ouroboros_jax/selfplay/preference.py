@@ -1,24 +1,22 @@
 """Offline preference learning: pairs from JSONL, DPO / IPO with a frozen reference, SPIN.
 
-Preference data are (prompt, chosen, rejected) triples. They become a
-`PairBatch`: for each pair a chosen and a rejected row, each the prompt
-left-padded to a prompt width P followed by the response right-padded to a
-response width N (the sampler's layout), so the output head runs on the
-response positions only (`start=P`).
+Preference data are (prompt, chosen, rejected) triples. Encoded
+(`batch.EncodedPairs`), they become a `batch.PairBatch` (`batch.pack_pairs`):
+for each pair a chosen and a rejected row in the sampler's layout (prompt
+left-padded to P, response from column P), so the output head runs on the
+response positions only.
 
-One jitted update step (`preference_step`, compiled by `make_preference_step`
-with explicit shardings and the state donated) trains the policy on a batch of
-pairs: summed response log-probs under the policy and under the frozen
-reference parameters held in the state, then `algorithms.dpo_loss` (``dpo``
-objective, variants ``sigmoid`` and ``ipo``) or `algorithms.spin_loss`
-(``spin``). The state is the update step's `TrainState` with `ref_params`.
+The one update step (`step.make_train_step`) trains the policy on batches of
+pairs with `objectives.preference`: summed response log-probs under the policy
+and under the frozen reference parameters held in the state, then DPO / IPO
+(`kind="dpo"`) or SPIN (`kind="spin"`).
 
 SPIN (Chen et al. 2024, arXiv 2401.01335) runs iterations: the current model
 M_t samples a response per prompt, each pair takes the gold response as chosen
 and M_t's sample as rejected, and M_{t+1} is trained from M_t with M_t as the
 reference (the "opponent").
 
-Dimension legend: B pairs, T time (P prompt then N response positions).
+Dimension legend (docs/dimensions.md): B pairs, G samples per prompt.
 """
 
 from __future__ import annotations
@@ -28,32 +26,23 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Bool, Float, Int
+from jax.sharding import Mesh
 
-from ouroboros_jax.algorithms import dpo_loss, spin_loss
+from ouroboros_jax.algorithms import DPOVariant
+from ouroboros_jax.batch import EncodedPairs, pack_pairs, pair_widths
 from ouroboros_jax.config import MeshConfig, ModelConfig
 from ouroboros_jax.data import DataError
-from ouroboros_jax.models.logprobs import policy_logprobs
-from ouroboros_jax.models.transformer import Params
+from ouroboros_jax.models.transformer import Params, param_specs
+from ouroboros_jax.objectives import PreferenceKind, preference
 from ouroboros_jax.sampling import DEFAULT_PROMPT_LEN_BUCKETS, SampleOutput, generate
 from ouroboros_jax.sharding import make_mesh
-from ouroboros_jax.train_step import (
-    TrainState,
-    init_train_state,
-    learning_rate_of,
-    make_optimizer,
-    train_state_shardings,
-)
-
-Metrics = dict[str, Float[Array, ""]]
-OBJECTIVES: tuple[str, ...] = ("dpo", "spin")
+from ouroboros_jax.step import init_train_state, make_optimizer, make_train_step
 
 # ---------------------------------------------------------------------------
 # Preference data
@@ -110,21 +99,6 @@ def read_preference_pairs(
     return pairs
 
 
-class EncodedPairs(NamedTuple):
-    """Token ids of preference pairs: `prompts[i]`, `chosen[i]`, `rejected[i]` form pair i."""
-
-    prompts: list[list[int]]
-    chosen: list[list[int]]
-    rejected: list[list[int]]
-
-    @property
-    def size(self) -> int:
-        return len(self.prompts)
-
-    def take(self, rows: Sequence[int]) -> EncodedPairs:
-        return EncodedPairs(*[[side[i] for i in rows] for side in self])
-
-
 def encode_pairs(
     pairs: Sequence[PreferencePair], encode_prompt: Callable[[str], list[int]],
     encode_response: Callable[[str], list[int]],
@@ -133,63 +107,6 @@ def encode_pairs(
     return EncodedPairs([list(encode_prompt(p.prompt)) for p in pairs],
                         [list(encode_response(p.chosen)) for p in pairs],
                         [list(encode_response(p.rejected)) for p in pairs])
-
-
-class PairBatch(NamedTuple):
-    """A batch of pairs: chosen and rejected rows [B, P + N], and which pairs are real.
-
-    Attributes:
-      chosen_tokens, rejected_tokens: prompt (left-padded to P) then response
-        (right-padded to N).
-      chosen_mask, rejected_mask: True on real tokens.
-      pair_mask: [B] True for real pairs, False for padding pairs.
-    """
-
-    chosen_tokens: Int[Array, "B T"]
-    chosen_mask: Bool[Array, "B T"]
-    rejected_tokens: Int[Array, "B T"]
-    rejected_mask: Bool[Array, "B T"]
-    pair_mask: Bool[Array, " B"]
-
-
-def pair_widths(pairs: EncodedPairs, multiple: int = 8) -> tuple[int, int]:
-    """Prompt and response widths that fit every pair, rounded up to `multiple`."""
-    up = lambda n: -(-max(n, 1) // multiple) * multiple
-    longest_response = max(max(len(c), len(r)) for c, r in zip(pairs.chosen, pairs.rejected, strict=True))
-    return up(max(len(p) for p in pairs.prompts)), up(longest_response)
-
-
-def pair_batch(
-    pairs: EncodedPairs, *, prompt_width: int, response_width: int, rows: int | None = None, pad_id: int = 0,
-) -> PairBatch:
-    """Numpy `PairBatch` of the pairs, padded with masked-out pairs up to `rows`.
-
-    Raises:
-      ValueError: naming the pair and the side for an empty prompt or response,
-        or one longer than its width.
-    """
-    B = pairs.size
-    rows = B if rows is None else rows
-    if rows < B:
-        raise ValueError(f"pair_batch: {B} pairs do not fit in rows={rows}")
-    P, N = prompt_width, response_width
-    out = {}
-    for side, responses in (("chosen", pairs.chosen), ("rejected", pairs.rejected)):
-        tokens = np.full((rows, P + N), pad_id, np.int32)
-        mask = np.zeros((rows, P + N), bool)
-        for i, (prompt, response) in enumerate(zip(pairs.prompts, responses, strict=True)):
-            for what, ids, width in (("prompt", prompt, P), (f"{side} response", response, N)):
-                if not ids:
-                    raise ValueError(f"pair_batch: pair {i} has an empty {what}")
-                if len(ids) > width:
-                    raise ValueError(f"pair_batch: pair {i}: {what} has {len(ids)} tokens, "
-                                     f"more than its width {width}")
-            tokens[i, P - len(prompt):P] = prompt
-            mask[i, P - len(prompt):P] = True
-            tokens[i, P:P + len(response)] = response
-            mask[i, P:P + len(response)] = True
-        out[side] = (tokens, mask)
-    return PairBatch(*out["chosen"], *out["rejected"], np.arange(rows) < B)
 
 
 def epoch_batches(size: int, batch_size: int, seed: int) -> Callable[[int], np.ndarray]:
@@ -208,110 +125,6 @@ def epoch_batches(size: int, batch_size: int, seed: int) -> Callable[[int], np.n
 
 
 # ---------------------------------------------------------------------------
-# The step
-
-
-def sequence_logps(
-    params: Params, model_config: ModelConfig, tokens: Int[Array, "B T"], mask: Bool[Array, "B T"], *,
-    start: int, average: bool = False,
-) -> Float[Array, " B"]:
-    """Summed (or, with `average`, mean) log-prob of each row's tokens from position `start` on."""
-    logp, _ = policy_logprobs(params, model_config, tokens, mask, with_entropy=False, start=start)
-    response = mask & (jnp.arange(tokens.shape[1]) >= start)
-    total = jnp.sum(jnp.where(response, logp, 0.0), axis=1)
-    if average:
-        total = total / jnp.maximum(jnp.sum(response, axis=1), 1)
-    return total
-
-
-def preference_step(
-    state: TrainState, batch: PairBatch, *, model_config: ModelConfig,
-    optimizer: optax.GradientTransformation, beta: float, objective: str = "dpo", variant: str = "sigmoid",
-    label_smoothing: float = 0.0, average_logps: bool = False, loss_start: int = 0,
-) -> tuple[TrainState, Metrics]:
-    """One optimizer update of the policy on a batch of preference pairs.
-
-    Args:
-      state: policy parameters, optimizer state and the frozen `ref_params`.
-      batch: the pairs (see `PairBatch`).
-      model_config: the architecture.
-      optimizer: the optax transformation the state was made with.
-      beta: DPO's beta (IPO's tau, SPIN's lambda).
-      objective: ``dpo`` (`algorithms.dpo_loss`) or ``spin`` (`algorithms.spin_loss`).
-      variant: ``sigmoid`` or ``ipo``.
-      label_smoothing: conservative DPO's flip probability (``dpo``, ``sigmoid`` only).
-      average_logps: use the mean response log-prob instead of the sum (IPO's paper form).
-      loss_start: the prompt width P: responses start there.
-
-    Returns:
-      `(new_state, metrics)`: the loss's metrics plus `grad_norm`, `finite` and
-      `learning_rate`. A non-finite loss or gradient leaves the state unchanged.
-    """
-    if state.ref_params is None:
-        raise ValueError("preference_step: the state has no ref_params (make it with with_reference=True)")
-    B = batch.pair_mask.shape[0]
-    tokens = jnp.concatenate([batch.chosen_tokens, batch.rejected_tokens])
-    mask = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
-    logps = lambda p: sequence_logps(p, model_config, tokens, mask, start=loss_start, average=average_logps)
-    ref = jax.lax.stop_gradient(logps(state.ref_params))
-
-    def loss_fn(params: Params) -> tuple[Float[Array, ""], Metrics]:
-        policy = logps(params)
-        args = (policy[:B], policy[B:], ref[:B], ref[B:])
-        match objective:
-            case "dpo":
-                return dpo_loss(*args, beta=beta, variant=variant, label_smoothing=label_smoothing,
-                                mask=batch.pair_mask)
-            case "spin":
-                return spin_loss(*args, beta=beta, variant=variant, mask=batch.pair_mask)
-            case _:
-                raise ValueError(f"unknown preference objective {objective!r}; expected one of {OBJECTIVES}")
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state._replace(
-        step=state.step + finite.astype(state.step.dtype),
-        params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
-        opt_state=keep_if_bad(opt_state, state.opt_state))
-    metrics = metrics | {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
-    lr = learning_rate_of(opt_state)
-    if lr is not None:
-        metrics["learning_rate"] = lr
-    return new_state, metrics
-
-
-def make_preference_step(
-    model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, **step_kwargs: Any,
-):
-    """`preference_step` jitted once with explicit shardings, the state donated.
-
-    The state is sharded as the update step's (`train_step.train_state_shardings`
-    with a reference), every batch array over (data, fsdp) on its leading axis.
-
-    Returns:
-      `(step_fn, state_shardings)`: `step_fn(state, batch, loss_start=0)`.
-    """
-    shardings = train_state_shardings(model_config, optimizer, mesh, with_reference=True)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-
-    def step(state: TrainState, batch: PairBatch, loss_start: int) -> tuple[TrainState, Metrics]:
-        return preference_step(state, batch, model_config=model_config, optimizer=optimizer,
-                               loss_start=loss_start, **step_kwargs)
-
-    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
-                     out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-                     static_argnums=2, donate_argnums=0)
-
-    def step_fn(state: TrainState, batch: PairBatch, loss_start: int = 0) -> tuple[TrainState, Metrics]:
-        return jitted(state, batch, loss_start)
-
-    return step_fn, shardings
-
-
-# ---------------------------------------------------------------------------
 # Training loops
 
 
@@ -323,7 +136,7 @@ class PreferenceResult:
 
 def train_preference(
     params: Params, model_config: ModelConfig, pairs: EncodedPairs, *, steps: int, batch_size: int,
-    learning_rate: float, beta: float, objective: str = "dpo", variant: str = "sigmoid",
+    learning_rate: float, beta: float, objective: PreferenceKind = "dpo", variant: DPOVariant = "sigmoid",
     label_smoothing: float = 0.0, average_logps: bool = False, ref_params: Params | None = None,
     mesh: Mesh | None = None, seed: int = 0, widths: tuple[int, int] | None = None,
     optimizer: optax.GradientTransformation | None = None, log_every: int = 0,
@@ -336,7 +149,8 @@ def train_preference(
       ref_params: the frozen reference; default: a copy of `params`.
       widths: (prompt_width, response_width); default: `pair_widths(pairs)`.
       optimizer: default AdamW at `learning_rate` (b2 = 0.99).
-      Others: as in `preference_step`.
+      objective: "dpo" or "spin" (`objectives.preference`'s `kind`).
+      Others: as in `objectives.preference`.
 
     Returns:
       The trained parameters and one metrics dict per step.
@@ -345,20 +159,20 @@ def train_preference(
         raise ValueError("train_preference: no pairs to train on")
     mesh = mesh if mesh is not None else make_mesh(MeshConfig())
     optimizer = optimizer or make_optimizer(learning_rate, b2=0.99)
-    step_fn, shardings = make_preference_step(
-        model_config, optimizer, mesh, beta=beta, objective=objective, variant=variant,
-        label_smoothing=label_smoothing, average_logps=average_logps)
+    loss = preference(model_config, beta=beta, kind=objective, variant=variant,
+                      label_smoothing=label_smoothing, average_logps=average_logps)
+    step_fn, shardings = make_train_step(loss, optimizer, mesh, param_specs(model_config))
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     state = init_train_state(copy(params), optimizer, jax.random.key(seed), with_reference=ref_params is None)
     if ref_params is not None:
         state = state._replace(ref_params=copy(ref_params))
     state = jax.device_put(state, shardings)
-    P, N = widths or pair_widths(pairs)
+    P, C = widths or pair_widths(pairs)
     rows_of = epoch_batches(pairs.size, batch_size, seed)
     collected = []
     for i in range(steps):
-        batch = pair_batch(pairs.take(rows_of(i)), prompt_width=P, response_width=N, rows=batch_size)
-        state, metrics = step_fn(state, batch, loss_start=P)
+        batch = pack_pairs(pairs.take(rows_of(i)), prompt_width=P, completion_width=C, num_rows=batch_size)
+        state, metrics = step_fn(state, batch)
         collected.append(metrics)
         if log_every and (i + 1) % log_every == 0:
             print(f"{objective} step {i + 1}: loss {float(metrics['loss']):.4f} "

@@ -1,12 +1,11 @@
 """Learned reward models: Bradley-Terry training on preference pairs, and their use as RL rewards.
 
 Training. A reward model is the decoder backbone with a scalar head
-(`models.reward`), scored at the last real token of prompt + response. On a
-`preference.PairBatch` the one jitted step (`reward_model_step`, compiled by
-`make_reward_model_step` with explicit shardings and the state donated)
-minimises `algorithms.bradley_terry_loss` of the chosen and rejected scores.
+(`models.reward`), scored at the last real token of prompt + response. On
+batches of pairs (`batch.pack_pairs`) the one update step
+(`step.make_train_step`) minimises the `objectives.bradley_terry` objective.
 Parameters and optimizer moments are sharded like the policy's under the one
-rules table (`sharding.param_shardings(..., head="score")`); held-out pairs
+rules table (`models.param_specs(..., head="score")`); held-out pairs
 give the pairwise accuracy. Checkpoints are Hugging Face
 ...ForSequenceClassification directories (`save_reward_model` / `load_reward_model`).
 
@@ -43,16 +42,18 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from ouroboros_jax.algorithms import bradley_terry_loss
+from ouroboros_jax.batch import EncodedPairs, pack_pairs, pair_widths
 from ouroboros_jax.config import MeshConfig, ModelConfig
 from ouroboros_jax.models.hf import export_hf_checkpoint, load_hf_checkpoint
 from ouroboros_jax.models.reward import reward_scores
 from ouroboros_jax.models.safetensors_io import CheckpointError
-from ouroboros_jax.models.transformer import Params
+from ouroboros_jax.models.transformer import Params, param_shardings, param_specs
+from ouroboros_jax.objectives import bradley_terry
 from ouroboros_jax.rollout import RewardFn
 from ouroboros_jax.sampling import DEFAULT_PROMPT_LEN_BUCKETS, SampleOutput, generate
-from ouroboros_jax.selfplay.preference import EncodedPairs, PairBatch, epoch_batches, pair_batch, pair_widths
-from ouroboros_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
-from ouroboros_jax.train_step import TrainState, learning_rate_of, make_optimizer, train_state_shardings
+from ouroboros_jax.selfplay.preference import epoch_batches
+from ouroboros_jax.sharding import batch_sharding, batch_shards, make_mesh, replicated
+from ouroboros_jax.step import init_train_state, make_optimizer, make_train_step
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -90,64 +91,6 @@ def load_reward_model(path: str | os.PathLike[str], *, dtype: str = "float32",
 # The training step
 
 
-def reward_model_state_shardings(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                                 mesh: Mesh) -> TrainState:
-    """Shardings of a reward model's TrainState: optimizer moments as their parameter, the rest replicated."""
-    return train_state_shardings(model_config, optimizer, mesh, head="score")
-
-
-def reward_model_step(
-    state: TrainState, batch: PairBatch, *, model_config: ModelConfig,
-    optimizer: optax.GradientTransformation, center_coef: float = 0.0,
-) -> tuple[TrainState, Metrics]:
-    """One optimizer update of the reward model on a batch of pairs (Bradley-Terry loss).
-
-    Returns:
-      `(new_state, metrics)`: `bradley_terry_loss`'s metrics plus `grad_norm`,
-      `finite` and `learning_rate`; a non-finite update leaves the state unchanged.
-    """
-    B = batch.pair_mask.shape[0]
-    tokens = jnp.concatenate([batch.chosen_tokens, batch.rejected_tokens])
-    mask = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
-
-    def loss_fn(params: Params) -> tuple[Float[Array, ""], Metrics]:
-        scores = reward_scores(params, model_config, tokens, mask)
-        return bradley_terry_loss(scores[:B], scores[B:], center_coef=center_coef, mask=batch.pair_mask)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state._replace(
-        step=state.step + finite.astype(state.step.dtype),
-        params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
-        opt_state=keep_if_bad(opt_state, state.opt_state))
-    metrics = metrics | {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
-    lr = learning_rate_of(opt_state)
-    if lr is not None:
-        metrics["learning_rate"] = lr
-    return new_state, metrics
-
-
-def make_reward_model_step(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                           *, center_coef: float = 0.0):
-    """`reward_model_step` jitted once with explicit shardings, the state donated.
-
-    Returns:
-      `(step_fn, state_shardings)`: `step_fn(state, batch) -> (state, metrics)`.
-    """
-    shardings = reward_model_state_shardings(model_config, optimizer, mesh)
-
-    def step(state: TrainState, batch: PairBatch) -> tuple[TrainState, Metrics]:
-        return reward_model_step(state, batch, model_config=model_config, optimizer=optimizer,
-                                 center_coef=center_coef)
-
-    step_fn = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh, 1)),
-                      out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-    return step_fn, shardings
-
-
 def make_reward_scorer(model_config: ModelConfig, mesh: Mesh | None = None):
     """A compiled scoring program: `score(params, tokens [R, T], mask [R, T]) -> numpy [R]`.
 
@@ -158,10 +101,10 @@ def make_reward_scorer(model_config: ModelConfig, mesh: Mesh | None = None):
     if mesh is None:
         jitted, shards = jax.jit(fn), 1
     else:
-        rows = batch_sharding(mesh, 2)
+        rows = batch_sharding(mesh)
         jitted = jax.jit(fn, in_shardings=(param_shardings(model_config, mesh, head="score"), rows, rows),
                          out_shardings=replicated(mesh))
-        shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        shards = batch_shards(mesh)
 
     def score(params: Params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         R = tokens.shape[0]
@@ -192,11 +135,11 @@ def evaluate_reward_model(
 ) -> dict[str, float]:
     """Pairwise accuracy (chosen scored strictly above rejected), loss and mean margin on `pairs`."""
     scorer = scorer or make_reward_scorer(model_config, mesh)
-    P, N = widths or pair_widths(pairs)
+    P, C = widths or pair_widths(pairs)
     chosen, rejected = [], []
     for start in range(0, pairs.size, batch_size):
         rows = range(start, min(start + batch_size, pairs.size))
-        b = pair_batch(pairs.take(rows), prompt_width=P, response_width=N, rows=batch_size)
+        b = pack_pairs(pairs.take(rows), prompt_width=P, completion_width=C, num_rows=batch_size)
         n = len(rows)
         chosen.append(scorer(params, b.chosen_tokens, b.chosen_mask)[:n])
         rejected.append(scorer(params, b.rejected_tokens, b.rejected_mask)[:n])
@@ -228,17 +171,19 @@ def train_reward_model(
         raise ValueError("train_reward_model: params have no score head 'score_D' (use init_reward_model)")
     mesh = mesh if mesh is not None else make_mesh(MeshConfig())
     optimizer = optimizer or make_optimizer(learning_rate, b2=0.99)
-    step_fn, shardings = make_reward_model_step(model_config, optimizer, mesh, center_coef=center_coef)
-    state = TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), None, jax.random.key(seed))
-    state = jax.device_put(state._replace(opt_state=optimizer.init(state.params)), shardings)
+    objective = bradley_terry(model_config, center_coef=center_coef)
+    step_fn, shardings = make_train_step(objective, optimizer, mesh, param_specs(model_config, head="score"))
+    state = init_train_state(jax.tree.map(jnp.copy, params), optimizer, jax.random.key(seed),
+                             shardings=shardings)
     everything = train_pairs if heldout_pairs is None else EncodedPairs(
         *[a + b for a, b in zip(train_pairs, heldout_pairs, strict=True)])
-    P, N = pair_widths(everything)
+    P, C = pair_widths(everything)
     rows_of = epoch_batches(train_pairs.size, batch_size, seed)
     scorer = make_reward_scorer(model_config, mesh) if heldout_pairs is not None else None
     collected, evals = [], []
     for i in range(steps):
-        batch = pair_batch(train_pairs.take(rows_of(i)), prompt_width=P, response_width=N, rows=batch_size)
+        batch = pack_pairs(train_pairs.take(rows_of(i)), prompt_width=P, completion_width=C,
+                           num_rows=batch_size)
         state, metrics = step_fn(state, batch)
         collected.append(metrics)
         done = i + 1
@@ -247,7 +192,7 @@ def train_reward_model(
                   f"accuracy {float(metrics['accuracy']):.3f}", flush=True)
         if heldout_pairs is not None and ((eval_every and done % eval_every == 0) or done == steps):
             evals.append({"step": done} | evaluate_reward_model(
-                state.params, model_config, heldout_pairs, widths=(P, N), batch_size=batch_size,
+                state.params, model_config, heldout_pairs, widths=(P, C), batch_size=batch_size,
                 scorer=scorer))
     history = [{k: float(v) for k, v in m.items()} for m in jax.device_get(collected)]
     return RewardModelResult(state.params, history, evals)

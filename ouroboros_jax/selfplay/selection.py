@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
-from ouroboros_jax.train_step import Batch
+from ouroboros_jax.batch import Batch, pack_rows
 
 DATA_POLICIES = ("replace", "accumulate")
 SELECTIONS = ("all", "likely", "reward", "diverse")
@@ -154,27 +154,12 @@ def compose_batch(
 
 
 def rows_to_batch(rows: Sequence[Row], width: int | None = None, pad_id: int = 0) -> Batch:
-    """Right-padded prompt + completion rows; loss on the completion; old log-probs aligned with it.
+    """The rows in `batch.pack_rows`'s packed layout: loss on the completion, old log-probs aligned with it.
 
     Args:
       rows: the batch's rows.
       width: the padded width; default: the longest row rounded up to 16 (few compiled shapes).
     """
-    longest = max(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
-    T = width if width is not None else -(-longest // 16) * 16
-    if longest > T:
-        raise ValueError(f"rows_to_batch: a row has {longest} tokens, more than the width {T}")
-    B = len(rows)
-    tokens = np.full((B, T), pad_id, np.int32)
-    attention = np.zeros((B, T), bool)
-    loss_mask = np.zeros((B, T), bool)
-    old_logp = np.zeros((B, T), np.float32)
-    for i, r in enumerate(rows):
-        p, n = len(r.prompt_ids), len(r.prompt_ids) + len(r.completion_ids)
-        tokens[i, :n] = [*r.prompt_ids, *r.completion_ids]
-        attention[i, :n] = True
-        loss_mask[i, p:n] = True
-        if r.token_logp:
-            old_logp[i, p:n] = r.token_logp
-    advantages = np.array([r.advantage for r in rows], np.float32)
-    return Batch(tokens, attention, loss_mask, old_logp, advantages)
+    logp = [r.token_logp or [0.0] * len(r.completion_ids) for r in rows]
+    return pack_rows([r.prompt_ids for r in rows], [r.completion_ids for r in rows], completion_logp=logp,
+                     advantages=[r.advantage for r in rows], width=width, pad_id=pad_id)

@@ -1,4 +1,5 @@
-"""The update step: chunked log-probs, micro-batching, sharding, inner epochs, NaN handling."""
+"""The update step with the policy-gradient objective: chunked log-probs, micro-batching, sharding,
+inner epochs, NaN handling. (tests/test_objectives.py runs every objective through the same step.)"""
 
 from __future__ import annotations
 
@@ -12,18 +13,13 @@ import optax
 import pytest
 
 from ouroboros_jax.algorithms import AGGREGATIONS, group_advantages, policy_loss
+from ouroboros_jax.batch import Batch
 from ouroboros_jax.config import LOSS_PRESETS, MeshConfig, ModelConfig, OptimizerConfig
-from ouroboros_jax.models import forward_padded, init_params, policy_logprobs, token_logprobs
+from ouroboros_jax.models import forward_padded, init_params, param_specs, policy_logprobs, token_logprobs
+from ouroboros_jax.objectives import policy_gradient
 from ouroboros_jax.sharding import make_mesh
-from ouroboros_jax.train_step import (
-    Batch,
-    init_train_state,
-    loss_kwargs,
-    make_optimizer,
-    make_train_step,
-    optimizer_from_config,
-    train_step,
-)
+from ouroboros_jax.step import init_train_state, make_optimizer, make_train_step, train_step
+from ouroboros_jax.trainer import optimizer_from_config, policy_loss_settings
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 B, PROMPT, COMPLETION = 8, 8, 16
@@ -36,7 +32,8 @@ fast_jit = lambda f, **kw: jax.jit(f, compiler_options=FAST, **kw)
 
 # Most tests share one compiled step: Adam, 4 micro-batches of 2, token-mean PPO-clip.
 ADAM = make_optimizer(3e-2)
-ADAM_STEP_KW = dict(model_config=CFG, optimizer=ADAM, micro_batch_size=2, logprob_chunk=8, **PPO)
+ADAM_STEP_KW = dict(objective=policy_gradient(CFG, logprob_chunk=8, **PPO), optimizer=ADAM,
+                    micro_batch_size=2)
 ADAM_STEP = fast_jit(lambda s, b: train_step(s, b, **ADAM_STEP_KW))
 
 
@@ -174,10 +171,10 @@ def test_micro_batches_give_the_full_batch_update(params, reference, aggregation
     sgd = optax.sgd(1.0)
     # Completions start at PROMPT: one case runs the head on completions only.
     start = PROMPT if aggregation == "seq_mean_token_mean" else 0
-    step = fast_jit(lambda s, b: train_step(s, b, model_config=CFG, optimizer=sgd, micro_batch_size=2,
-                                            logprob_chunk=8, loss_start=start, **reference_loss(aggregation)))
+    objective = policy_gradient(CFG, logprob_chunk=8, **reference_loss(aggregation))
+    step = fast_jit(lambda s, b: train_step(s, b, objective=objective, optimizer=sgd, micro_batch_size=2))
     state = init_train_state(params, sgd, jax.random.key(0))
-    new, metrics = step(state, batch)
+    new, metrics = step(state, batch.replace(loss_start=start))
     got_grads = jax.tree.map(lambda a, b: a - b, state.params, new.params)
     tree_allclose(got_grads, want_grads, atol=2e-6, rtol=2e-4)
     # Every metric of policy_loss, re-combined over 4 micro-batches (one of
@@ -191,8 +188,11 @@ def test_micro_batches_give_the_full_batch_update(params, reference, aggregation
 def test_bad_arguments_are_named(params):
     batch = make_batch(params)
     state = init_train_state(params, optax.sgd(1.0), jax.random.key(0))
-    trace = lambda **kw: jax.eval_shape(
-        lambda s, b: train_step(s, b, model_config=CFG, optimizer=optax.sgd(1.0), **(PPO | kw)), state, batch)
+    def trace(micro_batch_size=None, **kw):
+        objective = policy_gradient(CFG, **(PPO | kw))
+        return jax.eval_shape(lambda s, b: train_step(s, b, objective=objective, optimizer=optax.sgd(1.0),
+                                                      micro_batch_size=micro_batch_size), state, batch)
+
     with pytest.raises(ValueError, match="micro_batch_size=3"):
         trace(micro_batch_size=3)
     with pytest.raises(ValueError, match="max_len"):
@@ -223,13 +223,13 @@ def test_sharded_step_on_8_devices_equals_one_device(params):
     results = []
     for mesh_cfg, n_devices in ((MeshConfig(fsdp=1), 1), (MeshConfig(data=1, fsdp=4, tensor=2), 8)):
         mesh = make_mesh(mesh_cfg, jax.devices()[:n_devices])
-        step, shardings = make_train_step(CFG, tx, mesh, micro_batch_size=4, logprob_chunk=8,
-                                          compiler_options=FAST, **loss)
+        step, shardings = make_train_step(policy_gradient(CFG, logprob_chunk=8, **loss), tx, mesh,
+                                          param_specs(CFG), micro_batch_size=4, compiler_options=FAST)
         # The step donates its state: give it a copy of the shared params.
         state = init_train_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(0), with_reference=True,
                                  shardings=shardings)
         for _ in range(3):  # the first warmup step has rate 0; then the policy leaves the reference
-            state, metrics = step(state, batch, loss_start=PROMPT)
+            state, metrics = step(state, batch.replace(loss_start=PROMPT))
         # The state keeps its sharding through the update.
         for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
             assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
@@ -248,8 +248,9 @@ def test_remat_and_bfloat16_compute_with_float32_master_weights(params, referenc
     for name, cfg in {"remat": dataclasses.replace(CFG, remat=True),
                       "bf16": dataclasses.replace(CFG, compute_dtype="bfloat16")}.items():
         state = init_train_state(params, sgd, jax.random.key(0))
-        new, _ = fast_jit(lambda s, b, c=cfg: train_step(s, b, model_config=c, optimizer=sgd,
-                                                         **reference_loss("token_mean")))(state, batch)
+        objective = policy_gradient(cfg, **reference_loss("token_mean"))
+        step = fast_jit(lambda s, b, o=objective: train_step(s, b, objective=o, optimizer=sgd))
+        new, _ = step(state, batch)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
         grads[name] = jax.tree.map(lambda a, b: a - b, params, new.params)
     tree_allclose(grads["remat"], want_grads, atol=2e-6, rtol=2e-4)
@@ -264,10 +265,10 @@ def test_reference_params_and_precomputed_ref_logp_agree(params):
     loss = dict(PPO, kl_coef=0.1, kl_kind="k3")
     ref_params = jax.tree.map(lambda x: x + 0.01 * jnp.sign(x), params)
     state = init_train_state(params, sgd, jax.random.key(0))._replace(ref_params=ref_params)
-    step = fast_jit(lambda s, b: train_step(s, b, model_config=CFG, optimizer=sgd, **loss))
+    step = fast_jit(lambda s, b: train_step(s, b, objective=policy_gradient(CFG, **loss), optimizer=sgd))
     from_params = step(state, batch)
     ref_logp, _ = naive_logprobs(ref_params, batch.tokens, batch.attention_mask)
-    from_batch = step(state._replace(ref_params=None), batch._replace(ref_logp=ref_logp))
+    from_batch = step(state._replace(ref_params=None), batch.replace(ref_logp=ref_logp))
     tree_allclose(from_params[0].params, from_batch[0].params, atol=1e-6)
     np.testing.assert_allclose(from_params[1]["kl_ref"], from_batch[1]["kl_ref"], rtol=1e-4)
     assert from_params[1]["kl_ref"] > 0
@@ -293,7 +294,7 @@ def test_inner_epochs_move_ratios_away_from_one_and_clip(params):
 def test_one_update_moves_logprob_with_the_advantage_sign(params):
     batch = make_batch(params, seed=8, noise=0.0)
     advantages = jnp.where(jnp.arange(B) % 2 == 0, 1.0, -1.0)
-    batch = batch._replace(advantages=advantages)
+    batch = batch.replace(advantages=advantages)
     new, _ = ADAM_STEP(init_train_state(params, ADAM, jax.random.key(0)), batch)
 
     def sequence_logp(p):
@@ -309,7 +310,7 @@ def test_one_update_moves_logprob_with_the_advantage_sign(params):
 def test_zero_variance_groups_give_zero_gradient(params):
     rewards = jnp.array([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])  # 2 prompts x 4 completions
     advantages = group_advantages(rewards).reshape(-1)
-    batch = make_batch(params, seed=9)._replace(advantages=advantages)
+    batch = make_batch(params, seed=9).replace(advantages=advantages)
     new, metrics = ADAM_STEP(init_train_state(params, ADAM, jax.random.key(0)), batch)
     assert metrics["grad_norm"] == 0.0 and metrics["loss"] == 0.0
     tree_allclose(new.params, params, atol=0)
@@ -318,17 +319,30 @@ def test_zero_variance_groups_give_zero_gradient(params):
 def test_non_finite_loss_is_flagged_and_the_update_skipped(params):
     batch = make_batch(params, seed=10)
     # NaN outside the loss mask is ignored ...
-    padded = batch._replace(old_logp=jnp.where(batch.loss_mask, batch.old_logp, jnp.nan))
+    padded = batch.replace(old_logp=jnp.where(batch.loss_mask, batch.old_logp, jnp.nan))
     state, metrics = ADAM_STEP(init_train_state(params, ADAM, jax.random.key(0)), padded)
     assert metrics["finite"] == 1.0 and int(state.step) == 1
     # ... NaN on a completion token poisons the loss: flagged, parameters kept.
-    bad = batch._replace(old_logp=batch.old_logp.at[0, PROMPT + 2].set(jnp.nan))
+    bad = batch.replace(old_logp=batch.old_logp.at[0, PROMPT + 2].set(jnp.nan))
     before = jax.device_get(state)
     after, metrics = ADAM_STEP(state, bad)
     assert metrics["finite"] == 0.0 and np.isnan(metrics["loss"])
     assert int(after.step) == 1
     tree_allclose(after.params, before.params, atol=0)
     tree_allclose(after.opt_state, before.opt_state, atol=0)
+
+
+def test_an_update_that_makes_the_state_non_finite_is_skipped(params):
+    """A finite loss and gradient can still give infinite parameters (learning rate 1e39): not applied."""
+    batch = make_batch(params, seed=11)
+    tx = make_optimizer(1e39)
+    step = fast_jit(lambda s, b: train_step(s, b, objective=policy_gradient(CFG, **PPO), optimizer=tx))
+    state = init_train_state(params, tx, jax.random.key(0))
+    after, metrics = step(state, batch)
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+    assert metrics["finite"] == 0.0 and int(after.step) == 0
+    tree_allclose(after.params, params, atol=0)
+    tree_allclose(after.opt_state, state.opt_state, atol=0)
 
 
 # ---------------------------------------------------------------------------
@@ -353,8 +367,8 @@ def test_optimizer_schedule_and_weight_decay_mask():
     assert optimizer_from_config(OptimizerConfig(), total_steps=10) is not None
 
 
-def test_loss_kwargs_fill_dr_grpo_normaliser():
-    kw = loss_kwargs(LOSS_PRESETS["dr_grpo"], max_completion_len=128, temperature=0.9)
+def test_loss_settings_fill_dr_grpo_normaliser():
+    kw = policy_loss_settings(LOSS_PRESETS["dr_grpo"], max_completion_len=128, temperature=0.9)
     assert kw["aggregation"] == "seq_mean_token_sum_norm" and kw["max_len"] == 128
     assert kw["kl_coef"] == 0.0 and kw["temperature"] == 0.9
 

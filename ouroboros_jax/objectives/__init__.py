@@ -1,0 +1,28 @@
+"""Objectives: what the one update step (`ouroboros_jax.step`) minimises.
+
+An `Objective` is a small pure pair, `normalizer(batch)` (full-batch counts)
+and `loss(params, ref_params, batch, counts) -> (loss, metrics)`, plus how
+micro-batch metrics combine (`combine_metrics`). Each binds a model forward to
+a pure loss of `ouroboros_jax.algorithms`:
+
+- `policy_gradient`: the GRPO family on token rows (`batch.Batch`), `sft` its
+  likelihood variant;
+- `preference`: DPO / IPO and SPIN on pairs (`batch.PairBatch`);
+- `bradley_terry`: a reward model on pairs.
+"""
+
+from ouroboros_jax.objectives.base import SUMMED, Metrics, Objective, combine_metrics
+from ouroboros_jax.objectives.policy import loss_tokens, policy_gradient, sft
+from ouroboros_jax.objectives.preference import (
+    PREFERENCE_KINDS,
+    PreferenceKind,
+    pair_count,
+    preference,
+    sequence_logps,
+)
+from ouroboros_jax.objectives.reward_model import bradley_terry
+
+__all__ = [
+    "PREFERENCE_KINDS", "SUMMED", "Metrics", "Objective", "PreferenceKind", "bradley_terry",
+    "combine_metrics", "loss_tokens", "pair_count", "policy_gradient", "preference", "sequence_logps", "sft",
+]
