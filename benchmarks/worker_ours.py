@@ -31,6 +31,7 @@ from ouroboros_jax.batch import Batch  # noqa: E402
 from ouroboros_jax.config import MeshConfig  # noqa: E402
 from ouroboros_jax.models import load_hf_checkpoint, param_specs  # noqa: E402
 from ouroboros_jax.objectives import policy_gradient  # noqa: E402
+from ouroboros_jax.rewards import VerifierReward  # noqa: E402
 from ouroboros_jax.rollout import RolloutSettings, sample_and_score  # noqa: E402
 from ouroboros_jax.sampling import generate  # noqa: E402
 from ouroboros_jax.sharding import batch_sharding, make_mesh  # noqa: E402
@@ -89,7 +90,7 @@ def main() -> None:
             holder["n"] += 1
             state = holder["state"]
             rollout = sample_and_score(state.params, cfg, examples, prompts, settings=settings,
-                                       decode=ids_to_text, score=score, mesh=mesh,
+                                       decode=ids_to_text, reward=VerifierReward(score), mesh=mesh,
                                        rng=jax.random.fold_in(jax.random.key(s.seed), holder["n"]))
             holder["state"], metrics = step(state, rollout.to_batch())
             return {"loss": float(metrics["loss"]), "reward": float(np.mean(rollout.rewards)),

@@ -39,7 +39,6 @@ import dataclasses
 import random
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -61,15 +60,16 @@ from ouroboros_jax.config import (
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.metrics import MetricsLogger
 from ouroboros_jax.models import Tokenizer, init_sharded
-from ouroboros_jax.selfplay.preference import PreferencePair, encode_pairs
-from ouroboros_jax.selfplay.reward_model import (
+from ouroboros_jax.rewards import (
+    Completions,
     ModelReward,
     PARReward,
-    RewardHackingTracker,
-    init_reward_model,
+    Rewards,
+    RewardSource,
     sampled_reference,
-    train_reward_model,
 )
+from ouroboros_jax.selfplay.preference import PreferencePair, encode_pairs
+from ouroboros_jax.selfplay.reward_model import RewardHackingTracker, init_reward_model, train_reward_model
 from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
 from ouroboros_jax.trainer import Task, train
@@ -143,18 +143,20 @@ class ArmReward:
     """An arm's training reward; per batch it also records the proxy's gain over the reference
     responses of the same prompts, which is comparable across batches and arms."""
 
-    shaped: Callable
+    shaped: RewardSource
     proxy: ModelReward
     references: PARReward  # its cached reference rewards centre the proxy
     log: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
-    def __call__(self, sample, examples) -> np.ndarray:
-        raw = self.proxy(sample, examples).reshape(len(examples), -1)
-        disagreement = self.proxy.last_stats["reward_model/std"]  # read before references are scored
+    def __call__(self, completions: Completions) -> Rewards:
+        examples = completions.examples
+        proxy = self.proxy(completions)
+        raw = proxy.rewards.reshape(len(examples), -1)
         ref = self.references.reference_rewards(examples).mean(axis=1, keepdims=True)
-        self.log.append({"gain": float((raw - ref).mean()), "length": float(np.mean(sample.lengths)),
-                         "rm_std": disagreement})
-        return self.shaped(sample, examples)
+        lengths = completions.sample.lengths
+        self.log.append({"gain": float((raw - ref).mean()), "length": float(np.mean(lengths)),
+                         "rm_std": proxy.metrics["reward_model/std"]})
+        return self.shaped(completions)
 
 
 def arm_reward(arm: str, members, cfg: ExperimentConfig, policy, mesh) -> ArmReward:

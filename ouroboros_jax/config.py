@@ -23,17 +23,42 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-FAMILIES = ("llama", "qwen2", "qwen3")
-DTYPES = ("float32", "bfloat16")
-ROPE_SCALINGS = ("", "linear", "llama3")
-POLICY_VARIANTS = ("ppo_clip", "gspo", "gspo_token", "sft")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
-ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
-KL_KINDS = ("k1", "k2", "k3")
-OVERLONG_MODES = ("none", "shape", "mask")
-DATA_SOURCES = ("arithmetic", "countdown", "jsonl", "tfds", "humaneval", "reasoning_gym")
+# Every choice is a Literal type, declared once: fields are typed with it (so the CLI lists and
+# checks the choices) and the tuple of its values is what validation and error messages use.
+# Config imports no JAX: the choices of `ouroboros_jax.algorithms` are declared there again, and
+# tests/test_config.py holds the two declarations equal.
+Family = Literal["llama", "qwen2", "qwen3"]
+DType = Literal["float32", "bfloat16"]
+RopeScaling = Literal["", "linear", "llama3"]
+PolicyVariant = Literal["ppo_clip", "gspo", "gspo_token", "sft"]
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+AdvantageMode = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
+KLKind = Literal["k1", "k2", "k3"]
+OverlongMode = Literal["none", "shape", "mask"]
+Schedule = Literal["constant", "cosine"]
+DataSource = Literal["arithmetic", "countdown", "jsonl", "tfds", "humaneval", "reasoning_gym"]
+AnswerFormat = Literal["raw", "gsm8k"]
+PromptOverflow = Literal["error", "truncate"]
+
+FAMILIES: tuple[str, ...] = typing.get_args(Family)
+DTYPES: tuple[str, ...] = typing.get_args(DType)
+ROPE_SCALINGS: tuple[str, ...] = typing.get_args(RopeScaling)
+POLICY_VARIANTS: tuple[str, ...] = typing.get_args(PolicyVariant)
+AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)
+ADVANTAGE_MODES: tuple[str, ...] = typing.get_args(AdvantageMode)
+KL_KINDS: tuple[str, ...] = typing.get_args(KLKind)
+OVERLONG_MODES: tuple[str, ...] = typing.get_args(OverlongMode)
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
+DATA_SOURCES: tuple[str, ...] = typing.get_args(DataSource)
+
+# Fields that existed once, and what replaced them: a saved config that still has one is
+# rejected with this explanation rather than a bare "unknown field".
+REMOVED_FIELDS: dict[str, str] = {
+    "loss.algorithm": "it was never read; the loss is set by loss.variant, loss.aggregation, loss.advantage "
+                      "and the other loss fields (or --preset NAME)",
+}
 
 
 class ConfigError(ValueError):
@@ -54,6 +79,13 @@ def _positive(value: float, field_name: str) -> None:
     _require(value > 0, field_name, "must be positive", value)
 
 
+def check_micro_batch(micro_batch_size: int, batch_size: int, field_name: str, batch_name: str) -> None:
+    """The one meaning of `micro_batch_size` in every config: rows per micro-batch, dividing the
+    batch it splits; 0 means the whole batch (no accumulation)."""
+    _require(micro_batch_size >= 0 and (micro_batch_size == 0 or batch_size % micro_batch_size == 0),
+             field_name, f"must divide {batch_name}={batch_size}", micro_batch_size)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Decoder LM architecture and numerics (Llama 3 / Qwen2 / Qwen3 families).
@@ -63,7 +95,7 @@ class ModelConfig:
     replaced by the checkpoint's; otherwise a model of this shape is initialised.
     """
 
-    family: str = "qwen2"
+    family: Family = "qwen2"
     vocab_size: int = 64
     d_model: int = 64
     n_layers: int = 2
@@ -72,7 +104,7 @@ class ModelConfig:
     head_dim: int = 16
     d_ff: int = 128
     rope_theta: float = 10_000.0
-    rope_scaling: str = ""
+    rope_scaling: RopeScaling = ""
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
@@ -83,8 +115,8 @@ class ModelConfig:
     qk_norm: bool = False
     tie_embeddings: bool = True
     max_seq_len: int = 2048
-    dtype: str = "float32"
-    compute_dtype: str = "float32"
+    dtype: DType = "float32"
+    compute_dtype: DType = "float32"
     remat: bool = False
     path: str = ""
 
@@ -189,20 +221,19 @@ class LossConfig:
     Named presets with each paper's defaults live in `LOSS_PRESETS`.
     """
 
-    algorithm: str = "grpo"
-    advantage: str = "grpo"
-    variant: str = "ppo_clip"
+    advantage: AdvantageMode = "grpo"
+    variant: PolicyVariant = "ppo_clip"
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
-    aggregation: str = "seq_mean_token_mean"
+    aggregation: Aggregation = "seq_mean_token_mean"
     max_len: int | None = None
     kl_coef: float = 0.04
-    kl_kind: str = "k3"
+    kl_kind: KLKind = "k3"
     entropy_coef: float = 0.0
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 3
-    overlong: str = "none"
+    overlong: OverlongMode = "none"
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
 
@@ -233,16 +264,15 @@ LOSS_PRESETS: dict[str, LossConfig] = {
     "grpo": LossConfig(),
     # Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training" (arXiv:2503.20783):
     # no std normalisation, token sums divided by a constant (the max length), no KL.
-    "dr_grpo": LossConfig(algorithm="dr_grpo", advantage="dr_grpo",
-                          aggregation="seq_mean_token_sum_norm", kl_coef=0.0),
+    "dr_grpo": LossConfig(advantage="dr_grpo", aggregation="seq_mean_token_sum_norm", kl_coef=0.0),
     # DAPO, Yu et al. 2025 (arXiv:2503.14476): clip-higher (0.2 / 0.28), token-mean
     # loss, no KL, dynamic sampling and overlong reward shaping in the trainer.
-    "dapo": LossConfig(algorithm="dapo", clip_low=0.2, clip_high=0.28,
+    "dapo": LossConfig(clip_low=0.2, clip_high=0.28,
                        aggregation="token_mean", kl_coef=0.0, dynamic_sampling=True,
                        overlong="shape", overlong_buffer=16, overlong_penalty=1.0),
     # GSPO, Zheng et al. 2025, "Group Sequence Policy Optimization" (arXiv:2507.18071):
     # length-normalised sequence ratio clipped at 3e-4 / 4e-4, no KL.
-    "gspo": LossConfig(algorithm="gspo", variant="gspo", clip_low=3e-4, clip_high=4e-4,
+    "gspo": LossConfig(variant="gspo", clip_low=3e-4, clip_high=4e-4,
                        aggregation="seq_mean_token_mean", kl_coef=0.0),
 }
 
@@ -257,7 +287,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: str = "constant"
+    schedule: Schedule = "constant"
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
@@ -265,7 +295,7 @@ class OptimizerConfig:
         _require(0 <= self.b1 < 1, "optimizer.b1", "must be in [0, 1)", self.b1)
         _require(0 <= self.b2 < 1, "optimizer.b2", "must be in [0, 1)", self.b2)
         _require(self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
-        _one_of(self.schedule, ("constant", "cosine"), "optimizer.schedule")
+        _one_of(self.schedule, SCHEDULES, "optimizer.schedule")
         _require(self.max_grad_norm >= 0, "optimizer.max_grad_norm", "must be >= 0 (0: off)")
 
 
@@ -275,7 +305,8 @@ class TrainConfig:
 
     The rollout batch is `prompts_per_step * sampling.group_size` sequences; it is
     split into mini-batches (one optimizer step each, `inner_epochs` passes), and
-    each mini-batch into micro-batches whose gradients accumulate in one program.
+    each mini-batch into micro-batches whose gradients accumulate in one program
+    (`micro_batch_size` rows each, 0: the whole mini-batch, as everywhere).
     """
 
     steps: int = 100
@@ -288,12 +319,10 @@ class TrainConfig:
     ref_update_every: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "mini_batch_size", "micro_batch_size",
-                     "inner_epochs", "eval_size"):
+        for name in ("steps", "prompts_per_step", "mini_batch_size", "inner_epochs", "eval_size"):
             _positive(getattr(self, name), f"train.{name}")
-        _require(self.mini_batch_size % self.micro_batch_size == 0, "train.micro_batch_size",
-                 f"must divide train.mini_batch_size={self.mini_batch_size}",
-                 self.micro_batch_size)
+        check_micro_batch(self.micro_batch_size, self.mini_batch_size, "train.micro_batch_size",
+                          "train.mini_batch_size")
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0: off)")
         _require(self.ref_update_every >= 0, "train.ref_update_every", "must be >= 0 (0: never)")
 
@@ -327,7 +356,7 @@ class WarmStartConfig:
 class DataConfig:
     """Where prompts come from and how they become model input."""
 
-    source: str = "arithmetic"
+    source: DataSource = "arithmetic"
     path: str = ""
     eval_path: str = ""
     prompt_field: str = "question"
@@ -339,8 +368,8 @@ class DataConfig:
     template: str = "{prompt}"
     system_prompt: str = ""
     chat_template: bool = False
-    answer_format: str = "raw"
-    prompt_overflow: str = "error"
+    answer_format: AnswerFormat = "raw"
+    prompt_overflow: PromptOverflow = "error"
     digits: int = 3
     fixed_width: bool = False  # arithmetic: every operand has exactly `digits` digits
     operations: tuple[str, ...] = ("+",)
@@ -350,8 +379,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.source, DATA_SOURCES, "data.source")
-        _one_of(self.answer_format, ("raw", "gsm8k"), "data.answer_format")
-        _one_of(self.prompt_overflow, ("error", "truncate"), "data.prompt_overflow")
+        _one_of(self.answer_format, typing.get_args(AnswerFormat), "data.answer_format")
+        _one_of(self.prompt_overflow, typing.get_args(PromptOverflow), "data.prompt_overflow")
         _require(1 <= self.digits <= 18, "data.digits", "must be in [1, 18]", self.digits)
         _require(len(self.operations) > 0 and set(self.operations) <= {"+", "-", "*"}, "data.operations",
                  "must be a non-empty subset of ('+', '-', '*')", self.operations)
@@ -479,6 +508,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _require(value in choices, where, f"must be one of {list(choices)}", value)
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
@@ -491,8 +524,12 @@ def from_dict(cls: type[T], data: dict[str, Any], *, _prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
+    where = f"{_prefix}." if _prefix else ""
+    for name in unknown:
+        if where + name in REMOVED_FIELDS:
+            raise ConfigError(f"{where}{name}: this field was removed: {REMOVED_FIELDS[where + name]}; "
+                              "delete it from the saved config")
     if unknown:
-        where = f"{_prefix}." if _prefix else ""
         raise ConfigError(f"unknown config field(s): {', '.join(where + u for u in unknown)}")
     kwargs = {}
     for name, value in data.items():

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from ouroboros_jax.config import ModelConfig
-from ouroboros_jax.rollout import ScoreFn, strip_stop
+from ouroboros_jax.rewards.verifier import ScoreFn
+from ouroboros_jax.rollout import strip_stop
 from ouroboros_jax.sampling import DEFAULT_PROMPT_LEN_BUCKETS, generate
 
 

@@ -292,6 +292,10 @@ class PhaseTimer:
         finally:
             self._totals[name] = self._totals.get(name, 0.0) + self._clock() - start
 
+    def reset(self) -> None:
+        """Forget the phases so far and start a new lap now."""
+        self._totals, self._lap_start = {}, self._clock()
+
     def lap(self) -> dict[str, float]:
         """{"time/<phase>": seconds, ..., "time/step": seconds since the last lap}; resets.
 

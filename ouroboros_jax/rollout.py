@@ -1,8 +1,9 @@
 """Prompts -> groups of completions -> rewards -> advantages -> a training batch.
 
 The host side of one RL step. The sampler runs on the device; decoding to
-text and verification run on the host (the verifier pool's worker processes);
-the result is a `batch.Batch` whose rows are prompt + completion.
+text and the reward source (verifiers in the pool's worker processes, reward
+models, ...) run on the host; the result is a `batch.Batch` whose rows are
+prompt + completion (`Rollout.to_batch`).
 
 DAPO's trainer-side parts live here too: the soft overlong penalty (or masking
 truncated completions out of the loss) and dynamic sampling, which drops groups
@@ -11,23 +12,20 @@ whose rewards are all equal and samples more prompts until the batch is full.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from ouroboros_jax.algorithms import compute_advantages
+from ouroboros_jax.algorithms import AdvantageMode, compute_advantages
 from ouroboros_jax.batch import Batch, pack_rows
-from ouroboros_jax.config import ModelConfig
+from ouroboros_jax.config import ModelConfig, OverlongMode
+from ouroboros_jax.metrics import PhaseTimer
+from ouroboros_jax.rewards.base import Completions, RewardSource, checked
 from ouroboros_jax.sampling import DEFAULT_PROMPT_LEN_BUCKETS, SampleOutput, generate
-
-# (completions, examples) -> list of verdicts with .score and .correct
-ScoreFn = Callable[[Sequence[str], Sequence[Mapping[str, Any]]], Sequence[Any]]
-# (sampled completions, examples) -> one reward per row [B*G], e.g. a learned reward model
-RewardFn = Callable[[SampleOutput, Sequence[Any]], np.ndarray]
 
 
 def overlong_penalty(lengths: np.ndarray, max_len: int, buffer: int, penalty: float = 1.0) -> np.ndarray:
@@ -55,12 +53,13 @@ class Rollout:
     examples: list[Any]
     sample: SampleOutput
     texts: list[str]
-    verdicts: list[Any]
-    rewards: np.ndarray  # [B, G] verifier scores plus shaping
+    verdicts: list[Any]  # [B*G] the reward source's per-row details (verifier verdicts), or None
+    rewards: np.ndarray  # [B, G] the reward source's rewards plus shaping
     correct: np.ndarray  # [B, G] bool
     advantages: np.ndarray  # [B, G]
     loss_rows: np.ndarray  # [B*G] bool: rows that enter the loss (overlong masking)
     groups_drawn: int = 0
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the reward source's, last call
 
     @property
     def group_size(self) -> int:
@@ -75,7 +74,7 @@ class Rollout:
             examples=[self.examples[i] for i in keep], sample=sample,
             texts=[self.texts[r] for r in rows], verdicts=[self.verdicts[r] for r in rows],
             rewards=self.rewards[keep], correct=self.correct[keep], advantages=self.advantages[keep],
-            loss_rows=self.loss_rows[rows], groups_drawn=self.groups_drawn)
+            loss_rows=self.loss_rows[rows], groups_drawn=self.groups_drawn, metrics=self.metrics)
 
     def to_batch(self) -> Batch:
         """The training batch in the sampler's (split) layout: prompt + completion per row, the
@@ -112,12 +111,13 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
         correct=np.concatenate([p.correct for p in parts]),
         advantages=np.concatenate([p.advantages for p in parts]),
         loss_rows=np.concatenate([p.loss_rows for p in parts]),
-        groups_drawn=sum(p.groups_drawn for p in parts))
+        groups_drawn=sum(p.groups_drawn for p in parts), metrics=parts[-1].metrics)
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSettings:
-    """Explicit values for `collect` (built from the config at the edge)."""
+    """Explicit values for `sample_and_score` and `collect` (built from the config at the edge,
+    `trainer.rollout_settings`)."""
 
     group_size: int
     max_new_tokens: int
@@ -126,50 +126,57 @@ class RolloutSettings:
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
     prompt_len_buckets: tuple[int, ...] = DEFAULT_PROMPT_LEN_BUCKETS
-    advantage: str = "grpo"
-    overlong: str = "none"
+    advantage: AdvantageMode = "grpo"
+    overlong: OverlongMode = "none"
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
 
 
-def sample_and_score(
-    params: Any, model_config: ModelConfig, examples: Sequence[Any], prompt_ids: Sequence[Sequence[int]],
-    *, settings: RolloutSettings, decode: Callable[[Sequence[int]], str], score: ScoreFn, rng: jax.Array,
-    mesh: Any = None, timings: dict[str, float] | None = None, reward_fn: RewardFn | None = None,
-    reward_weight: float = 1.0, verifier_weight: float = 1.0,
-) -> Rollout:
-    """Sample G completions per prompt, verify them, and compute shaped rewards and advantages.
+def sample(
+    params: Any, model_config: ModelConfig, prompt_ids: Sequence[Sequence[int]], *, settings: RolloutSettings,
+    decode: Callable[[Sequence[int]], str], rng: jax.Array, mesh: Any = None,
+    generate_fn: Callable[..., SampleOutput] = generate,
+) -> tuple[SampleOutput, list[str]]:
+    """G completions per prompt (the jitted sampler) and their texts, stop tokens stripped.
 
-    The reward is `verifier_weight * verifier score`, plus `reward_weight *
-    reward_fn(sample, examples)` when a model-based reward is given (e.g.
-    `selfplay.reward_model.ModelReward`); `correct` always comes from the verifier.
+    `generate_fn` has the signature of `sampling.generate` (tests pass one that returns chosen texts).
     """
     s = settings
-    t0 = time.perf_counter()
-    out = generate(params, model_config, list(prompt_ids), max_new_tokens=s.max_new_tokens,
-                   num_samples=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                   stop_token_ids=s.stop_token_ids, rng=rng, mesh=mesh,
-                   prompt_len_buckets=s.prompt_len_buckets)
-    t1 = time.perf_counter()
+    out = generate_fn(params, model_config, list(prompt_ids), max_new_tokens=s.max_new_tokens,
+                      num_samples=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                      stop_token_ids=s.stop_token_ids, rng=rng, mesh=mesh,
+                      prompt_len_buckets=s.prompt_len_buckets)
     rows = zip(out.tokens, out.lengths, strict=True)
-    texts = [decode(strip_stop(row[:n], s.stop_token_ids)) for row, n in rows]
-    golds = [ex.gold for ex in examples for _ in range(s.group_size)]
-    verdicts = list(score(texts, golds))
-    t2 = time.perf_counter()
-    if timings is not None:
-        timings["sample"] = timings.get("sample", 0.0) + t1 - t0
-        timings["verify"] = timings.get("verify", 0.0) + t2 - t1
+    return out, [decode(strip_stop(np.asarray(row)[:n], s.stop_token_ids)) for row, n in rows]
+
+
+def sample_and_score(
+    params: Any, model_config: ModelConfig, examples: Sequence[Any], prompt_ids: Sequence[Sequence[int]],
+    *, settings: RolloutSettings, decode: Callable[[Sequence[int]], str], reward: RewardSource,
+    rng: jax.Array, mesh: Any = None, timer: PhaseTimer | None = None,
+    generate_fn: Callable[..., SampleOutput] = generate,
+) -> Rollout:
+    """Sample G completions per prompt, score them with a reward source, and compute shaped rewards
+    and advantages.
+
+    Args:
+      examples, prompt_ids: the prompts (one example each, with its gold data) and their token ids.
+      settings: sampling, advantage and overlong settings.
+      decode: completion token ids -> text.
+      reward: the reward source (e.g. `rewards.WeightedRewards` of a verifier and a reward model);
+        `correct` comes from it where it says so, else every row counts as wrong.
+      timer: records the phase "sample" (a `rewards.WeightedRewards` sharing it records its sources).
+      generate_fn: the sampler (see `sample`).
+    """
+    s = settings
+    with timer.phase("sample") if timer is not None else contextlib.nullcontext():
+        out, texts = sample(params, model_config, prompt_ids, settings=s, decode=decode, rng=rng, mesh=mesh,
+                            generate_fn=generate_fn)
     B, G = len(examples), s.group_size
-    rewards = verifier_weight * np.array([float(v.score) for v in verdicts], np.float64).reshape(B, G)
-    correct = np.array([bool(v.correct) for v in verdicts]).reshape(B, G)
-    if reward_fn is not None:
-        model_rewards = np.asarray(reward_fn(out, examples), np.float64)
-        if model_rewards.shape != (B * G,):
-            raise ValueError(f"reward_fn returned shape {model_rewards.shape}; expected ({B * G},), "
-                             "one reward per sampled row")
-        rewards = rewards + reward_weight * model_rewards.reshape(B, G)
-        if timings is not None:
-            timings["reward_model"] = timings.get("reward_model", 0.0) + time.perf_counter() - t2
+    scored = checked(reward(Completions(out, texts, list(examples))), B * G, "reward")
+    rewards = scored.rewards.reshape(B, G)
+    correct = np.zeros((B, G), bool) if scored.correct is None else np.asarray(scored.correct).reshape(B, G)
+    verdicts = scored.details if scored.details is not None else [None] * (B * G)
     loss_rows = np.ones(B * G, bool)
     if s.overlong == "shape":
         rewards = rewards + overlong_penalty(out.lengths, s.max_new_tokens, s.overlong_buffer,
@@ -177,8 +184,8 @@ def sample_and_score(
     elif s.overlong == "mask":
         loss_rows = ~np.asarray(out.truncated)
     advantages = np.asarray(compute_advantages(rewards.astype(np.float32), mode=s.advantage))
-    return Rollout(list(examples), out, texts, verdicts, rewards, correct, advantages, loss_rows,
-                   groups_drawn=B)
+    return Rollout(list(examples), out, texts, list(verdicts), rewards, correct, advantages, loss_rows,
+                   groups_drawn=B, metrics=dict(scored.metrics))
 
 
 VERIFIER_ERRORS = ("verifier raised", "verifier process died", "verdict cannot be pickled",
@@ -200,9 +207,8 @@ def strip_stop(tokens: np.ndarray, stop_token_ids: Sequence[int]) -> np.ndarray:
 def collect(
     next_examples: Callable[[int], Sequence[Any]], encode: Callable[[Sequence[Any]], Sequence[Sequence[int]]],
     params: Any, model_config: ModelConfig, *, num_prompts: int, settings: RolloutSettings,
-    decode: Callable[[Sequence[int]], str], score: ScoreFn, rng: jax.Array, dynamic_sampling: bool = False,
-    max_rounds: int = 3, mesh: Any = None, timings: dict[str, float] | None = None,
-    reward_fn: RewardFn | None = None, reward_weight: float = 1.0, verifier_weight: float = 1.0,
+    decode: Callable[[Sequence[int]], str], reward: RewardSource, rng: jax.Array,
+    dynamic_sampling: bool = False, max_rounds: int = 3, mesh: Any = None, timer: PhaseTimer | None = None,
 ) -> Rollout:
     """One rollout batch of `num_prompts` groups.
 
@@ -211,7 +217,7 @@ def collect(
     batch is still short after that, it is filled with dropped groups (they
     have zero advantage, so they add no gradient) to keep shapes, and thus the
     compiled programs, fixed. `groups_drawn` counts every group sampled.
-    `reward_fn`, `reward_weight` and `verifier_weight` are as in `sample_and_score`.
+    `reward` and `timer` are as in `sample_and_score`.
     """
     kept: list[Rollout] = []
     spare: list[Rollout] = []
@@ -220,9 +226,8 @@ def collect(
         want = num_prompts - have
         examples = list(next_examples(want))
         part = sample_and_score(params, model_config, examples, encode(examples), settings=settings,
-                                decode=decode, score=score, rng=jax.random.fold_in(rng, round_), mesh=mesh,
-                                timings=timings, reward_fn=reward_fn, reward_weight=reward_weight,
-                                verifier_weight=verifier_weight)
+                                decode=decode, reward=reward, rng=jax.random.fold_in(rng, round_), mesh=mesh,
+                                timer=timer)
         drawn += len(examples)
         if not dynamic_sampling:
             kept.append(part)
@@ -247,7 +252,8 @@ def collect(
 
 
 def rollout_metrics(r: Rollout) -> dict[str, float]:
-    """Host metrics of a rollout: reward, accuracy, lengths, truncation, dynamic sampling."""
+    """Host metrics of a rollout: reward, accuracy, lengths, truncation, dynamic sampling, verifier
+    time-outs and errors, and the reward source's own metrics."""
     lengths = np.asarray(r.sample.lengths, np.float64)
     return {
         "reward/mean": float(r.rewards.mean()),
@@ -260,4 +266,4 @@ def rollout_metrics(r: Rollout) -> dict[str, float]:
         "groups/drawn": float(r.groups_drawn),
         "verifier/timeouts": float(sum(bool(getattr(v, "timed_out", False)) for v in r.verdicts)),
         "verifier/errors": float(sum(1 for v in r.verdicts if is_verifier_error(v))),
-    }
+    } | r.metrics

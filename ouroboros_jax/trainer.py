@@ -1,8 +1,13 @@
-"""The RL loop: data -> rollout -> verify -> update -> eval -> checkpoint -> logs.
+"""The RL loop: data -> rollout -> reward source -> objective -> update step -> eval -> checkpoint -> logs.
 
 One flat function, `train`, reads the experiment config (this is an edge) and
-drives the pieces that take explicit values: the sampler, the verifier pool,
-the single jitted update step, the checkpointer and the metric writers.
+drives the pieces that take explicit values: the sampler (`rollout`), the
+reward sources (`rewards`: the verifier pool, and a reward model when the task
+has one), the policy-gradient objective (`objectives`), the single jitted
+update step (`step`), the checkpointer and the metric writers. The config
+adapters below (`optimizer_from_config`, `policy_loss_settings`,
+`policy_objective`, `rollout_settings`) are what the other loops (self-play)
+use to turn config into those explicit values.
 
 Exact resume: every random draw of step t comes from `fold_in(key(seed), t)`,
 and a checkpoint holds the train state and the data position, so a run of 2k
@@ -12,7 +17,6 @@ steps equals a run of k steps resumed for k more.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +34,15 @@ from ouroboros_jax.config import (
     LossConfig,
     ModelConfig,
     OptimizerConfig,
+    SamplingConfig,
     save_json,
 )
 from ouroboros_jax.evaluation import evaluate
-from ouroboros_jax.metrics import MetricsLogger
+from ouroboros_jax.metrics import MetricsLogger, PhaseTimer
 from ouroboros_jax.models.logprobs import DEFAULT_CHUNK
 from ouroboros_jax.models.transformer import Params, param_specs
 from ouroboros_jax.objectives import Objective, policy_gradient
+from ouroboros_jax.rewards import RewardSource, VerifierReward, WeightedRewards
 from ouroboros_jax.rollout import Rollout, RolloutSettings, collect, rollout_metrics
 from ouroboros_jax.sharding import batch_shards, make_mesh
 from ouroboros_jax.step import TrainState, init_train_state, make_optimizer, make_train_step
@@ -78,15 +84,15 @@ class Task:
         picklable callable, or {name_or_callable: weight}.
       stop_token_ids: tokens that end a completion (e.g. the EOS id).
       eval_examples: held-out examples (None: no evaluation).
-      reward_model: optional model-based reward, `(SampleOutput, examples) -> [B*G]`
-        (e.g. `selfplay.reward_model.ModelReward`), added to the verifier score.
+      reward_model: optional reward source beside the verifier (`rewards.RewardSource`,
+        e.g. `rewards.ModelReward`, `rewards.PARReward`), added to the verifier score.
       reward_model_weight: its weight in the reward.
       verifier_weight: the verifier score's weight; 0 with a reward model trains
         on the model's reward alone, while `accuracy` still reports the verifier.
-        A reward model with a `last_stats` dict of floats (`ModelReward`: ensemble
-        mean and disagreement; `PAR`: raw and reference rewards) has it logged
-        with each step's metrics, as the values of the step's last rollout call,
-        beside `time/reward_model`.
+        The sources' own metrics (`ModelReward`: ensemble mean and disagreement;
+        `PARReward`: raw and reference rewards) are logged with each step's
+        metrics, as the values of the step's last rollout call, and each
+        source's wall time as `time/verify` and `time/reward_model`.
     """
 
     train_source: Any
@@ -95,7 +101,7 @@ class Task:
     verifier: Any
     stop_token_ids: tuple[int, ...]
     eval_examples: Sequence[Any] | None = None
-    reward_model: Callable[[Any, Sequence[Any]], Any] | None = None
+    reward_model: RewardSource | None = None
     reward_model_weight: float = 1.0
     verifier_weight: float = 1.0
 
@@ -148,14 +154,20 @@ def policy_objective(
     return policy_gradient(model_config, logprob_chunk=logprob_chunk, **settings)
 
 
-def rollout_settings(cfg: ExperimentConfig) -> RolloutSettings:
-    """The rollout's explicit settings from the sampling and loss sections."""
-    s, loss = cfg.sampling, cfg.loss
-    return RolloutSettings(
-        group_size=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-        top_p=s.top_p, top_k=s.top_k, stop_token_ids=tuple(s.stop_token_ids),
-        prompt_len_buckets=tuple(s.prompt_len_buckets), advantage=loss.advantage, overlong=loss.overlong,
-        overlong_buffer=loss.overlong_buffer, overlong_penalty=loss.overlong_penalty)
+def rollout_settings(
+    sampling: SamplingConfig, loss: LossConfig | None = None, **overrides: Any
+) -> RolloutSettings:
+    """The rollout's explicit settings from a sampling (and loss) section; `overrides` replace fields
+    (e.g. `max_new_tokens=` for a loop with several completion lengths)."""
+    s = sampling
+    settings = RolloutSettings(
+        group_size=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+        top_k=s.top_k, stop_token_ids=tuple(s.stop_token_ids), prompt_len_buckets=tuple(s.prompt_len_buckets))
+    if loss is not None:
+        settings = dataclasses.replace(
+            settings, advantage=loss.advantage, overlong=loss.overlong, overlong_buffer=loss.overlong_buffer,
+            overlong_penalty=loss.overlong_penalty)
+    return dataclasses.replace(settings, **overrides)
 
 
 def _minibatches(batch: Batch, size: int, rng: np.random.Generator) -> list[Batch]:
@@ -223,16 +235,21 @@ def train(
             task.train_source.seek(int(restored.metadata["data_position"]))
     logger = logger or MetricsLogger.from_config(cfg.logging)
     stops = tuple(sorted({*cfg.sampling.stop_token_ids, *task.stop_token_ids}))
-    settings = dataclasses.replace(rollout_settings(cfg), stop_token_ids=stops)
+    settings = rollout_settings(cfg.sampling, cfg.loss, stop_token_ids=stops)
     result = TrainResult(state, [], [], run_dir)
     pool = VerifierPool(task.verifier, workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s)
+    timer = PhaseTimer()
+    terms = {"verify": (VerifierReward(pool.score), task.verifier_weight)}
+    if task.reward_model is not None:
+        terms["reward_model"] = (task.reward_model, task.reward_model_weight)
+    reward = WeightedRewards(terms, timer=timer)
     try:
         run_eval = _evaluator(cfg, model_config, task, pool, mesh, stops)
         if start == 0 and task.eval_examples and cfg.train.eval_every:
             result.evals.append(run_eval(state.params, 0))
             logger.log(0, result.evals[-1])
         for step in range(start, cfg.train.steps):
-            state, metrics = _rl_step(cfg, model_config, step_fn, state, task, settings, pool.score, mesh,
+            state, metrics = _rl_step(cfg, model_config, step_fn, state, task, settings, reward, timer, mesh,
                                       step)
             result.history.append(metrics)
             done = step + 1
@@ -268,7 +285,7 @@ def check_batch_fits_mesh(cfg: ExperimentConfig, mesh: Any) -> None:
     """Reject, before any compile, batch sizes that the mesh's batch shards do not divide."""
     shards = batch_shards(mesh)
     for name in ("mini_batch_size", "micro_batch_size"):
-        size = getattr(cfg.train, name)
+        size = getattr(cfg.train, name) or cfg.train.mini_batch_size  # micro 0: the whole mini-batch
         if size % shards:
             raise ConfigError(
                 f"train.{name}: {size} rows do not divide over the {shards} batch shards of the mesh "
@@ -294,26 +311,20 @@ def _refresh_reference(state: TrainState) -> TrainState:
     return state._replace(ref_params=jax.tree.map(lambda x: x.copy(), state.params))
 
 
-def _rl_step(cfg, model_config, step_fn, state, task: Task, settings, score, mesh, step: int):
-    """Rollout, verify and update for step `step`; returns the state and its metrics."""
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
+def _rl_step(cfg, model_config, step_fn, state, task: Task, settings, reward, timer: PhaseTimer, mesh,
+             step: int):
+    """Rollout, rewards and update for step `step`; returns the state and its metrics."""
+    timer.reset()  # the step's clock: the previous step's evaluation and checkpoint are not in it
     rollout = collect(
         task.train_source.take, task.encode, state.params, model_config,
-        num_prompts=cfg.train.prompts_per_step, settings=settings, decode=task.decode, score=score,
+        num_prompts=cfg.train.prompts_per_step, settings=settings, decode=task.decode, reward=reward,
         rng=jax.random.fold_in(jax.random.key(cfg.seed), step), mesh=mesh,
-        dynamic_sampling=cfg.loss.dynamic_sampling, max_rounds=cfg.loss.max_sampling_rounds, timings=timings,
-        reward_fn=task.reward_model, reward_weight=task.reward_model_weight,
-        verifier_weight=task.verifier_weight)
-    t1 = time.perf_counter()
-    state, metrics, tokens = _update(step_fn, state, rollout, cfg, step)
-    t2 = time.perf_counter()
-    metrics |= rollout_metrics(rollout)
-    metrics |= {"time/sample": timings.get("sample", 0.0), "time/verify": timings.get("verify", 0.0),
-                "time/update": t2 - t1, "time/step": t2 - t0, "throughput/tokens_per_s": tokens / (t2 - t0)}
-    if task.reward_model is not None:
-        metrics["time/reward_model"] = timings.get("reward_model", 0.0)
-        metrics |= {k: float(v) for k, v in (getattr(task.reward_model, "last_stats", None) or {}).items()}
+        dynamic_sampling=cfg.loss.dynamic_sampling, max_rounds=cfg.loss.max_sampling_rounds, timer=timer)
+    with timer.phase("update"):
+        state, metrics, tokens = _update(step_fn, state, rollout, cfg, step)
+    timings = timer.lap()
+    metrics |= rollout_metrics(rollout) | timings
+    metrics["throughput/tokens_per_s"] = tokens / timings["time/step"]
     return state, metrics
 
 

@@ -118,3 +118,26 @@ def test_cli_validation_error_names_field(capsys):
     assert exit_info.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "train.micro_batch_size: must divide" in err.replace("│ ", "").replace(" │", "")
+
+
+def test_config_choices_equal_the_algorithms_and_the_cli_lists_them():
+    """Each choice is declared once per side (config imports no JAX): the two must agree."""
+    from ouroboros_jax import algorithms, config
+
+    assert config.POLICY_VARIANTS == algorithms.POLICY_VARIANTS
+    assert config.AGGREGATIONS == algorithms.AGGREGATIONS
+    assert config.ADVANTAGE_MODES == algorithms.ADVANTAGE_MODES
+    assert config.KL_KINDS == algorithms.KL_KINDS
+    # the CLI checks a Literal field itself, naming the choices
+    with pytest.raises(SystemExit):
+        parse_cli(args=["--loss.variant", "ppo2"])
+
+
+def test_saved_config_with_a_removed_field_is_rejected_with_the_reason(tmp_path):
+    (tmp_path / "old.json").write_text('{"loss": {"algorithm": "grpo", "kl_coef": 0.0}}')
+    with pytest.raises(ConfigError, match=r"loss\.algorithm: this field was removed: it was never read"):
+        load_json(tmp_path / "old.json")
+    (tmp_path / "bad.json").write_text('{"loss": {"variant": "ppo2"}}')
+    with pytest.raises(ConfigError, match=r"loss\.variant: must be one of \['ppo_clip'"):
+        load_json(tmp_path / "bad.json")
+    assert TrainConfig(mini_batch_size=64, micro_batch_size=0).micro_batch_size == 0  # 0: the whole batch

@@ -128,6 +128,11 @@ def test_phase_timer():
     with timer.phase("update"):
         now[0] += 1.0
     assert timer.lap() == {"time/update": 1.0, "time/step": 1.0}
+    with timer.phase("sample"):
+        now[0] += 2.0
+    timer.reset()  # forgets the phases so far and restarts the step's clock
+    now[0] += 0.5
+    assert timer.lap() == {"time/step": 0.5}
 
 
 def _fake_run(run_dir: Path, steps: int = 40) -> None:

@@ -13,6 +13,7 @@ from ouroboros_jax.config import ModelConfig
 from ouroboros_jax.data import Example
 from ouroboros_jax.evaluation import majority_correct, pass_at_k
 from ouroboros_jax.models import init_params
+from ouroboros_jax.rewards import VerifierReward
 from ouroboros_jax.rollout import RolloutSettings, collect, informative_groups, overlong_penalty
 from verifiers import Verdict
 
@@ -72,8 +73,8 @@ def test_dynamic_sampling_keeps_informative_groups_and_counts_draws():
 
     settings = RolloutSettings(group_size=4, max_new_tokens=3, prompt_len_buckets=(8,))
     r = collect(next_examples, lambda exs: [[1, 2, 3]] * len(exs), params, CFG, num_prompts=4,
-                settings=settings, decode=lambda ids: "x", score=score, rng=jax.random.key(1),
-                dynamic_sampling=True, max_rounds=3)
+                settings=settings, decode=lambda ids: "x", reward=VerifierReward(score),
+                rng=jax.random.key(1), dynamic_sampling=True, max_rounds=3)
     # round 1 draws ids 0-3 (keeps 1, 3), round 2 draws 100-101 (keeps 101), round 3 draws 200
     # (uninformative); the batch is then filled with a dropped group, whose advantage is zero.
     assert [ex.id for ex in r.examples] == ["1", "3", "101", "0"]
@@ -88,7 +89,8 @@ def test_batch_rows_line_up_with_sampler_outputs():
     score = lambda texts, golds: [Verdict(float(g["i"]), bool(g["i"])) for g in golds]
     settings = RolloutSettings(group_size=2, max_new_tokens=4, prompt_len_buckets=(8,), advantage="dr_grpo")
     r = collect(lambda n: _examples(n), lambda exs: [[1, 2, 3], [4, 5]][: len(exs)], params, CFG,
-                num_prompts=2, settings=settings, decode=lambda ids: "x", score=score, rng=jax.random.key(2))
+                num_prompts=2, settings=settings, decode=lambda ids: "x", reward=VerifierReward(score),
+                rng=jax.random.key(2))
     b = r.to_batch()
     P = r.sample.prompt_tokens.shape[1]
     assert b.tokens.shape == (4, P + 4)

@@ -6,8 +6,8 @@
 - `code_selfplay`: one policy proposes programs that the sandbox turns into
   verified deduction / abduction / induction tasks, and solves them
   (`code_tasks`, `code_executor`).
-- `reward_model`: Bradley-Terry reward models, model rewards for RL
-  (ensembles, preference-as-reward shaping) and a reward-hacking tracker.
+- `reward_model`: Bradley-Terry reward models (their use as RL rewards is
+  `ouroboros_jax.rewards`) and a reward-hacking tracker.
 - `preference`: DPO / IPO from preference pairs and SPIN iterations.
 """
 
@@ -38,25 +38,18 @@ from ouroboros_jax.selfplay.preference import (
 )
 from ouroboros_jax.selfplay.reports import CollapseGuard, answer_diversity, distinct_n
 from ouroboros_jax.selfplay.reward_model import (
-    ModelReward,
-    PARReward,
     RewardHackingTracker,
-    ensemble_penalty,
-    ensemble_stats,
     init_reward_model,
     load_reward_model,
-    make_reward_scorer,
-    par_shaping,
     save_reward_model,
     train_reward_model,
 )
 
 __all__ = [
     "CodeExecutor", "CodeSelfPlayConfig", "CodeTask", "CollapseGuard", "CollapseWarning", "ExecSettings",
-    "GenerationTask", "GenerationsConfig", "GenerationsResult", "ModelReward", "PARReward",
-    "RewardHackingTracker", "TaskBuffer", "TaskError", "anchor_loglik", "answer_diversity", "check_solution",
-    "distinct_n", "ensemble_penalty", "ensemble_stats", "evaluate_generation", "learnability_reward",
-    "par_shaping", "role_advantages", "run_code_selfplay", "run_generations", "run_spin", "selfplay_step",
-    "spin_pairs", "train_preference", "train_reward_model", "validate_proposal", "init_reward_model",
-    "load_reward_model", "make_reward_scorer", "read_preference_pairs", "save_reward_model", "spin_iteration",
+    "GenerationTask", "GenerationsConfig", "GenerationsResult", "RewardHackingTracker", "TaskBuffer",
+    "TaskError", "anchor_loglik", "answer_diversity", "check_solution", "distinct_n", "evaluate_generation",
+    "learnability_reward", "role_advantages", "run_code_selfplay", "run_generations", "run_spin",
+    "selfplay_step", "spin_pairs", "train_preference", "train_reward_model", "validate_proposal",
+    "init_reward_model", "load_reward_model", "read_preference_pairs", "save_reward_model", "spin_iteration",
 ]

@@ -12,8 +12,8 @@ Generation g, for g = 0, 1, ..., `generations`:
    `prompts_per_generation` fresh prompts of the task pool.
 3. Judge. The verifier pool marks each completion correct or not. Beside it,
    or instead of it, a reward that needs no verifier: agreement with the
-   group's majority answer ("self_consistency"), or a reward function such as
-   a reward model ("fn").
+   group's majority answer ("self_consistency"), or a reward source such as
+   a reward model ("fn", `rewards.RewardSource`).
 4. Select. Per prompt, `verified` keeps only correct completions (off: the
    model's own outputs, right or wrong); then up to `keep_per_prompt` of them:
    "all", the most "likely" (summed log-prob), the best "reward", or "diverse"
@@ -59,7 +59,8 @@ from ouroboros_jax.evaluation import pass_at_k
 from ouroboros_jax.models.logprobs import policy_logprobs
 from ouroboros_jax.models.transformer import Params, param_specs
 from ouroboros_jax.objectives import sft
-from ouroboros_jax.rollout import Rollout, RolloutSettings, ScoreFn, concat_rollouts, sample_and_score
+from ouroboros_jax.rewards import Completions, RewardSource, VerifierReward
+from ouroboros_jax.rollout import Rollout, RolloutSettings, concat_rollouts, sample_and_score
 from ouroboros_jax.selfplay.reports import (
     CollapseGuard,
     ReportWriter,
@@ -85,9 +86,6 @@ from ouroboros_jax.trainer import policy_objective
 
 METHODS = ("sft", "grpo")
 SCORE_ROWS = 128  # rows per forward of the scoring program (the last chunk is padded: one compile)
-
-# (completions, examples) -> one reward per completion (e.g. a reward model's scores)
-RewardFn = Callable[[Sequence[str], Sequence[Any]], Sequence[float]]
 
 
 class CollapseWarning(UserWarning):
@@ -249,12 +247,12 @@ def anchor_loglik(params: Params, model_config: ModelConfig, prompts: Sequence[S
 # Sampling and evaluation
 
 
-def _sample(params, model_config, examples, prompt_ids, *, settings: RolloutSettings, decode, score: ScoreFn,
-            rng: jax.Array, batch_prompts: int, mesh) -> Rollout:
+def _sample(params, model_config, examples, prompt_ids, *, settings: RolloutSettings, decode,
+            reward: RewardSource, rng: jax.Array, batch_prompts: int, mesh) -> Rollout:
     """`sample_and_score` over chunks of `batch_prompts` prompts, joined into one rollout."""
     parts = [sample_and_score(params, model_config, examples[s:s + batch_prompts],
-                              prompt_ids[s:s + batch_prompts], settings=settings, decode=decode, score=score,
-                              rng=jax.random.fold_in(rng, s), mesh=mesh)
+                              prompt_ids[s:s + batch_prompts], settings=settings, decode=decode,
+                              reward=reward, rng=jax.random.fold_in(rng, s), mesh=mesh)
              for s in range(0, len(examples), batch_prompts)]
     return concat_rollouts(parts)
 
@@ -265,12 +263,13 @@ def _completions(r: Rollout) -> list[tuple[int, ...]]:
 
 def evaluate_generation(
     params: Params, model_config: ModelConfig, examples: Sequence[Any], prompt_ids: Sequence[Sequence[int]],
-    *, settings: RolloutSettings, decode, score: ScoreFn, rng: jax.Array, k: int, batch_prompts: int = 64,
-    mesh: Any = None,
+    *, settings: RolloutSettings, decode, reward: RewardSource, rng: jax.Array, k: int,
+    batch_prompts: int = 64, mesh: Any = None,
 ) -> dict[str, float]:
-    """pass@1, pass@k, distinct-1/2, mean token entropy, answer diversity and mean length of samples."""
+    """pass@1, pass@k, distinct-1/2, mean token entropy, answer diversity and mean length of samples
+    (correctness and answers from `reward`, a verifier source)."""
     r = _sample(params, model_config, list(examples), list(prompt_ids), settings=settings, decode=decode,
-                score=score, rng=rng, batch_prompts=batch_prompts, mesh=mesh)
+                reward=reward, rng=rng, batch_prompts=batch_prompts, mesh=mesh)
     n = settings.group_size
     completions = _completions(r)
     tokens, attention = r.sample.sequences()
@@ -342,22 +341,22 @@ def _seed_rows(task: GenerationTask, n: int, *, cfg: GenerationsConfig, params: 
             for i, r in enumerate(rows)]
 
 
-def _sample_generation(cfg, model_config, params, task, score, reward_fn, mesh, g):
+def _sample_generation(cfg, model_config, params, task, verifier, reward_source, mesh, g):
     """Sample, judge and select generation g; returns the selected rows and the pool's statistics."""
     examples = task.pool.take(cfg.prompts_per_generation)
     settings = RolloutSettings(group_size=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
                                temperature=cfg.temperature, stop_token_ids=tuple(task.stop_token_ids),
                                prompt_len_buckets=tuple(cfg.prompt_len_buckets))
     r = _sample(params, model_config, examples, task.encode(examples), settings=settings, decode=task.decode,
-                score=score, rng=jax.random.fold_in(jax.random.key(cfg.seed), 2 * g + 1),
+                reward=verifier, rng=jax.random.fold_in(jax.random.key(cfg.seed), 2 * g + 1),
                 batch_prompts=cfg.batch_prompts, mesh=mesh)
     G = cfg.samples_per_prompt
     answers = [[final_answer(v) for v in r.verdicts[i * G:(i + 1) * G]] for i in range(len(examples))]
     fn_scores = None
     if cfg.reward == "fn":
-        if reward_fn is None:
-            raise ValueError("generations.reward is 'fn' but run_generations got no reward_fn")
-        fn_scores = np.asarray(reward_fn(r.texts, [ex for ex in examples for _ in range(G)]), np.float64)
+        if reward_source is None:
+            raise ValueError("generations.reward is 'fn' but run_generations got no reward_source")
+        fn_scores = reward_source(Completions(r.sample, r.texts, examples)).rewards
     rewards = training_rewards(r.rewards, answers, verified=cfg.verified, reward=cfg.reward,
                                weight=cfg.reward_weight, fn_scores=fn_scores)
     advantages = (np.asarray(compute_advantages(rewards.astype(np.float32), mode=cfg.loss.advantage))
@@ -398,7 +397,7 @@ def _train_round(cfg, model_config, step_fn, state, pool_rows, task, g):
 
 def run_generations(
     cfg: GenerationsConfig, *, model_config: ModelConfig, params: Params, task: GenerationTask,
-    run_dir: str | Path, mesh: Any = None, reward_fn: RewardFn | None = None, console: bool = True,
+    run_dir: str | Path, mesh: Any = None, reward_source: RewardSource | None = None, console: bool = True,
 ) -> GenerationsResult:
     """Run the generations loop of `cfg` from `params` (M_0); reports go to `run_dir`/reports.jsonl.
 
@@ -409,7 +408,7 @@ def run_generations(
       task: data, tokenisation, verifier, evaluation and anchor sets (see `GenerationTask`).
       run_dir: where the config and the reports go.
       mesh: the device mesh; default: every device on the fsdp axis.
-      reward_fn: the reward for `cfg.reward == "fn"`: (completions, examples) -> scores.
+      reward_source: the reward for `cfg.reward == "fn"` (a `rewards.RewardSource`, e.g. a reward model).
       console: print one line per generation.
 
     Returns:
@@ -441,13 +440,14 @@ def run_generations(
     round_stats: dict[str, float] = {}
     stopped = False
     pool = VerifierPool(task.verifier, workers=cfg.verifier_workers, timeout_s=cfg.verifier_timeout_s)
+    verifier = VerifierReward(pool.score)
     try:
         for g in range(cfg.generations + 1):
             t0 = time.perf_counter()
             report: dict[str, Any] = {"generation": g}
             report |= evaluate_generation(
                 state.params, model_config, task.eval_examples, eval_ids, settings=eval_settings,
-                decode=task.decode, score=pool.score, rng=jax.random.fold_in(jax.random.key(cfg.seed), 2 * g),
+                decode=task.decode, reward=verifier, rng=jax.random.fold_in(jax.random.key(cfg.seed), 2 * g),
                 k=cfg.eval_k, batch_prompts=cfg.batch_prompts, mesh=mesh)
             report["anchor_logp"] = anchor_loglik(state.params, model_config, *anchor)
             baseline = reports[0] if reports else report
@@ -469,8 +469,8 @@ def run_generations(
             if g == cfg.generations:
                 break
             t1 = time.perf_counter()
-            selected, round_stats = _sample_generation(cfg, model_config, state.params, task, pool.score,
-                                                       reward_fn, mesh, g)
+            selected, round_stats = _sample_generation(cfg, model_config, state.params, task, verifier,
+                                                       reward_source, mesh, g)
             history.append(selected)
             t2 = time.perf_counter()
             state, train_stats = _train_round(cfg, model_config, step_fn, state,

@@ -80,7 +80,7 @@ def training_rewards(
             return out + weight * self_consistency(answers)
         case "fn":
             if fn_scores is None:
-                raise ValueError("reward 'fn' needs the reward function's scores (pass reward_fn)")
+                raise ValueError("reward 'fn' needs the reward function's scores (pass a reward source)")
             return out + weight * np.asarray(fn_scores, np.float64).reshape(out.shape)
         case _:
             raise ValueError(f"unknown reward {reward!r}; expected one of {REWARDS}")

@@ -1,0 +1,31 @@
+"""Reward sources: what turns a group of completions into rewards.
+
+A source is any callable `source(completions) -> Rewards` (`base.RewardSource`):
+
+- `VerifierReward`: the verifier pool's verdicts (scores, correctness, reasons);
+- `ModelReward`: a learned reward model, or an ensemble with its disagreement;
+- `PARReward`: Preference As Reward around any source, centred on references;
+- `FnReward`: a plain function of the completions;
+- `WeightedRewards`: a weighted sum of named sources (what the trainer runs).
+
+The trainer's loop and the self-play loops call sources through
+`rollout.sample_and_score`; sources take explicit values, never a config.
+"""
+
+from ouroboros_jax.rewards.base import Completions, FnReward, Rewards, RewardSource, WeightedRewards, checked
+from ouroboros_jax.rewards.model import ModelReward, ensemble_penalty, ensemble_stats, make_reward_scorer
+from ouroboros_jax.rewards.par import (
+    PARReward,
+    gold_reference,
+    par_shaping,
+    responses_as_sample,
+    sampled_reference,
+    sigmoid,
+)
+from ouroboros_jax.rewards.verifier import ScoreFn, VerifierReward
+
+__all__ = [
+    "Completions", "FnReward", "ModelReward", "PARReward", "RewardSource", "Rewards", "ScoreFn",
+    "VerifierReward", "WeightedRewards", "checked", "ensemble_penalty", "ensemble_stats", "gold_reference",
+    "make_reward_scorer", "par_shaping", "responses_as_sample", "sampled_reference", "sigmoid",
+]
