@@ -2,7 +2,7 @@
 
     python experiments/code_selfplay.py --model.path /ckpt/Qwen2.5-Coder-1.5B-Instruct
     python experiments/code_selfplay.py --model.path /ckpt/Qwen2.5-Coder-1.5B-Instruct \\
-        --selfplay.steps 200 --selfplay.group_size 8 --selfplay.seed_file my_seeds.jsonl
+        --selfplay.steps 200 --selfplay.sampling.group_size 8 --selfplay.seed_file my_seeds.jsonl
     python experiments/code_selfplay.py --help       # every field of the typed config
 
 One policy plays both roles (see `ouroboros_jax.selfplay.code_selfplay`): as
@@ -43,6 +43,7 @@ from ouroboros_jax.config import (
     MeshConfig,
     ModelConfig,
     OptimizerConfig,
+    SamplingConfig,
     save_json,
 )
 from ouroboros_jax.metrics import MetricsLogger
@@ -63,8 +64,9 @@ class CodeSelfPlayExperiment:
         path="", dtype="float32", compute_dtype="bfloat16", max_seq_len=32768))
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     selfplay: CodeSelfPlayConfig = dataclasses.field(default_factory=lambda: CodeSelfPlayConfig(
-        steps=100, group_size=8, proposer_prompts=2, solve_per_type=8, references=2, max_prompt_len=1024,
-        propose_max_new_tokens=384, solve_max_new_tokens=384, workers=8, micro_batch_size=8))
+        steps=100, sampling=SamplingConfig(group_size=8, max_new_tokens=384), proposer_prompts=2,
+        solve_per_type=8, references=2, max_prompt_len=1024, propose_max_new_tokens=384, workers=8,
+        micro_batch_size=8))
     loss: LossConfig = dataclasses.field(default_factory=lambda: dataclasses.replace(
         LOSS_PRESETS["grpo"], kl_coef=0.0))
     optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(

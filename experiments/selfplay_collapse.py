@@ -36,7 +36,7 @@ Measured with the defaults (8 generations; 4-5 minutes of wall time, about
     seed 1:        0.45 -> 0.12  0.45 -> 0.81             0.72 -> 0.28  0.72 -> 0.68
 
 Variants (seed 0): training on the single most likely of eight guesses at
-temperature 0.5 (`--collapse.temperature 0.5 --collapse.selection likely`)
+temperature 0.5 (`--collapse.sampling.temperature 0.5 --collapse.selection likely`)
 first sharpens pass@1 (0.24 -> 0.40) and then loses it (0.33 after 8
 generations) while pass@8 falls 0.83 -> 0.36 and distinct-2 0.72 -> 0.13.
 Verification alone (`--collapse.verified True --collapse.selection diverse
@@ -58,7 +58,7 @@ from typing import Any
 import jax
 import tyro
 
-from ouroboros_jax.config import MeshConfig, ModelConfig, WarmStartConfig
+from ouroboros_jax.config import MeshConfig, ModelConfig, OptimizerConfig, SamplingConfig, WarmStartConfig
 from ouroboros_jax.data import Example, LazyExamples, PromptSource
 from ouroboros_jax.models import Tokenizer, init_sharded
 from ouroboros_jax.selfplay.generations import GenerationsConfig, GenerationTask, run_generations
@@ -112,9 +112,11 @@ def answer_ids(example: Example) -> list[int]:
 
 
 COMMON = GenerationsConfig(
-    generations=8, prompts_per_generation=90, samples_per_prompt=8, max_new_tokens=6, method="sft",
-    train_steps=40, batch_size=64, learning_rate=1e-3, eval_samples=8, eval_k=8, eval_temperature=1.0,
-    batch_prompts=128, prompt_len_buckets=(4,), verifier_workers=1,
+    generations=8, prompts_per_generation=90, method="sft",
+    sampling=SamplingConfig(group_size=8, max_new_tokens=6, temperature=1.0, eval_num_samples=8,
+                            eval_temperature=1.0, prompt_len_buckets=(4,)),
+    train_steps=40, batch_size=64, optimizer=OptimizerConfig(learning_rate=1e-3, b2=0.99), eval_k=8,
+    batch_prompts=128, verifier_workers=1,
     guard=CollapseGuard(min_distinct_ratio=0.5, min_answer_diversity_ratio=0.5, max_anchor_drop=0.5,
                         action="warn"))
 
@@ -131,10 +133,10 @@ class CollapseExperiment:
     warmstart: WarmStartConfig = field(default_factory=lambda: WarmStartConfig(
         steps=800, batch_size=64, learning_rate=3e-3))
     collapse: GenerationsConfig = field(default_factory=lambda: dataclasses.replace(
-        COMMON, temperature=1.0, verified=False, selection="all", keep_per_prompt=1,
+        COMMON, verified=False, selection="all", keep_per_prompt=1,
         data_policy="replace", seed_fraction=0.0))
     anchored: GenerationsConfig = field(default_factory=lambda: dataclasses.replace(
-        COMMON, temperature=1.0, verified=True, selection="diverse", keep_per_prompt=4,
+        COMMON, verified=True, selection="diverse", keep_per_prompt=4,
         data_policy="accumulate", seed_fraction=0.25))
 
 

@@ -11,7 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from ouroboros_jax.config import LOSS_PRESETS, ConfigError, MeshConfig, ModelConfig, OptimizerConfig
+from ouroboros_jax.config import (
+    LOSS_PRESETS,
+    ConfigError,
+    LossConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SamplingConfig,
+)
 from ouroboros_jax.models import Tokenizer, init_params
 from ouroboros_jax.sampling import SampleOutput
 from ouroboros_jax.selfplay.code_executor import (
@@ -223,10 +231,12 @@ def test_seed_file_loads_and_names_bad_lines(tmp_path):
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"selfplay.task_types"):
         CodeSelfPlayConfig(task_types=("deduction", "translation"))
-    with pytest.raises(ConfigError, match=r"selfplay.group_size: must be positive"):
-        CodeSelfPlayConfig(group_size=0)
-    with pytest.raises(ConfigError, match=r"selfplay.advantage"):
-        CodeSelfPlayConfig(advantage="ppo")
+    with pytest.raises(ConfigError, match=r"sampling.group_size: must be positive"):
+        CodeSelfPlayConfig(sampling=SamplingConfig(group_size=0))
+    with pytest.raises(ConfigError, match=r"loss.advantage"):  # the loss section's, which the loop reads
+        LossConfig(advantage="ppo")
+    # prompt buckets: the sampling section's below max_prompt_len, then max_prompt_len
+    assert CodeSelfPlayConfig(max_prompt_len=384).prompt_len_buckets == (32, 64, 128, 256, 384)
 
 
 # ---------------------------------------------------------------------------
@@ -319,9 +329,9 @@ def respond(prompt: str, j: int) -> str:
 
 
 def test_one_step_with_chosen_completions_rewards_and_advantages_by_hand():
-    cfg = CodeSelfPlayConfig(steps=1, group_size=4, solve_per_type=2, max_prompt_len=384,
-                             propose_max_new_tokens=112, solve_max_new_tokens=64, exec_timeout_s=1.0,
-                             workers=2)
+    cfg = CodeSelfPlayConfig(steps=1, sampling=SamplingConfig(group_size=4, max_new_tokens=64),
+                             solve_per_type=2, max_prompt_len=384, propose_max_new_tokens=112,
+                             exec_timeout_s=1.0, workers=2)
     model = _model(512)
     rt, state = make_runtime(cfg, model_config=model, params=init_params(model, jax.random.key(0)),
                              loss=GRPO, optimizer=OptimizerConfig(learning_rate=1e-3), encode=TOK.encode,
@@ -376,9 +386,9 @@ def test_one_step_with_chosen_completions_rewards_and_advantages_by_hand():
 
 
 def test_tiny_random_model_plays_from_the_seed_buffer():
-    cfg = CodeSelfPlayConfig(steps=2, group_size=2, solve_per_type=2, max_prompt_len=384,
-                             propose_max_new_tokens=24, solve_max_new_tokens=16, exec_timeout_s=1.0,
-                             workers=2)
+    cfg = CodeSelfPlayConfig(steps=2, sampling=SamplingConfig(group_size=2, max_new_tokens=16),
+                             solve_per_type=2, max_prompt_len=384, propose_max_new_tokens=24,
+                             exec_timeout_s=1.0, workers=2)
     model = _model(416)
     result = run_code_selfplay(cfg, model_config=model, params=init_params(model, jax.random.key(1)),
                                loss=GRPO, optimizer=OptimizerConfig(learning_rate=1e-3), encode=TOK.encode,
@@ -452,9 +462,9 @@ def test_experiment_script_runs_two_steps_on_a_tiny_hf_checkpoint(tmp_path, caps
     last = script.main([
         "--model.path", str(ckpt), "--model.compute_dtype", "float32",
         "--mesh.data", "-1", "--mesh.fsdp", "1",
-        "--selfplay.steps", "2", "--selfplay.group_size", "2", "--selfplay.proposer_prompts", "1",
+        "--selfplay.steps", "2", "--selfplay.sampling.group_size", "2", "--selfplay.proposer_prompts", "1",
         "--selfplay.solve_per_type", "1", "--selfplay.references", "0", "--selfplay.max_prompt_len", "320",
-        "--selfplay.propose_max_new_tokens", "16", "--selfplay.solve_max_new_tokens", "16",
+        "--selfplay.propose_max_new_tokens", "16", "--selfplay.sampling.max_new_tokens", "16",
         "--selfplay.micro_batch_size", "0", "--selfplay.workers", "2", "--selfplay.exec_timeout_s", "1",
         "--logging.run_dir", str(run_dir), "--logging.tensorboard", "False", "--logging.console", "False",
         "--export_dir", str(tmp_path / "export")])
@@ -469,7 +479,7 @@ def test_experiment_script_runs_two_steps_on_a_tiny_hf_checkpoint(tmp_path, caps
     tasks = [json.loads(x) for x in (run_dir / "tasks.jsonl").read_text().splitlines()]
     assert len(tasks) == 30 and {t["origin"] for t in tasks} == {"seed"}
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["selfplay"]["group_size"] == 2 and saved["model"]["path"] == str(ckpt)
+    assert saved["selfplay"]["sampling"]["group_size"] == 2 and saved["model"]["path"] == str(ckpt)
     assert {p.name for p in (tmp_path / "export").iterdir()} >= {"config.json", "tokenizer.json"}
 
 
@@ -494,6 +504,7 @@ def test_experiment_help_lists_the_selfplay_fields(capsys):
         script.parse(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for name in ("--selfplay.group_size", "--selfplay.buffer_size", "--selfplay.task_types", "--model.path",
+    for name in ("--selfplay.sampling.group_size",
+                 "--selfplay.buffer_size", "--selfplay.task_types", "--model.path",
                  "--loss.variant", "--export_dir"):
         assert name in out

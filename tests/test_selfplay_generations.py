@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from ouroboros_jax.config import ConfigError, MeshConfig, ModelConfig
+from ouroboros_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, SamplingConfig
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.models import Tokenizer, forward_padded, init_params
 from ouroboros_jax.selfplay.generations import (
@@ -210,7 +210,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="generations.reward: an unverified GRPO loop"):
         GenerationsConfig(method="grpo", verified=False)
     with pytest.raises(ConfigError, match="generations.eval_k"):
-        GenerationsConfig(eval_samples=4, eval_k=8)
+        GenerationsConfig(sampling=SamplingConfig(eval_num_samples=4), eval_k=8)
     with pytest.raises(ConfigError, match="generations.micro_batch_size"):
         GenerationsConfig(batch_size=8, micro_batch_size=3)
 
@@ -273,9 +273,11 @@ def _mesh():
 
 
 SMALL = GenerationsConfig(
-    generations=2, prompts_per_generation=4, samples_per_prompt=4, max_new_tokens=3, train_steps=2,
-    batch_size=8, learning_rate=1e-3, eval_samples=4, eval_k=2, batch_prompts=8, prompt_len_buckets=(24,),
-    selection="diverse", data_policy="accumulate", seed_fraction=0.5, verified=True)
+    generations=2, prompts_per_generation=4,
+    sampling=SamplingConfig(group_size=4, max_new_tokens=3, eval_num_samples=4, eval_temperature=1.0,
+                            prompt_len_buckets=(24,)),
+    train_steps=2, batch_size=8, optimizer=OptimizerConfig(learning_rate=1e-3, b2=0.99), eval_k=2,
+    batch_prompts=8, selection="diverse", data_policy="accumulate", seed_fraction=0.5, verified=True)
 
 REPORT_KEYS = ("generation", "pass@1", "pass@2", "distinct-1", "distinct-2", "entropy", "answer_diversity",
                "length", "anchor_logp", "anchor_drift", "guard/status", "guard/reasons", "time/eval")
@@ -317,14 +319,16 @@ def test_two_generations_of_expert_iteration_write_reports(tmp_path, capsys):
 @pytest.mark.slow
 def test_grpo_generations_and_a_guard_that_stops(tmp_path):
     cfg = dataclasses.replace(SMALL, method="grpo", verified=False, reward="self_consistency",
-                              selection="all", seed_fraction=0.25, learning_rate=1e-3)
+                              selection="all", seed_fraction=0.25,
+                              optimizer=OptimizerConfig(learning_rate=1e-3, b2=0.99))
     result = run_generations(cfg, model_config=MODEL, params=init_params(MODEL, jax.random.key(0)),
                              task=_task(), run_dir=tmp_path / "grpo", mesh=_mesh(), console=False)
     reports = _check_reports(tmp_path / "grpo", 2)
     assert reports[1]["train/seed_frac"] == 0.25
     assert not result.stopped
     # a learning rate that wrecks the model: the anchor likelihood falls and the guard stops the loop
-    wreck = dataclasses.replace(SMALL, learning_rate=0.3, train_steps=5, generations=3,
+    wreck = dataclasses.replace(SMALL, optimizer=OptimizerConfig(learning_rate=0.3, b2=0.99), train_steps=5,
+                                generations=3,
                                 guard=CollapseGuard(max_anchor_drop=0.5, action="stop"))
     stopped = run_generations(wreck, model_config=MODEL, params=init_params(MODEL, jax.random.key(0)),
                               task=_task(), run_dir=tmp_path / "stop", mesh=_mesh(), console=False)

@@ -2,10 +2,12 @@
 
 One step, for each task type (deduction, abduction, induction):
 
-1. propose: G samples per proposer prompt (the prompt shows tasks from the buffer);
+1. propose: G samples per proposer prompt (the prompt shows tasks from the buffer;
+   `rollout.sample`);
 2. validate: each proposal runs twice in the sandbox (`code_executor.validate_proposal`);
 3. solve: every new valid task, topped up from the buffer to `solve_per_type`
-   tasks, gets G solver samples, and the executor checks each answer;
+   tasks, gets G solver samples, and the executor checks each answer (the
+   reward source `SolverReward`);
 4. reward: solver = correctness; proposer = learnability of its task,
    ``1 - s`` for a solver success rate ``s`` strictly between 0 and 1, else 0
    (`invalid_proposal_reward` for a proposal that made no task);
@@ -25,8 +27,8 @@ it calls take explicit values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -34,12 +36,14 @@ import jax
 import numpy as np
 from jaxtyping import Bool, Float
 
-from ouroboros_jax.algorithms import compute_advantages
+from ouroboros_jax import rollout
+from ouroboros_jax.algorithms import AdvantageMode, compute_advantages
 from ouroboros_jax.batch import Batch, pack_rows
-from ouroboros_jax.config import ADVANTAGE_MODES, ConfigError, LossConfig, ModelConfig, OptimizerConfig
-from ouroboros_jax.metrics import MetricsLogger
+from ouroboros_jax.config import ConfigError, LossConfig, ModelConfig, OptimizerConfig, SamplingConfig
+from ouroboros_jax.metrics import MetricsLogger, PhaseTimer
 from ouroboros_jax.models.transformer import param_specs
-from ouroboros_jax.rollout import strip_stop
+from ouroboros_jax.rewards import Completions, Rewards
+from ouroboros_jax.rollout import RolloutSettings
 from ouroboros_jax.sampling import SampleOutput, generate
 from ouroboros_jax.selfplay.code_executor import CodeExecutor, ExecSettings, Validation
 from ouroboros_jax.selfplay.code_tasks import (
@@ -53,7 +57,7 @@ from ouroboros_jax.selfplay.code_tasks import (
 )
 from ouroboros_jax.sharding import batch_shards
 from ouroboros_jax.step import TrainState, init_train_state, make_train_step
-from ouroboros_jax.trainer import optimizer_from_config, policy_objective
+from ouroboros_jax.trainer import optimizer_from_config, policy_objective, rollout_settings
 
 PROPOSER, SOLVER = "proposer", "solver"
 
@@ -70,7 +74,11 @@ class CodeSelfPlayConfig:
     Attributes:
       steps: training steps (one update each).
       task_types: which of deduction, abduction, induction to play.
-      group_size: G, proposals per proposer prompt and solver samples per task.
+      sampling: the experiment's sampling section: `group_size` G (proposals per
+        proposer prompt and solver samples per task), `max_new_tokens` (the
+        solver's completion length), temperature / top-p / top-k, extra stop
+        tokens, and `prompt_len_buckets` (those below `max_prompt_len`, then
+        `max_prompt_len` itself). The loop does no held-out evaluation: `eval_*` are unused.
       proposer_prompts: proposer prompts per task type per step (G proposals each).
       solve_per_type: tasks solved per type per step: the new valid ones, topped up from the buffer.
       references: buffered tasks shown in each proposer prompt.
@@ -79,19 +87,21 @@ class CodeSelfPlayConfig:
       seed_inputs: tasks per seed program for deduction and abduction (one per input).
       seed_file: JSONL of extra seed programs (`code_tasks.load_seed_programs`); "": built-ins only.
       max_prompt_len: longest prompt in tokens; also the prompt width of the update batch.
-      propose_max_new_tokens, solve_max_new_tokens: completion lengths of the two roles.
-      temperature, top_p, top_k: sampling.
+      propose_max_new_tokens: the proposer's completion length (programs are longer than answers).
       exec_timeout_s, exec_memory_mb, max_program_chars, max_value_chars: sandbox limits (`ExecSettings`).
       workers: sandboxed runs in flight at once.
       invalid_proposal_reward: proposer reward of a proposal that made no task.
-      advantage: the normaliser applied within each (task type, role) group (`algorithms.compute_advantages`).
       micro_batch_size: rows per micro-batch of the update (0: the whole batch).
       seed: random seed of the loop (prompts, buffer draws, sampling).
+
+    The advantage normaliser applied within each (task type, role) group is the
+    loss section's `advantage` (`algorithms.compute_advantages`).
     """
 
     steps: int = 20
     task_types: tuple[str, ...] = TASK_TYPES
-    group_size: int = 4
+    sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(group_size=4, max_new_tokens=128))
     proposer_prompts: int = 1
     solve_per_type: int = 4
     references: int = 1
@@ -102,17 +112,12 @@ class CodeSelfPlayConfig:
     seed_file: str = ""
     max_prompt_len: int = 768
     propose_max_new_tokens: int = 256
-    solve_max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
     exec_timeout_s: float = 2.0
     exec_memory_mb: int = 512
     max_program_chars: int = 1200
     max_value_chars: int = 200
     workers: int = 4
     invalid_proposal_reward: float = -0.5
-    advantage: str = "grpo"
     micro_batch_size: int = 0
     seed: int = 0
 
@@ -120,18 +125,12 @@ class CodeSelfPlayConfig:
         _check(len(self.task_types) > 0 and set(self.task_types) <= set(TASK_TYPES)
                and len(set(self.task_types)) == len(self.task_types), "task_types",
                f"must be distinct names from {list(TASK_TYPES)}", self.task_types)
-        for name in ("steps", "group_size", "proposer_prompts", "solve_per_type", "buffer_size",
-                     "induction_visible", "induction_hidden", "seed_inputs", "max_prompt_len",
-                     "propose_max_new_tokens", "solve_max_new_tokens", "exec_memory_mb",
-                     "max_program_chars", "max_value_chars", "workers"):
+        for name in ("steps", "proposer_prompts", "solve_per_type", "buffer_size", "induction_visible",
+                     "induction_hidden", "seed_inputs", "max_prompt_len", "propose_max_new_tokens",
+                     "exec_memory_mb", "max_program_chars", "max_value_chars", "workers"):
             _check(getattr(self, name) > 0, name, "must be positive", getattr(self, name))
         _check(self.references >= 0, "references", "must be >= 0", self.references)
         _check(self.exec_timeout_s > 0, "exec_timeout_s", "must be positive", self.exec_timeout_s)
-        _check(self.temperature >= 0, "temperature", "must be >= 0 (0 is greedy)", self.temperature)
-        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
-        _check(self.top_k >= 0, "top_k", "must be >= 0 (0 is off)", self.top_k)
-        _check(self.advantage in ADVANTAGE_MODES, "advantage", f"must be one of {list(ADVANTAGE_MODES)}",
-               self.advantage)
         _check(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0 (0: whole batch)",
                self.micro_batch_size)
 
@@ -143,13 +142,24 @@ class CodeSelfPlayConfig:
         return self.induction_visible if kind == "induction" else 1
 
     @property
+    def group_size(self) -> int:
+        """G: proposals per proposer prompt, answers per task."""
+        return self.sampling.group_size
+
+    @property
     def completion_width(self) -> int:
-        return max(self.propose_max_new_tokens, self.solve_max_new_tokens)
+        return max(self.propose_max_new_tokens, self.sampling.max_new_tokens)
 
     @property
     def max_tasks_per_type(self) -> int:
         """Tasks solved per type at most: all proposals valid and distinct, or the top-up."""
         return max(self.solve_per_type, self.proposer_prompts * self.group_size)
+
+    @property
+    def prompt_len_buckets(self) -> tuple[int, ...]:
+        """The sampling section's prompt buckets below `max_prompt_len`, then `max_prompt_len`."""
+        shorter = (b for b in self.sampling.prompt_len_buckets if b < self.max_prompt_len)
+        return (*shorter, self.max_prompt_len)
 
     def exec_settings(self) -> ExecSettings:
         return ExecSettings(timeout_s=self.exec_timeout_s, memory_mb=self.exec_memory_mb,
@@ -167,7 +177,7 @@ def learnability_reward(success_rate: Float[np.ndarray, " N"]) -> Float[np.ndarr
 
 
 def role_advantages(rewards: Float[np.ndarray, " R"], groups: Sequence[Hashable], *,
-                    mode: str = "grpo") -> Float[np.ndarray, " R"]:
+                    mode: AdvantageMode = "grpo") -> Float[np.ndarray, " R"]:
     """Advantages normalised separately within each group of rows (e.g. each task type of one role).
 
     The rows of one group form a single ``[1, n]`` group for
@@ -228,7 +238,9 @@ class SelfPlayRuntime:
     step_fn: Callable
     encode: Callable[[str], list[int]]
     decode: Callable[[Sequence[int]], str]
-    stop_token_ids: tuple[int, ...]
+    propose: RolloutSettings
+    solve: RolloutSettings
+    advantage: AdvantageMode
     executor: CodeExecutor
     buffer: TaskBuffer
     batch_rows: int
@@ -258,22 +270,6 @@ class StepRecord:
     proposer_advantages: np.ndarray
     solver_advantages: np.ndarray
     added: list[CodeTask]
-
-
-def _buckets(max_len: int) -> tuple[int, ...]:
-    powers = [1 << k for k in range(6, max(max_len.bit_length(), 6)) if (1 << k) < max_len]
-    return (*powers, max_len)
-
-
-def _sample(rt: SelfPlayRuntime, params: Any, prompt_ids: list[list[int]], max_new_tokens: int,
-            rng: jax.Array) -> tuple[SampleOutput, list[str]]:
-    cfg = rt.cfg
-    out = rt.generate_fn(params, rt.model_config, prompt_ids, max_new_tokens=max_new_tokens,
-                         num_samples=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                         top_k=cfg.top_k, stop_token_ids=rt.stop_token_ids, rng=rng, mesh=rt.mesh,
-                         prompt_len_buckets=_buckets(cfg.max_prompt_len))
-    rows = zip(out.tokens, out.lengths, strict=True)
-    return out, [rt.decode(strip_stop(np.asarray(r)[:n], rt.stop_token_ids)) for r, n in rows]
 
 
 def _proposer_ids(rt: SelfPlayRuntime, kind: str, rng: np.random.Generator) -> list[int]:
@@ -339,52 +335,68 @@ def _tasks_to_solve(rt: SelfPlayRuntime, validations: list[Validation], rng: np.
     return tasks, new, proposal_task
 
 
+@dataclasses.dataclass
+class SolverReward:
+    """The executor's check of each solver answer against its task, as a reward source.
+
+    The completions' examples are the tasks (one per solver prompt); the
+    reward is the check's score and `correct` its judgement.
+    """
+
+    executor: CodeExecutor
+
+    def __call__(self, completions: Completions) -> Rewards:
+        pairs = list(zip(completions.row_examples(), completions.texts or (), strict=True))
+        verdicts = self.executor.check_many(pairs)
+        return Rewards(np.array([float(v.score) for v in verdicts], np.float64),
+                       np.array([bool(v.correct) for v in verdicts]), list(verdicts))
+
+
 def selfplay_step(state: TrainState, rt: SelfPlayRuntime, step: int
                   ) -> tuple[TrainState, dict[str, float], StepRecord]:
     """Propose, validate, solve, verify, reward, and one update; see the module docstring."""
     cfg, G = rt.cfg, rt.cfg.group_size
     rng = np.random.default_rng([cfg.seed, step])
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-    t0 = time.perf_counter()
+    timer = PhaseTimer()
+    sample = functools.partial(rollout.sample, state.params, rt.model_config, decode=rt.decode, mesh=rt.mesh,
+                               generate_fn=rt.generate_fn)
     kinds = [k for k in cfg.task_types for _ in range(cfg.proposer_prompts)]
-    prop_out, prop_texts = _sample(rt, state.params, [_proposer_ids(rt, k, rng) for k in kinds],
-                                   cfg.propose_max_new_tokens, jax.random.fold_in(key, 0))
+    with timer.phase("propose"):
+        prop_out, prop_texts = sample([_proposer_ids(rt, k, rng) for k in kinds], settings=rt.propose,
+                                      rng=jax.random.fold_in(key, 0))
     prop_kinds = [k for k in kinds for _ in range(G)]
-    t1 = time.perf_counter()
-    validations = rt.executor.validate_many(
-        list(zip(prop_kinds, prop_texts, strict=True)),
-        n_inputs={k: cfg.n_inputs(k) for k in cfg.task_types},
-        n_visible={k: cfg.n_visible(k) for k in cfg.task_types})
-    validations = [v if v.task is None or _fits(rt, v.task)
-                   else Validation(None, "solver prompt longer than max_prompt_len") for v in validations]
-    tasks, new, proposal_task = _tasks_to_solve(rt, validations, rng)
-    t2 = time.perf_counter()
-    sol_out, sol_texts = _sample(rt, state.params, [rt.encode(solver_prompt(t)) for t in tasks],
-                                 cfg.solve_max_new_tokens, jax.random.fold_in(key, 1))
-    t3 = time.perf_counter()
-    verdicts = rt.executor.check_many([(tasks[i // G], text) for i, text in enumerate(sol_texts)])
-    t4 = time.perf_counter()
-    solver_rewards = np.array([float(v.score) for v in verdicts], np.float64)
-    correct = np.array([bool(v.correct) for v in verdicts])
+    with timer.phase("validate"):
+        validations = rt.executor.validate_many(
+            list(zip(prop_kinds, prop_texts, strict=True)),
+            n_inputs={k: cfg.n_inputs(k) for k in cfg.task_types},
+            n_visible={k: cfg.n_visible(k) for k in cfg.task_types})
+        validations = [v if v.task is None or _fits(rt, v.task)
+                       else Validation(None, "solver prompt longer than max_prompt_len") for v in validations]
+        tasks, new, proposal_task = _tasks_to_solve(rt, validations, rng)
+    with timer.phase("solve"):
+        sol_out, sol_texts = sample([rt.encode(solver_prompt(t)) for t in tasks], settings=rt.solve,
+                                    rng=jax.random.fold_in(key, 1))
+    with timer.phase("check"):
+        solved = SolverReward(rt.executor)(Completions(sol_out, sol_texts, tasks))
+    solver_rewards, correct = solved.rewards, solved.correct
     success = correct.reshape(len(tasks), G).mean(axis=1)
     learn = learnability_reward(success)
     proposer_rewards = np.where(proposal_task >= 0, learn[np.maximum(proposal_task, 0)],
                                 cfg.invalid_proposal_reward)
-    adv_p = role_advantages(proposer_rewards, [(k, PROPOSER) for k in prop_kinds], mode=cfg.advantage)
+    adv_p = role_advantages(proposer_rewards, [(k, PROPOSER) for k in prop_kinds], mode=rt.advantage)
     sol_kinds = [t.kind for t in tasks for _ in range(G)]
-    adv_s = role_advantages(solver_rewards, [(k, SOLVER) for k in sol_kinds], mode=cfg.advantage)
+    adv_s = role_advantages(solver_rewards, [(k, SOLVER) for k in sol_kinds], mode=rt.advantage)
     added = [t for t in new if rt.buffer.add(t)]
-    batch, _ = rows_to_batch([prop_out, sol_out], [adv_p, adv_s], prompt_width=cfg.max_prompt_len,
-                             completion_width=cfg.completion_width, num_rows=rt.batch_rows)
-    state, train_metrics = rt.step_fn(state, batch)
-    train_metrics = jax.device_get(train_metrics)
-    t5 = time.perf_counter()
+    with timer.phase("update"):
+        batch, _ = rows_to_batch([prop_out, sol_out], [adv_p, adv_s], prompt_width=cfg.max_prompt_len,
+                                 completion_width=cfg.completion_width, num_rows=rt.batch_rows)
+        state, train_metrics = rt.step_fn(state, batch)
+        train_metrics = jax.device_get(train_metrics)
     record = StepRecord(prop_kinds, prop_texts, validations, proposal_task, tasks, sol_texts, correct,
                         success, proposer_rewards, solver_rewards, adv_p, adv_s, added)
     metrics = {f"train/{k}": float(v) for k, v in train_metrics.items()}
-    metrics |= _step_metrics(rt, record)
-    metrics |= {"time/propose": t1 - t0, "time/validate": t2 - t1, "time/solve": t3 - t2,
-                "time/check": t4 - t3, "time/update": t5 - t4, "time/step": t5 - t0}
+    metrics |= _step_metrics(rt, record) | timer.lap()
     return state, metrics, record
 
 
@@ -426,13 +438,16 @@ def make_runtime(
     batch_rows = -(-rows // step_rows) * step_rows
     opt = optimizer_from_config(optimizer, total_steps=cfg.steps)
     objective = policy_objective(model_config, loss, max_completion_len=cfg.completion_width,
-                                 temperature=cfg.temperature or 1.0)
+                                 temperature=cfg.sampling.temperature or 1.0)
     step_fn, shardings = make_train_step(objective, opt, mesh, param_specs(model_config),
                                          micro_batch_size=cfg.micro_batch_size)
     state = init_train_state(params, opt, jax.random.key(cfg.seed), with_reference=objective.uses_reference,
                              shardings=shardings)
     executor = executor or CodeExecutor(cfg.exec_settings(), workers=cfg.workers)
-    rt = SelfPlayRuntime(cfg, model_config, step_fn, encode, decode, tuple(stop_token_ids), executor,
+    stops = tuple(sorted({*cfg.sampling.stop_token_ids, *stop_token_ids}))
+    solve = rollout_settings(cfg.sampling, stop_token_ids=stops, prompt_len_buckets=cfg.prompt_len_buckets)
+    propose = dataclasses.replace(solve, max_new_tokens=cfg.propose_max_new_tokens)
+    rt = SelfPlayRuntime(cfg, model_config, step_fn, encode, decode, propose, solve, loss.advantage, executor,
                          TaskBuffer(cfg.buffer_size), batch_rows, mesh, generate_fn)
     seeds = SEED_PROGRAMS + (load_seed_programs(cfg.seed_file) if cfg.seed_file else ())
     seed_buffer(rt, seeds)

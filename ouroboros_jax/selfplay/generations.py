@@ -2,15 +2,16 @@
 
 Generation g, for g = 0, 1, ..., `generations`:
 
-1. Report. M_g samples `eval_samples` completions per held-out prompt: pass@1,
+1. Report. M_g samples `sampling.eval_num_samples` completions per held-out prompt: pass@1,
    pass@k, distinct-1/2 (over each prompt's completion tokens), mean token
    entropy, distinct final answers per prompt, mean length; and the mean
    per-token log-likelihood of the anchor set's gold answers, with its drift
    from generation 0. The collapse guard (`reports.CollapseGuard`) reads the
    report and warns or stops. The last generation is only reported.
-2. Sample. M_g draws `samples_per_prompt` completions for each of
-   `prompts_per_generation` fresh prompts of the task pool.
-3. Judge. The verifier pool marks each completion correct or not. Beside it,
+2. Sample. M_g draws `sampling.group_size` completions for each of
+   `prompts_per_generation` fresh prompts of the task pool (`rollout`).
+3. Judge. The verifier pool (a `rewards.VerifierReward`) marks each
+   completion correct or not. Beside it,
    or instead of it, a reward that needs no verifier: agreement with the
    group's majority answer ("self_consistency"), or a reward source such as
    a reward model ("fn", `rewards.RewardSource`).
@@ -24,9 +25,9 @@ Generation g, for g = 0, 1, ..., `generations`:
    "accumulate": the selections of all generations so far), each batch holding
    a fixed fraction `seed_fraction` of seed ("human") examples with their gold
    answers. The update is the one jitted step: `method` "sft" is expert
-   iteration (rejection-sampling fine-tuning: the "sft" loss variant, the
-   likelihood of the selected completions); "grpo" is the GRPO-family loss of
-   `loss`, with group advantages of the training reward (verifier score when
+   iteration (rejection-sampling fine-tuning: `objectives.sft`, the
+   likelihood of the selected completions); "grpo" is the GRPO-family
+   objective of `loss`, with group advantages of the training reward (verifier score when
    `verified`, plus `reward_weight` times the other reward) and the sampler's
    log-probs as the old policy; seed rows enter it with advantage
    `seed_advantage` and the current policy's log-probs as the old ones, so
@@ -42,11 +43,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +56,17 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 
 from ouroboros_jax.algorithms import compute_advantages
-from ouroboros_jax.config import LOSS_PRESETS, ConfigError, LossConfig, MeshConfig, ModelConfig, save_json
+from ouroboros_jax.config import (
+    LOSS_PRESETS,
+    ConfigError,
+    LossConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SamplingConfig,
+    check_micro_batch,
+    save_json,
+)
 from ouroboros_jax.evaluation import pass_at_k
 from ouroboros_jax.models.logprobs import policy_logprobs
 from ouroboros_jax.models.transformer import Params, param_specs
@@ -73,7 +85,10 @@ from ouroboros_jax.selfplay.selection import (
     DATA_POLICIES,
     REWARDS,
     SELECTIONS,
+    DataPolicy,
     Row,
+    Selection,
+    TrainingReward,
     compose_batch,
     rows_to_batch,
     select_group,
@@ -81,10 +96,11 @@ from ouroboros_jax.selfplay.selection import (
     training_rewards,
 )
 from ouroboros_jax.sharding import batch_shards, make_mesh
-from ouroboros_jax.step import init_train_state, make_optimizer, make_train_step
-from ouroboros_jax.trainer import policy_objective
+from ouroboros_jax.step import init_train_state, make_train_step
+from ouroboros_jax.trainer import optimizer_from_config, policy_objective, rollout_settings
 
-METHODS = ("sft", "grpo")
+Method = Literal["sft", "grpo"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 SCORE_ROWS = 128  # rows per forward of the scoring program (the last chunk is padded: one compile)
 
 
@@ -99,64 +115,62 @@ def _check(ok: bool, name: str, rule: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class GenerationsConfig:
-    """The generations loop: sampling, judging, selection, data policy, training, reports, guard."""
+    """The generations loop: sampling, judging, selection, data policy, training, reports, guard.
+
+    Sampling and the optimizer are the experiment's own sections, composed:
+    `sampling.group_size` completions per prompt, `sampling.max_new_tokens`,
+    temperature / top-p / top-k, prompt buckets, and the evaluation's
+    `sampling.eval_num_samples` at `sampling.eval_temperature` (0: the sampling
+    temperature); `optimizer` is the update's AdamW. `micro_batch_size` is rows
+    per micro-batch of a training batch (0: the whole batch), as everywhere.
+    """
 
     generations: int = 8
     prompts_per_generation: int = 64
-    samples_per_prompt: int = 8
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    method: str = "sft"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    method: Method = "sft"
     verified: bool = True
-    reward: str = "none"
+    reward: TrainingReward = "none"
     reward_weight: float = 1.0
-    selection: str = "all"
+    selection: Selection = "all"
     keep_per_prompt: int = 0
-    data_policy: str = "accumulate"
+    data_policy: DataPolicy = "accumulate"
     seed_fraction: float = 0.0
     seed_advantage: float = 1.0
     train_steps: int = 50
     batch_size: int = 64
     micro_batch_size: int = 0
-    learning_rate: float = 1e-5
-    max_grad_norm: float = 1.0
+    # b2 = 0.99: short runs of a few hundred updates, where the 0.999 default's second moment lags.
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=1e-5, b2=0.99))
     loss: LossConfig = field(default_factory=lambda: dataclasses.replace(LOSS_PRESETS["grpo"], kl_coef=0.0))
-    eval_samples: int = 8
     eval_k: int = 8
-    eval_temperature: float = 1.0
     batch_prompts: int = 64
-    prompt_len_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
     verifier_workers: int = 1
     verifier_timeout_s: float = 10.0
     guard: CollapseGuard = field(default_factory=CollapseGuard)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("generations", "prompts_per_generation", "samples_per_prompt", "max_new_tokens",
-                     "train_steps", "batch_size", "eval_samples", "eval_k", "batch_prompts",
-                     "verifier_workers"):
+        for name in ("generations", "prompts_per_generation", "train_steps", "batch_size", "eval_k",
+                     "batch_prompts", "verifier_workers"):
             _check(getattr(self, name) > 0, name, "must be positive", getattr(self, name))
         for name, choices in (("method", METHODS), ("data_policy", DATA_POLICIES),
                               ("selection", SELECTIONS), ("reward", REWARDS)):
             value = getattr(self, name)
             _check(value in choices, name, f"must be one of {list(choices)}", value)
-        _check(self.temperature >= 0, "temperature", "must be >= 0 (0 is greedy)", self.temperature)
-        _check(self.eval_temperature >= 0, "eval_temperature", "must be >= 0", self.eval_temperature)
         _check(0 <= self.seed_fraction <= 1, "seed_fraction", "must be in [0, 1]", self.seed_fraction)
         _check(self.keep_per_prompt >= 0, "keep_per_prompt", "must be >= 0 (0: every one selected)",
                self.keep_per_prompt)
-        _check(self.eval_k <= self.eval_samples, "eval_k", f"must be <= eval_samples={self.eval_samples}",
+        samples = self.sampling.eval_num_samples
+        _check(self.eval_k <= samples, "eval_k", f"must be <= sampling.eval_num_samples={samples}",
                self.eval_k)
-        _check(self.learning_rate > 0, "learning_rate", "must be positive", self.learning_rate)
-        _check(self.micro_batch_size >= 0 and (self.micro_batch_size == 0
-                                               or self.batch_size % self.micro_batch_size == 0),
-               "micro_batch_size", f"must divide batch_size={self.batch_size} (0: the whole batch)",
-               self.micro_batch_size)
+        check_micro_batch(self.micro_batch_size, self.batch_size, "generations.micro_batch_size",
+                          "generations.batch_size")
         if self.method == "grpo":
             _check(self.verified or self.reward != "none", "reward",
                    "an unverified GRPO loop needs a reward other than the verifier", self.reward)
-            _check(self.temperature > 0, "temperature", "GRPO needs sampled groups (temperature > 0)",
-                   self.temperature)
+            _check(self.sampling.temperature > 0, "sampling.temperature",
+                   "GRPO needs sampled groups (temperature > 0)", self.sampling.temperature)
         if self.selection == "reward":
             _check(self.verified or self.reward != "none", "selection",
                    "'reward' ranks by the training reward, which is empty when unverified with reward "
@@ -311,13 +325,12 @@ def _generation_rows(r: Rollout, rewards: np.ndarray, advantages: np.ndarray,
 
 
 def _make_update(cfg: GenerationsConfig, model_config: ModelConfig, params: Params, mesh: Any):
-    # b2 = 0.99: short runs of a few hundred updates, where the 0.999 default's second moment lags.
-    optimizer = make_optimizer(cfg.learning_rate, b2=0.99, max_grad_norm=cfg.max_grad_norm)
+    optimizer = optimizer_from_config(cfg.optimizer, total_steps=cfg.generations * cfg.train_steps)
     if cfg.method == "sft":
         objective = sft(model_config)
     else:
-        objective = policy_objective(model_config, cfg.loss, max_completion_len=cfg.max_new_tokens,
-                                     temperature=cfg.temperature)
+        objective = policy_objective(model_config, cfg.loss, max_completion_len=cfg.sampling.max_new_tokens,
+                                     temperature=cfg.sampling.temperature)
     step_fn, shardings = make_train_step(objective, optimizer, mesh, param_specs(model_config),
                                          micro_batch_size=cfg.micro_batch_size)
     # a copy: the step donates its state, and the caller keeps `params`
@@ -336,21 +349,23 @@ def _seed_rows(task: GenerationTask, n: int, *, cfg: GenerationsConfig, params: 
         return rows
     batch = rows_to_batch(rows)
     logp, _ = token_stats(params, model_config, batch.tokens, batch.attention_mask,
-                          temperature=cfg.temperature)
+                          temperature=cfg.sampling.temperature)
     return [dataclasses.replace(r, token_logp=tuple(float(x) for x in logp[i][batch.loss_mask[i]]))
             for i, r in enumerate(rows)]
+
+
+def _stops(cfg: GenerationsConfig, task: GenerationTask) -> tuple[int, ...]:
+    return tuple(sorted({*cfg.sampling.stop_token_ids, *task.stop_token_ids}))
 
 
 def _sample_generation(cfg, model_config, params, task, verifier, reward_source, mesh, g):
     """Sample, judge and select generation g; returns the selected rows and the pool's statistics."""
     examples = task.pool.take(cfg.prompts_per_generation)
-    settings = RolloutSettings(group_size=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, stop_token_ids=tuple(task.stop_token_ids),
-                               prompt_len_buckets=tuple(cfg.prompt_len_buckets))
+    settings = rollout_settings(cfg.sampling, cfg.loss, stop_token_ids=_stops(cfg, task))
     r = _sample(params, model_config, examples, task.encode(examples), settings=settings, decode=task.decode,
                 reward=verifier, rng=jax.random.fold_in(jax.random.key(cfg.seed), 2 * g + 1),
                 batch_prompts=cfg.batch_prompts, mesh=mesh)
-    G = cfg.samples_per_prompt
+    G = cfg.sampling.group_size
     answers = [[final_answer(v) for v in r.verdicts[i * G:(i + 1) * G]] for i in range(len(examples))]
     fn_scores = None
     if cfg.reward == "fn":
@@ -428,10 +443,9 @@ def run_generations(
     _check(cfg.batch_size % shards == 0, "batch_size",
            f"must be a multiple of the mesh's {shards} batch shards", cfg.batch_size)
     step_fn, state = _make_update(cfg, model_config, params, mesh)
-    eval_settings = RolloutSettings(group_size=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
-                                    temperature=cfg.eval_temperature,
-                                    stop_token_ids=tuple(task.stop_token_ids),
-                                    prompt_len_buckets=tuple(cfg.prompt_len_buckets))
+    eval_settings = rollout_settings(
+        cfg.sampling, group_size=cfg.sampling.eval_num_samples, stop_token_ids=_stops(cfg, task),
+        temperature=cfg.sampling.eval_temperature or cfg.sampling.temperature)
     eval_ids = task.encode(list(task.eval_examples))
     anchor = (task.encode(list(task.anchor_examples)), [task.answer_ids(ex) for ex in task.anchor_examples])
     writer = ReportWriter(run_dir)

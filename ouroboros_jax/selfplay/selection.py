@@ -15,19 +15,23 @@ Dimension legend: P prompts, G samples per prompt, B rows, T time.
 
 from __future__ import annotations
 
+import typing
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from jaxtyping import Float
 
 from ouroboros_jax.batch import Batch, pack_rows
 
-DATA_POLICIES = ("replace", "accumulate")
-SELECTIONS = ("all", "likely", "reward", "diverse")
-REWARDS = ("none", "self_consistency", "fn")
+DataPolicy = Literal["replace", "accumulate"]
+Selection = Literal["all", "likely", "reward", "diverse"]
+TrainingReward = Literal["none", "self_consistency", "fn"]
+DATA_POLICIES: tuple[str, ...] = typing.get_args(DataPolicy)
+SELECTIONS: tuple[str, ...] = typing.get_args(Selection)
+REWARDS: tuple[str, ...] = typing.get_args(TrainingReward)
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ def self_consistency(answers: Sequence[Sequence[str | None]]) -> np.ndarray:
 
 def training_rewards(
     verifier_scores: Float[np.ndarray, "P G"], answers: Sequence[Sequence[str | None]], *, verified: bool,
-    reward: str, weight: float, fn_scores: Float[np.ndarray, "P G"] | None = None,
+    reward: TrainingReward, weight: float, fn_scores: Float[np.ndarray, "P G"] | None = None,
 ) -> Float[np.ndarray, "P G"]:
     """The reward the loop trains on: verifier score (when verified) + weight * the other reward."""
     out = np.asarray(verifier_scores, np.float64) if verified else np.zeros(np.shape(verifier_scores))
@@ -86,7 +90,9 @@ def training_rewards(
             raise ValueError(f"unknown reward {reward!r}; expected one of {REWARDS}")
 
 
-def select_group(rows: Sequence[Row], *, selection: str, keep: int = 0, verified: bool = True) -> list[Row]:
+def select_group(
+    rows: Sequence[Row], *, selection: Selection, keep: int = 0, verified: bool = True
+) -> list[Row]:
     """The completions of one prompt that enter the training pool.
 
     Args:
@@ -117,7 +123,7 @@ def select_group(rows: Sequence[Row], *, selection: str, keep: int = 0, verified
     return ranked[:keep] if keep > 0 else ranked
 
 
-def training_pool(history: Sequence[Sequence[Row]], policy: str) -> list[Row]:
+def training_pool(history: Sequence[Sequence[Row]], policy: DataPolicy) -> list[Row]:
     """The rows generation g trains on: "replace" the newest selection, "accumulate" all of them."""
     match policy:
         case "replace":
