@@ -32,7 +32,7 @@ from ouroboros_jax.data import PromptSource, make_prompt_encoder
 from ouroboros_jax.metrics import plot_run
 from ouroboros_jax.models import Tokenizer, load_hf_checkpoint
 from ouroboros_jax.models.transformer import Params
-from ouroboros_jax.sharding import initialize_distributed, make_mesh
+from ouroboros_jax.sharding import batch_shards, initialize_distributed, make_mesh
 from ouroboros_jax.trainer import Task, TrainResult, train
 
 # Tokens that close a chat turn in common templates (ChatML, Llama 3, Phi, Gemma). A model prompted
@@ -51,7 +51,7 @@ def load_policy(cfg: ExperimentConfig, mesh: Any) -> tuple[ModelConfig, Params, 
     if not cfg.model.path:
         raise ConfigError("model.path: name a Hugging Face checkpoint directory (config.json, "
                           "*.safetensors, tokenizer.json), e.g. --model.path /ckpt/Qwen2.5-1.5B-Instruct")
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     if cfg.train.mini_batch_size % shards:
         raise ConfigError(f"train.mini_batch_size: must be a multiple of the mesh's batch shards "
                           f"(data x fsdp = {shards}), so each device holds whole rows "

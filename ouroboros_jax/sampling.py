@@ -18,9 +18,9 @@ does not depend on the batch it is in. Each row draws from its own key
 (`fold_in(rng, row)`, then the step), so neither batch padding nor the mesh
 changes what a row samples.
 
-Dimension legend: B prompts, G samples per prompt, R = B*G rows, P prompt slots
-(bucketed), N new tokens, S = P + N cache slots, V vocab, L layers,
-K kv heads, H head dim.
+Dimension legend (docs/dimensions.md): B prompts, G samples per prompt,
+R = B*G rows, P prompt slots (bucketed), C new (completion) tokens,
+S = P + C cache slots, V vocab, L layers, K kv heads, H head dim.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from ouroboros_jax.models.transformer import (
     unstack_cache,
     unstack_layers,
 )
-from ouroboros_jax.sharding import ACTIVATION_AXES, check_divisible, logical_to_spec
+from ouroboros_jax.sharding import ACTIVATION_AXES, batch_shards, check_divisible, logical_to_spec
 
 # The SamplingConfig default: a training run compiles once per bucket it meets.
 DEFAULT_PROMPT_LEN_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
@@ -60,13 +60,13 @@ class SampleOutput(NamedTuple):
     n-th new token; a row's tokens are columns [0, lengths[row]), the rest PAD_ID.
 
     Attributes:
-      tokens: [R, N] int32 new tokens; a stop token, when hit, is included.
-      mask: [R, N] bool, True on the `lengths` real completion tokens.
-      logprobs: [R, N] float32, log-probability of each token under the
+      tokens: [R, C] int32 new tokens; a stop token, when hit, is included.
+      mask: [R, C] bool, True on the `lengths` real completion tokens.
+      logprobs: [R, C] float32, log-probability of each token under the
         distribution it was drawn from: softmax(logits / temperature) restricted
         to the top-k / top-p kept set and renormalised. 0 for greedy (a point
         mass); 0 where mask is False.
-      policy_logprobs: [R, N] float32, log_softmax(logits / tau)[token] with tau
+      policy_logprobs: [R, C] float32, log_softmax(logits / tau)[token] with tau
         the temperature (1 for greedy), no top-k / top-p truncation: what the
         training forward computes with its logits divided by the same temperature
         (the "old policy" of an importance ratio). Equals `logprobs` when top_k=0,
@@ -76,7 +76,7 @@ class SampleOutput(NamedTuple):
       prompt_tokens: [R, P] int32 prompts as fed, left-padded to the bucket P
         and repeated per sample, so `sequences()` is the training batch.
       prompt_mask: [R, P] bool, True on real prompt tokens.
-      steps: model forward passes run (prefill included); below N when every
+      steps: model forward passes run (prefill included); below C when every
         row stopped early.
     """
 
@@ -91,7 +91,7 @@ class SampleOutput(NamedTuple):
     steps: int
 
     def sequences(self) -> tuple[np.ndarray, np.ndarray]:
-        """Prompt and completion side by side: tokens and mask [R, P + N].
+        """Prompt and completion side by side: tokens and mask [R, P + C].
 
         `forward_padded(params, cfg, *sequences())` at column P - 1 + n gives
         the logits that predicted completion token n.
@@ -302,9 +302,9 @@ class _State(NamedTuple):
     done: Bool[Array, " R"]
     stopped: Bool[Array, " R"]
     lengths: Int[Array, " R"]
-    tokens: Int[Array, "R N"]
-    logprobs: Float[Array, "R N"]
-    policy_logprobs: Float[Array, "R N"]
+    tokens: Int[Array, "R C"]
+    logprobs: Float[Array, "R C"]
+    policy_logprobs: Float[Array, "R C"]
 
 
 def _constrain(x, logical: tuple[str | None, ...], mesh: Mesh | None):
@@ -323,7 +323,7 @@ def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
 def _prefill(params: Params, cfg: ModelConfig, tokens_BP, mask_BP, static: _Static):
     """Run the prompts once; return next-token logits [R, V] and the group cache [L, R, K, S, H]."""
     B, P = tokens_BP.shape
-    G, N = static.num_samples, static.max_new_tokens
+    G, C = static.num_samples, static.max_new_tokens
     positions = positions_from_mask(mask_BP)
     cache = init_cache(cfg, B, P)
     if static.unroll_layers:
@@ -333,10 +333,10 @@ def _prefill(params: Params, cfg: ModelConfig, tokens_BP, mask_BP, static: _Stat
     # Prompts are flush right, so every row's next token is predicted at column P - 1.
     logits_BV = logits_from_hidden(params, cfg, hidden[:, -1:])[:, 0]
 
-    def grow(x):  # [(L,) B, K, P, H] -> [(L,) R, K, P + N, H], rows prompt-major
+    def grow(x):  # [(L,) B, K, P, H] -> [(L,) R, K, P + C, H], rows prompt-major
         lead = x.ndim - 4
         pad = [(0, 0)] * x.ndim
-        pad[lead + 2] = (0, N)
+        pad[lead + 2] = (0, C)
         return jnp.pad(jnp.repeat(x, G, axis=lead), pad)
 
     cache = KVCache(*(tuple(map(grow, c)) if isinstance(c, tuple) else grow(c) for c in cache))
@@ -372,16 +372,16 @@ def _sample_bucket(params: Params, cfg: ModelConfig, tokens_BP, mask_BP, live_B,
     `knobs` = (temperature, top_p, stop_V) are run-time values: changing them never recompiles.
     """
     B, P = tokens_BP.shape
-    G, N = static.num_samples, static.max_new_tokens
+    G, C = static.num_samples, static.max_new_tokens
     R = B * G
     if static.unroll_layers:
         params = unstack_layers(params, cfg)  # once, outside the decode loop
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(R))
     logits, cache = _prefill(params, cfg, tokens_BP, mask_BP, static)
-    kv_mask = jnp.concatenate([jnp.repeat(mask_BP, G, axis=0), jnp.ones((R, N), bool)], axis=1)
+    kv_mask = jnp.concatenate([jnp.repeat(mask_BP, G, axis=0), jnp.ones((R, C), bool)], axis=1)
     kv_mask = _constrain(kv_mask, ("batch", None), static.mesh)
     start = jnp.repeat(jnp.sum(mask_BP, axis=1), G)  # position of completion token 0
-    zeros = lambda dt: _constrain(jnp.zeros((R, N), dt), ("batch", None), static.mesh)
+    zeros = lambda dt: _constrain(jnp.zeros((R, C), dt), ("batch", None), static.mesh)
     state = _State(
         step=jnp.asarray(1), cache=cache, last=jnp.zeros((R,), jnp.int32),
         done=~jnp.repeat(live_B, G), stopped=jnp.zeros((R,), bool), lengths=jnp.zeros((R,), jnp.int32),
@@ -389,7 +389,7 @@ def _sample_bucket(params: Params, cfg: ModelConfig, tokens_BP, mask_BP, live_B,
     state = _emit(state, logits, 0, row_keys, knobs, static)
 
     def cond(s: _State):
-        return (s.step < N) & ~jnp.all(s.done)
+        return (s.step < C) & ~jnp.all(s.done)
 
     def body(s: _State) -> _State:
         n = s.step  # feed token n - 1 at slot P + n - 1, read the logits of token n
@@ -406,14 +406,6 @@ def _sample_bucket(params: Params, cfg: ModelConfig, tokens_BP, mask_BP, live_B,
 
 # ---------------------------------------------------------------------------
 # Public entry point
-
-
-def _batch_shards(mesh: Mesh | None) -> int:
-    if mesh is None:
-        return 1
-    spec = logical_to_spec(("batch",))[0]
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return int(np.prod([mesh.shape[a] for a in names]))
 
 
 LAYER_LOOPS = ("auto", "scan", "unroll")
@@ -480,7 +472,7 @@ def generate(
       model_config: the model architecture.
       prompt_tokens: a list of token-id lists (unpadded), or an int array [B, T]
         with `prompt_mask`.
-      max_new_tokens: completion length limit N.
+      max_new_tokens: completion length limit C.
       num_samples: G samples per prompt; rows are prompt-major.
       temperature: softmax temperature; 0 means greedy (top_k, top_p ignored).
       top_p: nucleus mass, 1 is off. top_k: 0 is off.
@@ -505,17 +497,17 @@ def generate(
     cfg = model_config
     _check_args(cfg, max_new_tokens, num_samples, temperature, top_p, top_k, stop_token_ids)
     tokens, mask = pack_prompts(prompt_tokens, prompt_mask)
-    (B, T), G, N = tokens.shape, num_samples, max_new_tokens
-    if T + N > cfg.max_seq_len:
-        raise ValueError(f"longest prompt ({T}) + max_new_tokens ({N}) exceeds the model's "
+    (B, T), G, C = tokens.shape, num_samples, max_new_tokens
+    if T + C > cfg.max_seq_len:
+        raise ValueError(f"longest prompt ({T}) + max_new_tokens ({C}) exceeds the model's "
                          f"max_seq_len ({cfg.max_seq_len})")
-    shards = _batch_shards(mesh)
+    shards = batch_shards(mesh)
     P = bucket_size(T, prompt_len_buckets)
     B_pad = bucket_size(B, batch_buckets, multiple=shards)
     tokens_p, mask_p = _pad_to_bucket(tokens, mask, B_pad, P)
     greedy = temperature == 0  # top-k / top-p do not change an argmax: keep one greedy program
-    static = _Static(N, G, greedy, 0 if greedy else int(top_k), top_p < 1 and not greedy, mesh,
-                     _unroll_layers(layer_loop, mesh, P + N))
+    static = _Static(C, G, greedy, 0 if greedy else int(top_k), top_p < 1 and not greedy, mesh,
+                     _unroll_layers(layer_loop, mesh, P + C))
     stop_V = np.zeros(cfg.vocab_size, bool)
     stop_V[list(stop_token_ids)] = True
     knobs = (np.float32(temperature or 1.0), np.float32(top_p), stop_V)
@@ -523,7 +515,7 @@ def generate(
         rng = jax.random.wrap_key_data(rng)
     inputs = (tokens_p, mask_p, np.arange(B_pad) < B)
     if mesh is not None:
-        cache_shape = (cfg.n_layers, B_pad * G, cfg.n_kv_heads, P + N, cfg.head_dim)
+        cache_shape = (cfg.n_layers, B_pad * G, cfg.n_kv_heads, P + C, cfg.head_dim)
         cache_axes = ACTIVATION_AXES["kv_cache_LBKSH"]
         check_divisible("kv_cache", cache_shape, logical_to_spec(cache_axes), mesh, cache_axes)
         rows = NamedSharding(mesh, logical_to_spec(("batch", None)))
@@ -534,7 +526,7 @@ def generate(
     R = B * G
     lengths = out["lengths"][:R]
     return SampleOutput(
-        tokens=out["tokens"][:R], mask=np.arange(N)[None, :] < lengths[:, None],
+        tokens=out["tokens"][:R], mask=np.arange(C)[None, :] < lengths[:, None],
         logprobs=out["logprobs"][:R], policy_logprobs=out["policy_logprobs"][:R], lengths=lengths,
         truncated=out["truncated"][:R], prompt_tokens=np.repeat(tokens_p[:B], G, axis=0),
         prompt_mask=np.repeat(mask_p[:B], G, axis=0), steps=int(out["steps"]))

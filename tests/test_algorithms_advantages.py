@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ouroboros_jax.algorithms import (
     ADVANTAGE_MODES,
@@ -108,3 +110,39 @@ def test_jit_equals_eager(mode):
 def test_unknown_mode_raises():
     with pytest.raises(ValueError, match="unknown advantage mode"):
         compute_advantages(jnp.ones((2, 2)), mode="ppo")
+
+
+# ---------------------------------------------------------------------------
+# Properties over random reward groups (hypothesis)
+
+
+@st.composite
+def _groups(draw):
+    B, G = draw(st.integers(1, 4)), draw(st.integers(2, 6))
+    # a few reward levels, as verifiers give, so equal-reward groups occur too
+    levels = st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0])
+    return np.array(draw(st.lists(levels, min_size=B * G, max_size=B * G)), np.float32).reshape(B, G)
+
+
+@settings(max_examples=50, deadline=None)
+@given(_groups(), st.floats(-5, 5, width=32))
+def test_group_advantages_are_centred_and_shift_invariant(rewards, shift):
+    for mode in ("grpo", "dr_grpo", "rloo"):
+        adv = np.asarray(compute_advantages(jnp.asarray(rewards), mode=mode))
+        np.testing.assert_allclose(adv.sum(axis=1), 0.0, atol=1e-4)  # every group sums to zero
+        constant = np.ptp(rewards, axis=1) == 0
+        assert np.all(adv[constant] == 0.0)  # no signal, exactly zero
+        shifted = np.asarray(compute_advantages(jnp.asarray(rewards + shift), mode=mode))
+        np.testing.assert_allclose(shifted, adv, atol=2e-4)
+
+
+@settings(max_examples=50, deadline=None)
+@given(_groups())
+def test_rloo_is_reward_minus_the_mean_of_the_others(rewards):
+    G = rewards.shape[1]
+    others = (rewards.sum(axis=1, keepdims=True) - rewards) / (G - 1)
+    np.testing.assert_allclose(np.asarray(rloo_advantages(jnp.asarray(rewards))), rewards - others, atol=1e-5)
+    # and a positive multiple of the Dr. GRPO advantage: G / (G - 1) times it
+    np.testing.assert_allclose(np.asarray(rloo_advantages(jnp.asarray(rewards))),
+                               G / (G - 1) * np.asarray(group_advantages(jnp.asarray(rewards),
+                                                                          normalize_std=False)), atol=1e-5)

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ouroboros_jax.algorithms import AGGREGATIONS, aggregate_loss, masked_mean
 
@@ -69,3 +71,44 @@ def test_empty_mask_gives_zero():
 def test_unknown_mode_raises():
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate_loss(LOSS, MASK, "sum")
+
+
+# ---------------------------------------------------------------------------
+# Properties over random batches (hypothesis)
+
+
+@st.composite
+def _token_batches(draw):
+    """A per-token loss [B, T], a mask with some empty rows, and a number of micro-batches dividing B."""
+    micro = draw(st.sampled_from([1, 2, 4]))
+    B, T = micro * draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    values = st.floats(-10, 10, allow_nan=False, width=32)
+    loss = np.array(draw(st.lists(values, min_size=B * T, max_size=B * T)), np.float32).reshape(B, T)
+    mask = np.array(draw(st.lists(st.booleans(), min_size=B * T, max_size=B * T))).reshape(B, T)
+    return loss, mask, micro
+
+
+@settings(max_examples=40, deadline=None)
+@given(_token_batches(), st.sampled_from(AGGREGATIONS))
+def test_micro_batch_losses_with_the_full_batch_count_add_up_to_the_full_loss(batch, mode):
+    loss, mask, micro = batch
+    full = float(aggregate_loss(jnp.asarray(loss), jnp.asarray(mask), mode, max_len=8))
+    if mode == "token_mean":
+        count = max(mask.sum(), 1)
+    else:
+        count = max(mask.any(axis=1).sum(), 1)
+    # strided micro-batches, as the update step splits them
+    parts = [aggregate_loss(jnp.asarray(loss[j::micro]), jnp.asarray(mask[j::micro]), mode, max_len=8,
+                            normalizer=float(count)) for j in range(micro)]
+    np.testing.assert_allclose(float(sum(parts)), full, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_token_batches(), st.sampled_from(AGGREGATIONS))
+def test_masked_entries_never_reach_the_loss(batch, mode):
+    loss, mask, _ = batch
+    poisoned = np.where(mask, loss, np.nan).astype(np.float32)
+    clean = aggregate_loss(jnp.asarray(loss), jnp.asarray(mask), mode)
+    got = aggregate_loss(jnp.asarray(poisoned), jnp.asarray(mask), mode)
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, clean, rtol=1e-6, atol=1e-6)

@@ -3,9 +3,9 @@
 The full logits [B, T, V] in float32 are the largest tensor of an update step
 with a Qwen-sized vocabulary (~150k entries): at B=8, T=4096 they take 20 GB,
 and their gradient as much again. Here the output projection, the log-softmax
-and the gather of the taken token run over chunks of C positions inside a
+and the gather of the taken token run over chunks of W positions inside a
 `lax.scan`, each chunk under `jax.checkpoint`, so only one chunk's logits
-[B, C, V] is alive at a time, in the forward pass and in the backward pass
+[B, W, V] is alive at a time, in the forward pass and in the backward pass
 (which recomputes the chunk's logits from the hidden states instead of
 storing them).
 
@@ -15,7 +15,8 @@ predicts the first token). The sampler's per-token log-probs use the same
 alignment, so old, new and reference log-probs of a completion token sit at
 the same index as the token.
 
-Dimension legend: B batch, T time, C chunk of time, D model, V vocab.
+Dimension legend (docs/dimensions.md): B rows, T positions, W a chunk (window) of
+positions, R rows of a flattened [B * W] chunk, D model, V vocab.
 """
 
 from __future__ import annotations
@@ -65,27 +66,27 @@ def _block_stats(h_RD, head_DV, targets_R, temperature: float, with_entropy: boo
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _rows_stats(h_ND, head_DV, targets_N, temperature: float, with_entropy: bool, rows: int):
-    return _rows_stats_fwd(h_ND, head_DV, targets_N, temperature, with_entropy, rows)[0]
+def _rows_stats(h_RD, head_DV, targets_R, temperature: float, with_entropy: bool, rows: int):
+    return _rows_stats_fwd(h_RD, head_DV, targets_R, temperature, with_entropy, rows)[0]
 
 
-def _rows_stats_fwd(h_ND, head_DV, targets_N, temperature, with_entropy, rows):
-    N, D = h_ND.shape
+def _rows_stats_fwd(h_RD, head_DV, targets_R, temperature, with_entropy, rows):
+    R, D = h_RD.shape
 
     def block(_, x):
-        h_RD, targets_R = x
-        return None, _block_stats(h_RD, head_DV, targets_R, temperature, with_entropy)
+        h, targets = x  # one block: [rows, D], [rows]
+        return None, _block_stats(h, head_DV, targets, temperature, with_entropy)
 
-    xs = (h_ND.reshape(N // rows, rows, D), targets_N.reshape(N // rows, rows))
-    _, ((logp, entropy), (z_nRV, lse, mean_z)) = jax.lax.scan(block, None, xs)
-    return (logp.reshape(N), entropy.reshape(N)), (h_ND, head_DV, targets_N, z_nRV, lse, mean_z)
+    xs = (h_RD.reshape(R // rows, rows, D), targets_R.reshape(R // rows, rows))
+    _, ((logp, entropy), (z_blocks, lse, mean_z)) = jax.lax.scan(block, None, xs)
+    return (logp.reshape(R), entropy.reshape(R)), (h_RD, head_DV, targets_R, z_blocks, lse, mean_z)
 
 
 def _rows_stats_bwd(temperature, with_entropy, rows, residuals, cotangents):
     """d logits = g_logp (onehot - p) - g_entropy p (z - E[z]), then the two matmuls, block by block."""
-    h_ND, head_DV, targets_N, z_nRV, lse, mean_z = residuals
-    N, D = h_ND.shape
-    g_logp, g_entropy = (g.reshape(N // rows, rows) for g in cotangents)
+    h_RD, head_DV, targets_R, z_blocks, lse, mean_z = residuals
+    R, D = h_RD.shape
+    g_logp, g_entropy = (g.reshape(R // rows, rows) for g in cotangents)
 
     def block(d_head, x):
         h, targets, z, lse, mean_z, g_logp, g_entropy = x
@@ -99,45 +100,45 @@ def _rows_stats_bwd(temperature, with_entropy, rows, residuals, cotangents):
         d_h = jnp.dot(d_z, head_DV.T, preferred_element_type=jnp.float32).astype(h.dtype)
         return d_head + jnp.dot(h.T, d_z, preferred_element_type=jnp.float32), d_h
 
-    xs = (h_ND.reshape(N // rows, rows, D), targets_N.reshape(N // rows, rows), z_nRV, lse, mean_z,
+    xs = (h_RD.reshape(R // rows, rows, D), targets_R.reshape(R // rows, rows), z_blocks, lse, mean_z,
           g_logp, g_entropy)
     d_head, d_h = jax.lax.scan(block, jnp.zeros(head_DV.shape, jnp.float32), xs)
-    return d_h.reshape(N, D), d_head.astype(head_DV.dtype), None
+    return d_h.reshape(R, D), d_head.astype(head_DV.dtype), None
 
 
 _rows_stats.defvjp(_rows_stats_fwd, _rows_stats_bwd)
 
 
 def _chunk_stats(
-    hidden_BCD: Float[Array, "B C D"],
+    hidden_BWD: Float[Array, "B W D"],
     head_DV: Float[Array, "D V"],
-    targets_BC: Int[Array, "B C"],
+    targets_BW: Int[Array, "B W"],
     temperature: float,
     with_entropy: bool,
-) -> tuple[Float[Array, "B C"], Float[Array, "B C"]]:
+) -> tuple[Float[Array, "B W"], Float[Array, "B W"]]:
     """Log-prob of the target and entropy for one chunk, from float32 logits.
 
-    The B*C rows run through the output projection in blocks of `_row_block`
-    rows (2-D matmuls: the 3-D einsum's backward transposed the [B, C, V]
+    The B*W rows run through the output projection in blocks of `_row_block`
+    rows (2-D matmuls: the 3-D einsum's backward transposed the [B, W, V]
     gradient, a third of the step on CPU), and the gradient is written by hand:
     the forward keeps each block's logits, the backward turns them into the
     logits' gradient one block at a time and multiplies it out. Autodiff of
-    the same expressions kept three [B*C, V] float32 arrays alive (logits,
+    the same expressions kept three [B*W, V] float32 arrays alive (logits,
     their exponentials, the masked target pick) and wrote the gradient as a
     fourth; here one is kept and the rest live one cache-sized block at a
     time, which took ~10% off a CPU update step at vocabulary 8192 (fewer
     fresh pages to fault in and fewer passes over memory). Same values, same
     matmul count.
     """
-    B, C, D = hidden_BCD.shape
-    N = B * C
-    rows = _row_block(N, head_DV.shape[1])
-    pad = -N % rows
-    h_ND = jnp.pad(hidden_BCD.reshape(N, D), ((0, pad), (0, 0)))
-    targets_N = jnp.pad(targets_BC.reshape(N), (0, pad))
-    logp, entropy = _rows_stats(h_ND, head_DV.astype(hidden_BCD.dtype), targets_N, temperature,
+    B, W, D = hidden_BWD.shape
+    R = B * W
+    rows = _row_block(R, head_DV.shape[1])
+    pad = -R % rows
+    h_RD = jnp.pad(hidden_BWD.reshape(R, D), ((0, pad), (0, 0)))
+    targets_R = jnp.pad(targets_BW.reshape(R), (0, pad))
+    logp, entropy = _rows_stats(h_RD, head_DV.astype(hidden_BWD.dtype), targets_R, temperature,
                                 with_entropy, rows)
-    return logp[:N].reshape(B, C), entropy[:N].reshape(B, C)
+    return logp[:R].reshape(B, W), entropy[:R].reshape(B, W)
 
 
 def token_logprobs(
@@ -170,27 +171,27 @@ def token_logprobs(
     if chunk_size >= T:  # one chunk: no loop to build
         logp, entropy = _chunk_stats(hidden, head_DV, targets, temperature, with_entropy)
         return logp, entropy if with_entropy else None
-    C = chunk_size
-    n_chunks = -(-T // C)
-    pad = n_chunks * C - T
+    W = chunk_size
+    n_chunks = -(-T // W)
+    pad = n_chunks * W - T
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    # [B, T, D] -> [n, B, C, D]: the scan runs over the leading axis, and the
+    # [B, T, D] -> [n, B, W, D]: the scan runs over the leading axis, and the
     # batch axis stays second so its sharding over devices is undisturbed.
-    hidden_nBCD = hidden.reshape(B, n_chunks, C, D).swapaxes(0, 1)
-    targets_nBC = targets.reshape(B, n_chunks, C).swapaxes(0, 1)
+    hidden_nBWD = hidden.reshape(B, n_chunks, W, D).swapaxes(0, 1)
+    targets_nBW = targets.reshape(B, n_chunks, W).swapaxes(0, 1)
 
     @jax.checkpoint
     def one_chunk(head, x):
-        h_BCD, t_BC = x
-        return head, _chunk_stats(h_BCD, head, t_BC, temperature, with_entropy)
+        h_BWD, t_BW = x
+        return head, _chunk_stats(h_BWD, head, t_BW, temperature, with_entropy)
 
-    _, (logp_nBC, entropy_nBC) = jax.lax.scan(one_chunk, head_DV, (hidden_nBCD, targets_nBC))
-    logp = logp_nBC.swapaxes(0, 1).reshape(B, n_chunks * C)[:, :T]
+    _, (logp_nBW, entropy_nBW) = jax.lax.scan(one_chunk, head_DV, (hidden_nBWD, targets_nBW))
+    logp = logp_nBW.swapaxes(0, 1).reshape(B, n_chunks * W)[:, :T]
     if not with_entropy:
         return logp, None
-    entropy = entropy_nBC.swapaxes(0, 1).reshape(B, n_chunks * C)[:, :T]
+    entropy = entropy_nBW.swapaxes(0, 1).reshape(B, n_chunks * W)[:, :T]
     return logp, entropy
 
 

@@ -5,9 +5,9 @@ Parameters are a plain dict of arrays; the forward pass is a function of
 stacked along a leading L axis and run with `lax.scan`, so a model compiles
 one layer body whatever its depth.
 
-Dimension legend (used in names and einsum strings):
+Dimension legend (docs/dimensions.md; used in names and einsum strings):
     B batch, T query time, S key time (cache slots), V vocab, D model,
-    N query heads, K key/value heads, G query heads per kv head, H head dim,
+    N query heads, K key/value heads, Q query heads per kv head, H head dim,
     F mlp hidden, L layers.
 """
 
@@ -203,30 +203,30 @@ def _attention(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, cfg: ModelConfig):
     if T == 1:
         return _decode_attention(q[:, 0], k_BKSH, v_BKSH, allowed_BTS[:, 0]).reshape(B, 1, N, H)
     probs = jax.nn.softmax(_block_scores(q, k_BKSH, allowed_BTS), axis=-1).astype(v_BKSH.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BKSH)
+    out = jnp.einsum("BKQTS,BKSH->BTKQH", probs, v_BKSH)
     return out.reshape(B, T, N, H)
 
 
-def _decode_attention(q_BKGH, k_BKSH, v_BKSH, allowed_BS):
+def _decode_attention(q_BKQH, k_BKSH, v_BKSH, allowed_BS):
     """One query per row (a decode step): the same softmax attention, oriented for a KV cache.
 
-    With one query, each (row, kv head) is a [G, H] x [H, S] product: a few
+    With one query, each (row, kv head) is a [Q, H] x [H, S] product: a few
     query vectors against the whole cache, which bounds the step by how fast
     the cache is read. The key product is written with the cache as the left
-    operand ([S, H] x [H, G], contraction on the minor axis of both) and the
-    value product as probs [G, S] x values [S, H] with a [G, H] result: in
+    operand ([S, H] x [H, Q], contraction on the minor axis of both) and the
+    value product as probs [Q, S] x values [S, H] with a [Q, H] result: in
     those orientations XLA's CPU matmul streams the cache as it lies, while
     the mirrored forms (q x k^T, or a transposed output) repack the cache
     first and ran 6-7x slower at 1k slots. The transposes left are of the
-    small [S, G] scores.
+    small [S, Q] scores.
     """
-    H = q_BKGH.shape[-1]
-    scores = jnp.einsum("BKSH,BKGH->BKSG", k_BKSH, q_BKGH, preferred_element_type=jnp.float32)
+    H = q_BKQH.shape[-1]
+    scores = jnp.einsum("BKSH,BKQH->BKSQ", k_BKSH, q_BKQH, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(H)
     scores = jnp.where(allowed_BS[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=2).astype(v_BKSH.dtype)
-    probs_BKGS = jax.lax.optimization_barrier(probs.transpose(0, 1, 3, 2))
-    return jnp.einsum("BKGS,BKSH->BKGH", probs_BKGS, v_BKSH)
+    probs_BKQS = jax.lax.optimization_barrier(probs.transpose(0, 1, 3, 2))
+    return jnp.einsum("BKQS,BKSH->BKQH", probs_BKQS, v_BKSH)
 
 
 # Causal self-attention without a cache runs over query blocks of at least this
@@ -242,16 +242,16 @@ def _query_blocks(T: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, T)) for start in range(0, T, size)]
 
 
-def _block_scores(q_BTKGH, k_BKSH, allowed_BTS):
-    """Masked float32 scores [B, K, G, Tq, S] of one query block."""
-    H = q_BTKGH.shape[-1]
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
+def _block_scores(q_BTKQH, k_BKSH, allowed_BTS):
+    """Masked float32 scores [B, K, Q, Tq, S] of one query block."""
+    H = q_BTKQH.shape[-1]
+    scores = jnp.einsum("BTKQH,BKSH->BKQTS", q_BTKQH, k_BKSH, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(H)
     return jnp.where(allowed_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
 
 
 def _causal_forward(q, k, v, allowed):
-    """Block by block: outputs [B, T, K, G, H] and each row's softmax max and sum [B, K, G, T]."""
+    """Block by block: outputs [B, T, K, Q, H] and each row's softmax max and sum [B, K, Q, T]."""
     T = q.shape[1]
     outs, maxes, sums = [], [], []
     for start, end in _query_blocks(T):
@@ -260,7 +260,7 @@ def _causal_forward(q, k, v, allowed):
         e = jnp.exp(scores - m)
         total = jnp.sum(e, axis=-1, keepdims=True)
         probs = (e / total).astype(v.dtype)
-        outs.append(jnp.einsum("BKGTS,BKSH->BTKGH", probs, v[:, :, :end]))
+        outs.append(jnp.einsum("BKQTS,BKSH->BTKQH", probs, v[:, :, :end]))
         maxes.append(m[..., 0])
         sums.append(total[..., 0])
     return (jnp.concatenate(outs, axis=1), jnp.concatenate(maxes, axis=-1),
@@ -268,8 +268,8 @@ def _causal_forward(q, k, v, allowed):
 
 
 @jax.custom_vjp
-def _causal_attention_core(q_BTKGH, k_BKTH, v_BKTH, allowed_BTT):
-    return _causal_forward(q_BTKGH, k_BKTH, v_BKTH, allowed_BTT)[0]
+def _causal_attention_core(q_BTKQH, k_BKTH, v_BKTH, allowed_BTT):
+    return _causal_forward(q_BTKQH, k_BKTH, v_BKTH, allowed_BTT)[0]
 
 
 def _causal_core_fwd(q, k, v, allowed):
@@ -285,7 +285,7 @@ def _causal_core_bwd(res, d_out):
     """
     q, k, v, allowed, out, m, total = res
     H = q.shape[-1]
-    delta = jnp.einsum("BTKGH,BTKGH->BKGT", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    delta = jnp.einsum("BTKQH,BTKQH->BKQT", d_out.astype(jnp.float32), out.astype(jnp.float32))
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     dqs = []
@@ -296,11 +296,11 @@ def _causal_core_bwd(res, d_out):
         probs = jnp.exp(scores - m[..., start:end, None]) / total[..., start:end, None]
         # Products come out in the compute dtype (XLA's CPU fallback matmul has no
         # bfloat16 x bfloat16 -> float32) and are summed over blocks in float32.
-        dv = dv.at[:, :, :end].add(jnp.einsum("BKGTS,BTKGH->BKSH", probs.astype(v.dtype), do_i))
-        dp = jnp.einsum("BTKGH,BKSH->BKGTS", do_i, v_j, preferred_element_type=jnp.float32)
+        dv = dv.at[:, :, :end].add(jnp.einsum("BKQTS,BTKQH->BKSH", probs.astype(v.dtype), do_i))
+        dp = jnp.einsum("BTKQH,BKSH->BKQTS", do_i, v_j, preferred_element_type=jnp.float32)
         ds = (probs * (dp - delta[..., start:end, None]) / math.sqrt(H)).astype(q.dtype)
-        dqs.append(jnp.einsum("BKGTS,BKSH->BTKGH", ds, k_j))
-        dk = dk.at[:, :, :end].add(jnp.einsum("BKGTS,BTKGH->BKSH", ds, q_i))
+        dqs.append(jnp.einsum("BKQTS,BKSH->BTKQH", ds, k_j))
+        dk = dk.at[:, :, :end].add(jnp.einsum("BKQTS,BTKQH->BKSH", ds, q_i))
     dq = jnp.concatenate(dqs, axis=1)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 

@@ -170,7 +170,7 @@ class CodeSelfPlayConfig:
 # Rewards and advantages (pure)
 
 
-def learnability_reward(success_rate: Float[np.ndarray, " N"]) -> Float[np.ndarray, " N"]:
+def learnability_reward(success_rate: Float[np.ndarray, " B"]) -> Float[np.ndarray, " B"]:
     """Proposer reward per task: ``1 - s`` when ``0 < s < 1``, else 0 (always or never solved)."""
     s = np.asarray(success_rate, np.float64)
     return np.where((s > 0) & (s < 1), 1.0 - s, 0.0)

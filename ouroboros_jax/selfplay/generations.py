@@ -303,11 +303,11 @@ def evaluate_generation(
 
 def _generation_rows(r: Rollout, rewards: np.ndarray, advantages: np.ndarray,
                      generation: int) -> list[list[Row]]:
-    """[P][G] rows of one generation's samples."""
-    P, G = rewards.shape
+    """[B][G] rows of one generation's samples."""
+    B, G = rewards.shape
     completions = _completions(r)
     out = []
-    for i in range(P):
+    for i in range(B):
         prompt = tuple(int(t) for t in r.sample.prompt_tokens[i * G][r.sample.prompt_mask[i * G]])
         group = []
         for j in range(G):

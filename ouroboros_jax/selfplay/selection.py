@@ -10,7 +10,7 @@
 - `compose_batch`: a batch with a fixed fraction of seed rows, the rest from
   the pool; `rows_to_batch` turns rows into the update step's `Batch`.
 
-Dimension legend: P prompts, G samples per prompt, B rows, T time.
+Dimension legend (docs/dimensions.md): B prompts, G samples per prompt.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def self_consistency(answers: Sequence[Sequence[str | None]]) -> np.ndarray:
     """1.0 where a sample's answer is its group's most common one (earliest on ties), else 0.0.
 
     Args:
-      answers: [P][G] final answers (None: no answer, never the majority).
+      answers: [B][G] final answers (None: no answer, never the majority).
     Returns:
-      [P, G] float rewards.
+      [B, G] float rewards.
     """
     out = np.zeros((len(answers), len(answers[0]) if answers else 0))
     for i, group in enumerate(answers):
@@ -72,9 +72,9 @@ def self_consistency(answers: Sequence[Sequence[str | None]]) -> np.ndarray:
 
 
 def training_rewards(
-    verifier_scores: Float[np.ndarray, "P G"], answers: Sequence[Sequence[str | None]], *, verified: bool,
-    reward: TrainingReward, weight: float, fn_scores: Float[np.ndarray, "P G"] | None = None,
-) -> Float[np.ndarray, "P G"]:
+    verifier_scores: Float[np.ndarray, "B G"], answers: Sequence[Sequence[str | None]], *, verified: bool,
+    reward: TrainingReward, weight: float, fn_scores: Float[np.ndarray, "B G"] | None = None,
+) -> Float[np.ndarray, "B G"]:
     """The reward the loop trains on: verifier score (when verified) + weight * the other reward."""
     out = np.asarray(verifier_scores, np.float64) if verified else np.zeros(np.shape(verifier_scores))
     match reward:
