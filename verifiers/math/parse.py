@@ -22,6 +22,7 @@ import sympy as sp
 
 _MAX_RESULT_BITS = 100_000
 _MAX_FACTORIAL = 2_000
+_MAX_SYMBOLIC_EXPONENT = 10_000
 
 
 class ParseError(ValueError):
@@ -169,6 +170,10 @@ class Parser:
             if op == "\\in":
                 # "x \in [1, 2]": the set is the answer.
                 return as_set(right) if isinstance(right, Items) else right
+            if op == "=" and not relations and _names_components(left):
+                # "(p, q) = (3, 2)" names the components of the answer (3, 2).
+                left = right
+                continue
             relations.append(_RELATIONS[op](left, right, evaluate=False))
             left = right
         if not relations:
@@ -283,7 +288,8 @@ class Parser:
         if tok.text in ("(", "["):
             return self.bracketed(tok.text)
         if tok.text == "{":
-            value = self.sequence(brackets="{}")
+            # Bare braces only group: "{1, 3}" is displayed as the list "1, 3", not a set.
+            value = self.sequence(brackets="")
             self.take("}")
             return value
         if tok.text == "\\{":
@@ -381,6 +387,8 @@ class Parser:
             return self.root()
         if bare == "binom":
             return _binomial(self.argument(), self.argument())
+        if bare in ("sum", "prod"):
+            return self.big_operator(sp.Sum if bare == "sum" else sp.Product)
         if bare in ("lfloor", "lceil"):
             value = self.additive()
             self.take("\\rfloor" if bare == "lfloor" else "\\rceil")
@@ -395,6 +403,16 @@ class Parser:
         if bare in ("pm", "mp"):
             raise ParseError("\\pm is expanded before parsing")
         raise ParseError(f"unsupported command {name}")
+
+    def big_operator(self, kind):
+        """``\\sum_{k=0}^{n-1} body``: the body is the implicit product that follows."""
+        self.take("_")
+        lower = self.argument()
+        self.take("^")
+        upper = self.argument(whole_number=True)
+        if not (isinstance(lower, sp.Eq) and isinstance(lower.lhs, sp.Symbol)):
+            raise ParseError("a sum or product needs a lower bound 'k = start'")
+        return kind(self.implicit_product(), (lower.lhs, lower.rhs, upper))
 
     def root(self):
         degree = None
@@ -432,11 +450,34 @@ def _divide(numerator, denominator):
 
 
 def _power(base, exponent):
-    if isinstance(base, sp.Rational) and isinstance(exponent, sp.Rational):
-        size = max(abs(base.p), abs(base.q))
-        if size > 1 and abs(exponent) * math.log2(size) > _MAX_RESULT_BITS:
+    if isinstance(exponent, sp.Number) and isinstance(base, sp.Expr):
+        if isinstance(base, sp.Rational):
+            size = max(abs(base.p), abs(base.q))
+            bits = abs(exponent) * math.log2(size) if size > 1 else 0.0
+        elif base.is_number:
+            # Irrational bases may collapse to integers (sqrt(2)^2n = 2^n): count a bit per unit at least.
+            bits = abs(exponent) * max(1.0, _log2_magnitude(base))
+        else:
+            bits = 0.0
+        if bits > _MAX_RESULT_BITS:
+            # sqrt(2)^(2*10^10) would be evaluated to 2^(10^10), gigabytes of digits.
             raise ParseError("power too large to evaluate")
+        if not base.is_number and abs(exponent) > _MAX_SYMBOLIC_EXPONENT:
+            raise ParseError("power too large to expand")
     return sp.Pow(base, exponent)
+
+
+def _log2_magnitude(value: sp.Expr) -> float:
+    """|log2 |value||, the bits one unit of exponent adds; 0 for 0 and 1, large when unknown."""
+    try:
+        magnitude = abs(complex(sp.N(value, 15)))
+    except (TypeError, ValueError, ArithmeticError):
+        return float(_MAX_RESULT_BITS)
+    if magnitude == 0 or magnitude == 1:
+        return 0.0
+    if not math.isfinite(magnitude):
+        return float(_MAX_RESULT_BITS)
+    return abs(math.log2(magnitude))
 
 
 def _factorial(value):
@@ -449,6 +490,10 @@ def _binomial(n, k):
     if isinstance(n, sp.Integer) and n > 100 * _MAX_FACTORIAL:
         raise ParseError("binomial too large to evaluate")
     return sp.binomial(n, k)
+
+
+def _names_components(value) -> bool:
+    return isinstance(value, Items) and all(isinstance(e, sp.Symbol) for e in value.elements)
 
 
 def _interval(endpoints: tuple, left_open: bool, right_open: bool):
