@@ -107,7 +107,7 @@ def checked_verdict(value: Any) -> Verdict:
     else:
         return Verdict.fail(f"invalid verdict: a {type(value).__name__}, not a Verdict or a number",
                             error="invalid")
-    if isinstance(score, bool) or not isinstance(score, numbers.Real):
+    if not isinstance(score, numbers.Real):
         return Verdict.fail(f"invalid verdict: the score is a {type(score).__name__} ({score!r:.40}), "
                             "not a number", error="invalid")
     score = float(score)
