@@ -76,15 +76,23 @@ def run(request: tuple, report: Callable[[tuple], None]) -> tuple:
 
 
 def run_limited(request: tuple, timeout_s: float | None, report: Callable[[tuple], None]) -> tuple:
-    """:func:`run` under a cooperative time limit: ``("timeout",)`` / ``("memory",)`` / ``("error", msg)``."""
+    """:func:`run` under a cooperative time limit: ``("timeout",)`` / ``("memory",)`` / ``("error", msg)``.
+
+    A limit that fired is a timeout even when the code under it (math-verify, a
+    user's function) caught the exception and answered anyway.
+    """
+    expiry = None
     try:
-        with time_limit(timeout_s):
-            return ("ok", run(request, report))
+        with time_limit(timeout_s) as expiry:
+            result = run(request, report)
+        return ("timeout",) if expiry.fired else ("ok", result)
     except TimeLimitExceeded:
         return ("timeout",)
     except MemoryError:
         return ("memory",)
     except Exception as exc:
+        if expiry is not None and expiry.fired:
+            return ("timeout",)
         return ("error", f"{type(exc).__name__}: {exc}"[:500])
 
 
