@@ -145,9 +145,11 @@ def run(request: tuple, timeout_s: float | None) -> Outcome:
     """Run one grading request (see :func:`verifiers.math.grader.run`) in a grading process.
 
     Waits at most ``timeout_s`` plus a grace of a quarter of it (at most half a
-    second) once the process has the request, then kills it. ``None`` waits as
-    long as it takes.
+    second) once the process has the request, then kills it. ``None`` (or a
+    non-positive value) waits as long as it takes.
     """
+    if timeout_s is not None and timeout_s <= 0:
+        timeout_s = None
     process = _take()
     process.wait_ready()
     try:
