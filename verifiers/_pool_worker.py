@@ -1,4 +1,4 @@
-"""The pool's worker process, and the process-tree control the pool needs around it.
+"""The pool's worker process: how the verifier gets there, how it runs, how it is stopped.
 
 A worker runs verifiers one call at a time. It lives in its own process group,
 is the subreaper of everything it starts (so a grandchild that double-forks
@@ -18,10 +18,33 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 from multiprocessing.util import Finalize
+from typing import Any
 
 from verifiers.base import Verdict, checked_verdict
 
 _PR_SET_CHILD_SUBREAPER = 36
+
+
+def pickle_verifier(fn: Any) -> bytes:
+    """The verifier as bytes for the workers.
+
+    cloudpickle stores importable functions by reference, as pickle does, and
+    lambdas, closures and functions of ``__main__`` or a notebook (which a
+    worker could not import) by value, also inside a combination.
+    """
+    try:
+        import cloudpickle
+
+        dumps = cloudpickle.dumps
+    except ImportError:  # a declared dependency; plain pickle still serves module-level functions
+        dumps = pickle.dumps
+    try:
+        return dumps(fn)
+    except Exception as exc:
+        raise TypeError(
+            f"the verifier must be picklable to run in worker processes ({exc}); "
+            "define it at module level, or register it in an importable module"
+        ) from exc
 
 
 def worker_main(conn: Connection, output: Connection | None, payload: bytes, memory_mb: int | None) -> None:

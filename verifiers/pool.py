@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from verifiers._pool_worker import kill_group, kill_tree, worker_main
+from verifiers._pool_worker import kill_group, kill_tree, pickle_verifier, worker_main
 from verifiers.base import Verdict, VerifierSpec, checked_verdict, resolve
 
 # Consecutive workers dying before they became ready: past this the pool gives
@@ -45,28 +45,6 @@ _READ_CHUNK = 65536
 
 class PoolBroken(RuntimeError):
     """The verifier cannot run in a worker at all (e.g. it fails to unpickle)."""
-
-
-def _pickle_verifier(fn: Any) -> bytes:
-    """The verifier as bytes for the workers.
-
-    cloudpickle stores importable functions by reference, as pickle does, and
-    lambdas, closures and functions of ``__main__`` or a notebook (which a
-    worker could not import) by value, also inside a combination.
-    """
-    try:
-        import cloudpickle
-
-        dumps = cloudpickle.dumps
-    except ImportError:  # a declared dependency; plain pickle still serves module-level functions
-        dumps = pickle.dumps
-    try:
-        return dumps(fn)
-    except Exception as exc:
-        raise TypeError(
-            f"the verifier must be picklable to run in worker processes ({exc}); "
-            "define it at module level, or register it in an importable module"
-        ) from exc
 
 
 def _settle(future: Future, outcome: Verdict | BaseException) -> None:
@@ -138,7 +116,7 @@ class VerifierPool:
         max_tasks_per_worker: int | None = None,
         context: str | None = None,
     ) -> None:
-        self._payload = _pickle_verifier(resolve(verifier))
+        self._payload = pickle_verifier(resolve(verifier))
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         if batch_timeout_s is not None and batch_timeout_s <= 0:

@@ -7,26 +7,19 @@ inequalities and chains of them. Decimal literals become exact rationals
 (``0.1`` is ``1/10``); how many places they were written with is recorded so
 that the comparison can round only where a decimal meets an irrational value.
 
-Numbers are guarded: a power or factorial whose result would be astronomically
-large is refused instead of computed, so a hostile answer such as
-``10^{10^{10}}`` cannot stall the grader.
+Numbers are guarded (:mod:`verifiers.math.guards`): a power or factorial
+whose result would be astronomically large is refused instead of computed, so
+a hostile answer such as ``10^{10^{10}}`` cannot stall the grader.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import sympy as sp
 
-_MAX_RESULT_BITS = 100_000
-_MAX_FACTORIAL = 2_000
-_MAX_SYMBOLIC_EXPONENT = 10_000
-
-
-class ParseError(ValueError):
-    """The answer is not in the supported grammar."""
+from verifiers.math.guards import ParseError, checked_binomial, checked_factorial, checked_power
 
 
 @dataclass(frozen=True)
@@ -245,7 +238,7 @@ class Parser:
         base = self.postfix(self.atom())
         if self.at("^"):
             self.take()
-            return _power(base, self.exponent())
+            return checked_power(base, self.exponent())
         return base
 
     def exponent(self):
@@ -258,7 +251,7 @@ class Parser:
     def postfix(self, value):
         while self.at("!", "'"):
             if self.take().text == "!":
-                value = _factorial(value)
+                value = checked_factorial(value)
         return value
 
     def argument(self, whole_number: bool = False):
@@ -386,7 +379,7 @@ class Parser:
         if bare == "sqrt":
             return self.root()
         if bare == "binom":
-            return _binomial(self.argument(), self.argument())
+            return checked_binomial(self.argument(), self.argument())
         if bare in ("sum", "prod"):
             return self.big_operator(sp.Sum if bare == "sum" else sp.Product)
         if bare in ("lfloor", "lceil"):
@@ -440,56 +433,13 @@ class Parser:
             arg = self.implicit_product()
         args = arg.elements if isinstance(arg, Items) else (arg,)
         value = fn(*args) if base is None else sp.log(args[0], base)
-        return value if power is None else _power(value, power)
+        return value if power is None else checked_power(value, power)
 
 
 def _divide(numerator, denominator):
     if denominator == 0:
         raise ParseError("division by zero")
     return numerator / denominator
-
-
-def _power(base, exponent):
-    if isinstance(exponent, sp.Number) and isinstance(base, sp.Expr):
-        if isinstance(base, sp.Rational):
-            size = max(abs(base.p), abs(base.q))
-            bits = abs(exponent) * math.log2(size) if size > 1 else 0.0
-        elif base.is_number:
-            # Irrational bases may collapse to integers (sqrt(2)^2n = 2^n): count a bit per unit at least.
-            bits = abs(exponent) * max(1.0, _log2_magnitude(base))
-        else:
-            bits = 0.0
-        if bits > _MAX_RESULT_BITS:
-            # sqrt(2)^(2*10^10) would be evaluated to 2^(10^10), gigabytes of digits.
-            raise ParseError("power too large to evaluate")
-        if not base.is_number and abs(exponent) > _MAX_SYMBOLIC_EXPONENT:
-            raise ParseError("power too large to expand")
-    return sp.Pow(base, exponent)
-
-
-def _log2_magnitude(value: sp.Expr) -> float:
-    """|log2 |value||, the bits one unit of exponent adds; 0 for 0 and 1, large when unknown."""
-    try:
-        magnitude = abs(complex(sp.N(value, 15)))
-    except (TypeError, ValueError, ArithmeticError):
-        return float(_MAX_RESULT_BITS)
-    if magnitude == 0 or magnitude == 1:
-        return 0.0
-    if not math.isfinite(magnitude):
-        return float(_MAX_RESULT_BITS)
-    return abs(math.log2(magnitude))
-
-
-def _factorial(value):
-    if isinstance(value, sp.Integer) and value > _MAX_FACTORIAL:
-        raise ParseError("factorial too large to evaluate")
-    return sp.factorial(value)
-
-
-def _binomial(n, k):
-    if isinstance(n, sp.Integer) and n > 100 * _MAX_FACTORIAL:
-        raise ParseError("binomial too large to evaluate")
-    return sp.binomial(n, k)
 
 
 def _names_components(value) -> bool:
