@@ -87,6 +87,11 @@ def test_huge_power_is_refused_before_it_is_computed(runner):
     verdict, elapsed = runner(verify, "\\boxed{\\sqrt{2}^{20000000000}}", {"answer": "1"}, timeout_s=2.0)
     assert verdict.score == 0.0 and elapsed < 4.0
     assert verdict.extracted == "\\sqrt{2}^{20000000000}"
+    # It used to take 3.9 GB; the grading processes' peak stays that of sympy itself.
+    for process in limits._idle:
+        status = Path(f"/proc/{process.popen.pid}/status").read_text()
+        peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+        assert peak_kb < 400 * 1024
 
 
 @pytest.mark.parametrize("runner", [_timed, _in_thread], ids=["main thread", "other thread"])
