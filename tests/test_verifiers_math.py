@@ -276,10 +276,30 @@ def test_table_is_large_and_balanced():
         ("first $x = 1$ and then $y = 2$", "any", "y = 2"),
         ("We get 3 and then 1,234.", "any", "1,234"),
         ("nothing here", "any", None),
+        # boxes joined by "and" / commas / \text{and} are one list answer
+        ("roots \\boxed{1} and \\boxed{2}.", "anchored", "1, 2"),
+        ("$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$", "anchored", "(2, 2), (6, 2)"),
+        ("\\boxed{2}. Then we check, so \\boxed{4}", "anchored", "4"),
+        # a final answer stated after the last box wins
+        ("we get \\boxed{255}. Final Answer: The final answer is $10,455$. I hope it is correct.",
+         "anchored", "10,455"),
+        # a sentence around one number gives the number; a hedge stays a sentence (and fails)
+        ("Final Answer: The largest $n$ is 34.", "anchored", "34"),
+        ("Final Answer: Jane started growing Sphere 3 hours ago.", "anchored", "3"),
+        ("Final Answer: it is either 3 or 5.", "anchored", "it is either 3 or 5"),
+        # the model writing the next chat turn itself is not graded
+        ("so \\boxed{12}<|im_end|><|im_start|>user \\boxed{7}", "anchored", "12"),
+        ("there are 12 of them. I hope it is correct. <|im_start|>user What is 5?", "any", "12"),
+        ("AZYUK2A", "any", None),
     ],
 )
 def test_extract_answer(text, mode, answer):
     assert extract_answer(text, mode) == answer
+
+
+def test_hedged_final_answer_earns_nothing():
+    assert not verify("Final Answer: it is either 3 or 5.", {"answer": "5"}).correct
+    assert not verify("\\boxed{3} or \\boxed{5}", {"answer": "5"}).correct
 
 
 def test_gold_answer_forms():
@@ -288,6 +308,9 @@ def test_gold_answer_forms():
     assert gold_answer({"answer": "9 * 2 = 18\n#### 18"}) == "18"
     assert gold_answer({"solution": "thus \\boxed{5}"}) == "5"
     assert gold_answer({"answer": 7}) == "7"
+    worked = "Final Answer: The final answer is $28 \\%$. I hope it is correct."
+    assert gold_answer({"answer": worked}) == "28 \\%"
+    assert gold_answer({"answer": "\\boxed{1} papers and \\boxed{2} bins"}) == "1, 2"
 
 
 def test_verify_verdicts():

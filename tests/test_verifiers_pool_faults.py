@@ -163,7 +163,7 @@ def test_worker_output_is_capped_and_kept_off_stdout():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.decode().strip() == "scores [1.0, 1.0]"
-    assert 10_000 <= len(out.stderr) < 12_000
+    assert 10_000 <= len(out.stderr) < 20_000  # the cap, a note, nothing of the 100 MB
     assert b"output past 10000 bytes is dropped" in out.stderr
 
 

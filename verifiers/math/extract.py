@@ -62,26 +62,42 @@ def _trim_tail(tail: str) -> str:
             joined.append(segment)
         return ", ".join(s.content for s in joined)
     line = re.split(r"\.\s", line, maxsplit=1)[0]
-    kept = []
-    for word in line.split():
-        if _plain_word(word) and re.fullmatch(r"[A-Za-z]+[.,;:!]?", word):
-            break
-        kept.append(word)
+    kept = _leading_math(line)
     if kept:
-        return " ".join(kept).rstrip(" .,;:")
+        return kept
     return _in_sentence(line).rstrip(" .,;:")
 
 
+def _leading_math(text: str) -> str:
+    """The math-like words that start ``text``, up to the first plain word."""
+    kept = []
+    for word in text.split():
+        if _plain_word(word) and re.fullmatch(r"[A-Za-z]+[.,;:!]?", word):
+            break
+        kept.append(word)
+    return " ".join(kept).rstrip(" .,;:")
+
+
 def _in_sentence(line: str) -> str:
-    """The answer inside a sentence: "The largest $n$ is 34" -> "34"; a textual answer stays whole."""
+    """The answer inside a sentence: "The largest $n$ is 34" -> "34"; a textual answer stays whole.
+
+    What follows the last "is" / "=" when it starts with math, else the one number
+    or math segment in the sentence. A sentence with several ("either 3 or 5") is
+    left whole, and so fails: a hedge must not earn the credit of its last option.
+    """
     if not re.search(r"\d", line):
         return line  # "Monday."
     copulas = list(_COPULA.finditer(line))
     if copulas:
-        after = line[copulas[-1].end() :].strip()
+        after = _leading_math(line[copulas[-1].end() :].strip())
         if re.search(r"[\d\\]", after):
-            return _trim_tail(after)
-    return _last_of(line) or line
+            return after
+    segments = [seg for seg in math_segments(line) if seg.content]
+    outside = line
+    for seg in reversed(segments):
+        outside = outside[: seg.start] + " " + outside[seg.end :]
+    found = [seg.content for seg in segments] + [m.group().strip() for m in _NUMBER.finditer(outside)]
+    return found[0] if len(found) == 1 else line
 
 
 def _last_of(text: str) -> str | None:

@@ -161,7 +161,10 @@ def run(request: tuple, timeout_s: float | None) -> Outcome:
     """
     if timeout_s is not None and timeout_s <= 0:
         timeout_s = None
-    process = _take()
+    try:
+        process = _take()
+    except OSError as exc:
+        raise GradingUnavailable(f"cannot start a grading process: {exc}") from exc
     process.wait_ready()
     try:
         process.conn.send((timeout_s, request))
