@@ -16,6 +16,8 @@ wrong by our reading; those rows are listed here and in docs/verifiers.md.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,3 +85,15 @@ def test_math_verify_verifier_is_registered_and_limited():
     slow = mathverify.verify("\\boxed{(x+y+z+1)^{60}}", {"answer": "(x+y+z+2)^{60}"}, timeout_s=0.5)
     assert time.monotonic() - start < 1.0
     assert slow.timed_out and slow.error == "timeout" and not slow.correct
+
+
+def test_math_verify_without_the_package_is_a_clear_error():
+    code = (
+        "import sys; sys.modules['math_verify'] = None\n"
+        "import verifiers\n"
+        "try:\n    verifiers.get('math_verify')\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert "needs the math-verify package" in out.stdout and "ouroboros-jax[math-verify]" in out.stdout
