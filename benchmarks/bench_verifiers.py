@@ -7,7 +7,9 @@ start a new interpreter per run (the old path, ``Sandbox(fork_server=False)``);
 sandbox (the default). Within a group each row adds isolation layers to the
 one above it, so the difference between rows is those layers' cost per run.
 Math: the same gold/prediction pairs graded by ``verifiers.math.is_equivalent``
-and by ``math_verify`` (when installed), in one process.
+(through its grading process), by the same comparison in process without a
+limit, and by ``math_verify`` (when installed); then math-verify's own test
+cases graded from the raw strings by both.
 
     python benchmarks/bench_verifiers.py
     python benchmarks/bench_verifiers.py --runs 400 --threads 4 --pairs 2000
@@ -181,26 +183,67 @@ def math_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
-def math_rows(n: int) -> list[tuple[str, float, str]]:
-    """(grader, verifications/s, agreement note) on the same pairs."""
-    from verifiers.math import is_equivalent
+def _math_verify_cases() -> list[tuple[str, str, bool]]:
+    """The 264 default-setting cases of math-verify's own tests (tests/data/math_verify_cases.jsonl)."""
+    import json
 
-    pairs = math_pairs(n)
-    rows = []
+    path = Path(__file__).resolve().parents[1] / "tests" / "data" / "math_verify_cases.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["gold"], r["prediction"], r["expected"]) for r in rows]
+
+
+def _rate(grade: Callable[[str, str], bool], pairs: list[tuple[str, str]]) -> tuple[float, list[bool]]:
     start = time.perf_counter()
-    ours = [is_equivalent(g, p) for g, p in pairs]
-    rows.append(("verifiers.math.is_equivalent", n / (time.perf_counter() - start), f"{sum(ours)}/{n} equal"))
+    verdicts = [grade(g, p) for g, p in pairs]
+    return len(pairs) / (time.perf_counter() - start), verdicts
+
+
+def math_rows(n: int) -> list[tuple[str, float, str]]:
+    """(grader, gradings/s, result) on the same pairs: generated answers, then math-verify's own cases.
+
+    Every grader is warmed first (our grading process starts once, about a
+    second, outside any measurement; math-verify compiles its grammars).
+    """
+    from verifiers.math import is_equivalent, verify
+    from verifiers.math.grader import compare
+
     try:
         import math_verify
     except ImportError:
-        return rows
-    start = time.perf_counter()
-    theirs = [
-        bool(math_verify.verify(math_verify.parse(f"${g}$"), math_verify.parse(f"${p}$"))) for g, p in pairs
-    ]
-    rate = n / (time.perf_counter() - start)
-    agree = sum(a == b for a, b in zip(ours, theirs, strict=True))
-    rows.append(("math_verify.verify(parse, parse)", rate, f"{sum(theirs)}/{n} equal; agrees on {agree}"))
+        math_verify = None
+
+    def theirs(gold: str, pred: str) -> bool:
+        return bool(math_verify.verify(math_verify.parse(f"${gold}$"), math_verify.parse(f"${pred}$")))
+
+    def theirs_text(gold: str, pred: str) -> bool:
+        return bool(math_verify.verify(math_verify.parse(gold), math_verify.parse(pred)))
+
+    def ours_text(gold: str, pred: str) -> bool:
+        return verify(pred, {"answer": gold}, mode="any").correct
+
+    pairs = math_pairs(n)
+    for grade in (is_equivalent, compare, ours_text) + ((theirs, theirs_text) if math_verify else ()):
+        grade("\\frac{1}{2}", "0.5")
+    rows = []
+    rate, ours = _rate(is_equivalent, pairs)
+    rows.append(("answers: verifiers.math.is_equivalent (grading process)", rate, f"{sum(ours)}/{n} equal"))
+    rate, alone = _rate(compare, pairs)
+    rows.append(("answers: verifiers.math.grader.compare (no limit)", rate, f"{sum(alone)}/{n} equal"))
+    if math_verify is not None:
+        rate, other = _rate(theirs, pairs)
+        agree = sum(a == b for a, b in zip(ours, other, strict=True))
+        note = f"{sum(other)}/{n} equal; agree {agree}"
+        rows.append(("answers: math_verify.verify(parse, parse)", rate, note))
+    cases = _math_verify_cases()
+    texts = [(g, p) for g, p, _ in cases]
+    expected = [e for _, _, e in cases]
+    rate, ours = _rate(ours_text, texts)
+    right = sum(a == b for a, b in zip(ours, expected, strict=True))
+    rows.append(("its cases: verifiers.math.verify(mode='any')", rate, f"{right}/{len(cases)} expected"))
+    if math_verify is not None:
+        rate, other = _rate(theirs_text, texts)
+        right = sum(a == b for a, b in zip(other, expected, strict=True))
+        rows.append(("its cases: math_verify.verify(parse, parse)", rate, f"{right}/{len(cases)} expected"))
     return rows
 
 
@@ -283,8 +326,9 @@ def main() -> None:
     if not args.skip_math:
         print(
             _table(
-                f"Math verification ({args.pairs} pairs, 1 process)",
-                ("grader", "verifications/s", "result"),
+                f"Math grading (answers: {args.pairs} generated pairs; its cases: math-verify's "
+                "264 default-setting test cases; 1 thread, graders warmed)",
+                ("grader", "gradings/s", "result"),
                 math_rows(args.pairs),
             )
         )

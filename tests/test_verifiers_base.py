@@ -50,6 +50,41 @@ def test_verdict_fail_and_pickling():
     assert pickle.loads(pickle.dumps(v)) == v
 
 
+def test_verdict_error_flag():
+    # Positional construction as before; error is the last field.
+    v = Verdict(0.5, False, "x", "why", False, {"k": 1})
+    assert v.error is None and v.info == {"k": 1}
+    assert Verdict(0.0, False, None, "slow", True).error == "timeout"
+    assert Verdict.fail("down", error="unavailable").error == "unavailable"
+    assert Verdict.fail("wrong answer").error is None
+    with pytest.raises(ValueError, match="Verdict.error"):
+        Verdict(0.0, False, error="oops")
+    crashed = Verdict.fail("boom", error="crashed")
+    assert pickle.loads(pickle.dumps(crashed)) == crashed
+
+
+def test_error_flags_reach_a_combination_and_the_metrics():
+    def crashes(completion, example):
+        return Verdict.fail("verifier raised RuntimeError", error="crashed")
+
+    scorer = combine([("format", 1.0), (crashes, 1.0)])
+    v = scorer("\\boxed{1}", {})
+    assert v.error == "crashed" and v.score == 1.0
+    verdicts = [v, Verdict(1.0, True), Verdict.fail("slow", timed_out=True), Verdict.fail("no")]
+    assert verifiers.verdict_metrics(verdicts) == {
+        "verifier/timeouts": 1.0,
+        "verifier/errors": 1.0,
+        "verifier/error_rate": 0.5,
+    }
+    empty = verifiers.verdict_metrics([], prefix="v/")
+    assert empty == {"v/timeouts": 0.0, "v/errors": 0.0, "v/error_rate": 0.0}
+
+
+def test_get_loads_a_function_by_module_path():
+    assert get("verifiers.format:verify") is get("format")
+    assert get("verifiers.format:RegexFormat.__call__") is verifiers.format.RegexFormat.__call__
+
+
 def test_plain_function_is_a_verifier():
     assert isinstance(exact, verifiers.Verifier)
     assert vbase.run_verifier(exact, " 4 ", {"answer": "4"}) == Verdict(1.0, True)
@@ -59,7 +94,7 @@ def test_plain_function_is_a_verifier():
 
 
 def test_builtin_names_resolve_lazily():
-    assert {"math", "math_any", "code", "code_partial", "format", "countdown"} <= set(names())
+    assert {"math", "math_any", "math_verify", "code", "code_partial", "format", "countdown"} <= set(names())
     assert get("math")("\\boxed{2}", {"answer": "2"}).correct
     with pytest.raises(KeyError, match="no verifier named 'nope'"):
         get("nope")

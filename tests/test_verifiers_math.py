@@ -276,10 +276,30 @@ def test_table_is_large_and_balanced():
         ("first $x = 1$ and then $y = 2$", "any", "y = 2"),
         ("We get 3 and then 1,234.", "any", "1,234"),
         ("nothing here", "any", None),
+        # boxes joined by "and" / commas / \text{and} are one list answer
+        ("roots \\boxed{1} and \\boxed{2}.", "anchored", "1, 2"),
+        ("$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$", "anchored", "(2, 2), (6, 2)"),
+        ("\\boxed{2}. Then we check, so \\boxed{4}", "anchored", "4"),
+        # a final answer stated after the last box wins
+        ("we get \\boxed{255}. Final Answer: The final answer is $10,455$. I hope it is correct.",
+         "anchored", "10,455"),
+        # a sentence around one number gives the number; a hedge stays a sentence (and fails)
+        ("Final Answer: The largest $n$ is 34.", "anchored", "34"),
+        ("Final Answer: Jane started growing Sphere 3 hours ago.", "anchored", "3"),
+        ("Final Answer: it is either 3 or 5.", "anchored", "it is either 3 or 5"),
+        # the model writing the next chat turn itself is not graded
+        ("so \\boxed{12}<|im_end|><|im_start|>user \\boxed{7}", "anchored", "12"),
+        ("there are 12 of them. I hope it is correct. <|im_start|>user What is 5?", "any", "12"),
+        ("AZYUK2A", "any", None),
     ],
 )
 def test_extract_answer(text, mode, answer):
     assert extract_answer(text, mode) == answer
+
+
+def test_hedged_final_answer_earns_nothing():
+    assert not verify("Final Answer: it is either 3 or 5.", {"answer": "5"}).correct
+    assert not verify("\\boxed{3} or \\boxed{5}", {"answer": "5"}).correct
 
 
 def test_gold_answer_forms():
@@ -288,6 +308,9 @@ def test_gold_answer_forms():
     assert gold_answer({"answer": "9 * 2 = 18\n#### 18"}) == "18"
     assert gold_answer({"solution": "thus \\boxed{5}"}) == "5"
     assert gold_answer({"answer": 7}) == "7"
+    worked = "Final Answer: The final answer is $28 \\%$. I hope it is correct."
+    assert gold_answer({"answer": worked}) == "28 \\%"
+    assert gold_answer({"answer": "\\boxed{1} papers and \\boxed{2} bins"}) == "1, 2"
 
 
 def test_verify_verdicts():
@@ -315,26 +338,24 @@ def test_hostile_prediction_stays_within_the_time_limit():
     assert time.monotonic() - start < 5
 
 
-def test_time_limit_reports_timeout(monkeypatch):
-    def slow(gold, pred):
-        while True:
-            time.sleep(0.01)
-
-    monkeypatch.setattr(vm, "_compare", slow)
-    verdict = verify("\\boxed{1}", {"answer": "1"}, timeout_s=0.3)
-    assert verdict.timed_out and verdict.score == 0.0 and verdict.extracted == "1"
-    assert is_equivalent("1", "1", timeout_s=0.3) is False
+# Equal, but proving it means expanding 2000th powers (seconds of sympy).
+SLOW_GOLD = "(x+1)^{2000} - (x+2)^{2000}"
+SLOW_PRED = "\\frac{(2x+2)^{2000}}{2^{2000}} - (x+2)^{2000}"
 
 
-def test_time_limit_holds_off_the_main_thread(monkeypatch):
-    def slow(gold, pred):
-        while True:
-            sum(range(1000))
+def test_time_limit_reports_timeout():
+    verdict = verify(f"\\boxed{{{SLOW_PRED}}}", {"answer": SLOW_GOLD}, timeout_s=0.3)
+    assert verdict.timed_out and verdict.score == 0.0 and verdict.extracted == SLOW_PRED
+    assert verdict.error == "timeout"
+    assert is_equivalent(SLOW_GOLD, SLOW_PRED, timeout_s=0.3) is False
 
-    monkeypatch.setattr(vm, "_compare", slow)
+
+def test_time_limit_holds_off_the_main_thread():
     out = {}
     thread = threading.Thread(
-        target=lambda: out.setdefault("v", verify("\\boxed{1}", {"answer": "1"}, timeout_s=0.3))
+        target=lambda: out.setdefault(
+            "v", verify(f"\\boxed{{{SLOW_PRED}}}", {"answer": SLOW_GOLD}, timeout_s=0.3)
+        )
     )
     thread.start()
     thread.join(timeout=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def test_hang_crash_and_raise_give_zero_with_a_reason(pool):
     assert err.score == 0.0 and "ValueError: boom" in err.reason
     assert nan.score == 0.0 and "NaN" in nan.reason
     assert elapsed < 15
+    assert [v.error for v in verdicts] == [None, "timeout", "crashed", "crashed", "invalid", None]
 
 
 def test_pool_recovers_after_failures(pool):
@@ -105,9 +107,19 @@ def test_registered_names_and_weights_run_in_workers():
     assert bad.score == 0.5 and not bad.correct
 
 
+class HoldsALock:
+    """Cannot be pickled even by cloudpickle: a lock is process-local state."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __call__(self, completion, example):
+        return 1.0
+
+
 def test_unpicklable_verifier_is_refused_up_front():
     with pytest.raises(TypeError, match="picklable"):
-        VerifierPool(lambda c, e: 1.0)
+        VerifierPool(HoldsALock())
 
 
 def test_verifier_that_cannot_load_in_workers_breaks_the_pool_loudly():
@@ -126,6 +138,7 @@ def test_close_without_waiting_fails_pending_calls():
     p.close(wait=False)
     outcomes = [f.result(timeout=10) for f in [running, *queued]]
     assert all(v.score == 0.0 and "closed" in v.reason for v in outcomes[1:])
+    assert all(v.error == "unavailable" for v in outcomes[1:])
     with pytest.raises(RuntimeError, match="closed"):
         p.submit("0", {})
 

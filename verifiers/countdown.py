@@ -17,8 +17,8 @@ from fractions import Fraction
 from typing import Any
 
 from verifiers import _pyast
-from verifiers._mathnorm import last_boxed
 from verifiers.base import Verdict
+from verifiers.math.latex import last_boxed
 
 __all__ = ["evaluate", "extract_equation", "verify"]
 

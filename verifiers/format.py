@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from verifiers._mathnorm import matching_brace
 from verifiers.base import Verdict
+from verifiers.math.latex import matching_brace
 
 __all__ = ["RegexFormat", "format_problems", "verify"]
 

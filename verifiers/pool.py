@@ -1,11 +1,14 @@
 """A pool of worker processes that verifies batches and never blocks the trainer for long.
 
-Each call gets a wall-clock limit. A verifier that hangs past it, or a worker
-that crashes (segfault, ``os._exit``, out-of-memory kill), yields a zero-score
-:class:`~verifiers.base.Verdict` with a reason, and a fresh worker takes its
-place. A verifier that raises gives a zero score with the exception as reason.
-Only configuration errors (a verifier that cannot be pickled or imported in a
-worker) raise in the caller.
+Each call gets a wall-clock limit, and each batch may get a deadline. A
+verifier that hangs past them, or a worker that crashes (segfault,
+``os._exit``, out of memory), yields a zero-score :class:`~verifiers.base.Verdict`
+with a reason and an ``error`` kind, and a fresh worker takes its place. A
+verifier that raises, or returns something that is not a valid verdict (NaN,
+inf, a string), gives a zero score with the reason. Workers have a memory
+limit, their output is capped and kept off the trainer's stdout, and stopping
+a worker kills every process it started. Only configuration errors (a verifier
+that cannot be pickled or imported in a worker) raise in the caller.
 
 Example:
     >>> with VerifierPool({"math": 1.0, "format": 0.1}, workers=2) as pool:
@@ -16,10 +19,10 @@ Example:
 
 from __future__ import annotations
 
+import heapq
 import multiprocessing as mp
 import os
 import pickle
-import signal
 import sys
 import threading
 import time
@@ -30,12 +33,14 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from verifiers.base import Verdict, VerifierSpec, resolve, run_verifier
+from verifiers._pool_worker import kill_group, kill_tree, pickle_verifier, worker_main
+from verifiers.base import Verdict, VerifierSpec, checked_verdict, resolve
 
 # Consecutive workers dying before they became ready: past this the pool gives
 # up instead of restarting forever (the verifier cannot even be loaded).
 _MAX_START_FAILURES = 3
 _TERM_GRACE_S = 1.0
+_READ_CHUNK = 65536
 
 
 class PoolBroken(RuntimeError):
@@ -52,43 +57,14 @@ def _settle(future: Future, outcome: Verdict | BaseException) -> None:
         future.set_result(outcome)
 
 
-def _worker_main(conn: Connection, payload: bytes) -> None:
-    """Worker process: load the verifier, then answer tasks until told to stop."""
-    # SIGTERM becomes SystemExit so that a sandboxed run in progress cleans up
-    # (kills its process group, deletes its scratch directory) before exiting.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    # Ctrl-C reaches the whole foreground process group; the parent decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        verifier = pickle.loads(payload)
-    except BaseException as exc:
-        conn.send(("fatal", f"cannot load the verifier in a worker: {exc!r}"))
-        return
-    conn.send(("ready",))
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if message is None:
-            return
-        task_id, completion, example = message
-        try:
-            verdict = run_verifier(verifier, completion, example)
-        except Exception as exc:
-            verdict = Verdict.fail(f"verifier raised {type(exc).__name__}: {exc}"[:1000])
-        try:
-            conn.send(("result", task_id, verdict))
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            conn.send(("result", task_id, Verdict.fail(f"verdict cannot be pickled: {exc}")))
-
-
 @dataclass
 class _Task:
     id: int
     completion: str
     example: Mapping[str, Any]
     future: Future = field(default_factory=Future)
+    batch_deadline: float = float("inf")
+    batch_timeout_s: float | None = None
 
 
 @dataclass
@@ -100,17 +76,28 @@ class _Worker:
     deadline: float = float("inf")
     served: int = 0
     kill_at: float | None = None  # set once terminated for a timeout; SIGKILL after it
+    output: int | None = None  # read end of the worker's stdout/stderr pipe
+    output_bytes: int = 0
 
 
 class VerifierPool:
     """Worker processes that run one verifier over batches, with a per-call time limit.
 
     Args:
-        verifier: a registered name (``"math"``), a picklable callable (a module-level
-            function), or weights such as ``{"math": 1.0, "format": 0.1}``.
+        verifier: a registered name (``"math"``), ``"pkg.module:function"``, a callable
+            (module-level, or a lambda / closure from a notebook or ``__main__``, sent
+            with cloudpickle), or weights such as ``{"math": 1.0, "format": 0.1}``.
         workers: number of processes (default: the CPU count).
         timeout_s: wall-clock limit for one verification, from the moment a worker
             receives it; past it the verdict is a timeout and the worker is replaced.
+        batch_timeout_s: default deadline for a whole batch (:meth:`score`,
+            :meth:`score_async`), from submission; rows unfinished by then score 0
+            with ``timed_out`` and their workers are replaced. None: no deadline
+            beyond the per-call limit.
+        memory_limit_mb: address-space limit of each worker (a soft ``RLIMIT_AS``;
+            allocations past it raise MemoryError); None for no limit.
+        output_limit_bytes: how much of each worker's stdout/stderr is copied to the
+            trainer's stderr (prefixed ``[verifier worker]``); the rest is dropped.
         max_tasks_per_worker: recycle a worker after this many calls (bounds the growth
             of sympy's caches); None keeps workers for the pool's lifetime.
         context: multiprocessing start method; default ``forkserver`` where available
@@ -123,25 +110,29 @@ class VerifierPool:
         *,
         workers: int | None = None,
         timeout_s: float = 60.0,
+        batch_timeout_s: float | None = None,
+        memory_limit_mb: int | None = 4096,
+        output_limit_bytes: int = 64 * 1024,
         max_tasks_per_worker: int | None = None,
         context: str | None = None,
     ) -> None:
-        fn = resolve(verifier)
-        try:
-            self._payload = pickle.dumps(fn)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            raise TypeError(
-                f"the verifier must be picklable to run in worker processes ({exc}); "
-                "define it at module level, or register it in an importable module"
-            ) from exc
+        self._payload = pickle_verifier(resolve(verifier))
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
+        if batch_timeout_s is not None and batch_timeout_s <= 0:
+            raise ValueError("batch_timeout_s must be positive (or None)")
+        if memory_limit_mb is not None and memory_limit_mb <= 0:
+            raise ValueError("memory_limit_mb must be positive (or None)")
         methods = mp.get_all_start_methods()
         self._ctx = mp.get_context(context or ("forkserver" if "forkserver" in methods else "spawn"))
         self.size = workers or os.cpu_count() or 1
         self.timeout_s = float(timeout_s)
+        self.batch_timeout_s = batch_timeout_s
+        self.memory_limit_mb = memory_limit_mb
+        self.output_limit_bytes = output_limit_bytes
         self._max_tasks = max_tasks_per_worker
         self._queue: deque[_Task] = deque()
+        self._batch_deadlines: list[float] = []  # a heap
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         self._workers: list[_Worker] = []
@@ -157,22 +148,41 @@ class VerifierPool:
 
     def submit(self, completion: str, example: Mapping[str, Any]) -> Future:
         """Queue one verification; the future resolves to its :class:`Verdict`."""
+        return self._submit(completion, example, None)
+
+    def _submit(self, completion: str, example: Mapping[str, Any], batch_timeout_s: float | None) -> Future:
         with self._lock:
             if self._closing:
                 raise RuntimeError("the pool is closed")
             if self._broken:
                 raise PoolBroken(self._broken)
             task = _Task(self._next_id, completion, example)
+            if batch_timeout_s is not None:
+                task.batch_timeout_s = batch_timeout_s
+                task.batch_deadline = time.monotonic() + batch_timeout_s
+                heapq.heappush(self._batch_deadlines, task.batch_deadline)
             self._next_id += 1
             self._queue.append(task)
         self._wake()
         return task.future
 
-    def score_async(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> Future:
-        """Queue a batch; the future resolves to the verdicts in input order."""
+    def score_async(
+        self,
+        completions: Sequence[str],
+        examples: Sequence[Mapping[str, Any]],
+        *,
+        timeout_s: float | None = None,
+    ) -> Future:
+        """Queue a batch; the future resolves to the verdicts in input order.
+
+        ``timeout_s`` is this batch's deadline from now (default ``batch_timeout_s``).
+        """
         if len(completions) != len(examples):
             raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
-        futures = [self.submit(c, e) for c, e in zip(completions, examples, strict=True)]
+        limit = self.batch_timeout_s if timeout_s is None else timeout_s
+        if limit is not None and limit <= 0:
+            raise ValueError("a batch deadline must be positive")
+        futures = [self._submit(c, e, limit) for c, e in zip(completions, examples, strict=True)]
         batch: Future = Future()
         remaining = [len(futures)]
         lock = threading.Lock()
@@ -194,9 +204,18 @@ class VerifierPool:
             future.add_done_callback(one_done)
         return batch
 
-    def score(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> list[Verdict]:
-        """Verify a batch and wait for it: one :class:`Verdict` per completion, in order."""
-        return self.score_async(completions, examples).result()
+    def score(
+        self,
+        completions: Sequence[str],
+        examples: Sequence[Mapping[str, Any]],
+        *,
+        timeout_s: float | None = None,
+    ) -> list[Verdict]:
+        """Verify a batch and wait for it: one :class:`Verdict` per completion, in order.
+
+        ``timeout_s`` is this batch's deadline (default ``batch_timeout_s``).
+        """
+        return self.score_async(completions, examples, timeout_s=timeout_s).result()
 
     def close(self, *, wait: bool = True) -> None:
         """Stop the workers; with ``wait`` pending calls finish first, else they fail now."""
@@ -245,12 +264,21 @@ class VerifierPool:
         alive = [w for w in self._workers if w.kill_at is None]
         for _ in range(self.size - len(alive)):
             parent, child = self._ctx.Pipe(duplex=True)
+            out_r, out_w = os.pipe()
+            os.set_blocking(out_r, False)
+            output = Connection(out_w, readable=False)  # a Connection, so forkserver passes the fd
             process = self._ctx.Process(
-                target=_worker_main, args=(child, self._payload), name="verifier-worker", daemon=True
+                target=worker_main,
+                args=(child, output, self._payload, self.memory_limit_mb),
+                name="verifier-worker",
+                daemon=True,
             )
-            process.start()
-            child.close()
-            self._workers.append(_Worker(process, parent))
+            try:
+                process.start()
+            finally:
+                child.close()
+                output.close()
+            self._workers.append(_Worker(process, parent, output=out_r))
 
     def _dispatch(self) -> None:
         for worker in self._workers:
@@ -271,7 +299,7 @@ class VerifierPool:
                     self._queue.appendleft(task)
                 continue
             except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                _settle(task.future, Verdict.fail(f"example cannot be pickled: {exc}"))
+                _settle(task.future, Verdict.fail(f"example cannot be pickled: {exc}", error="invalid"))
                 continue
             worker.task = task
             worker.deadline = time.monotonic() + self.timeout_s
@@ -279,20 +307,51 @@ class VerifierPool:
     def _poll(self) -> None:
         deadlines = [w.deadline for w in self._workers if w.task]
         deadlines += [w.kill_at for w in self._workers if w.kill_at is not None]
+        deadlines += self._batch_deadlines[:1]
         timeout = max(0.0, min(deadlines, default=time.monotonic() + 1.0) - time.monotonic())
-        handles = {self._wake_r: None}
+        handles: dict[Any, tuple[str, _Worker | None]] = {self._wake_r: ("wake", None)}
         for worker in self._workers:
-            handles[worker.conn] = worker
-            handles[worker.process.sentinel] = worker
+            handles[worker.conn] = ("conn", worker)
+            handles[worker.process.sentinel] = ("exit", worker)
+            if worker.output is not None:
+                handles[worker.output] = ("output", worker)
         ready = wait(list(handles), timeout=min(timeout, 1.0))
         for handle in ready:
-            if handle == self._wake_r:
+            kind, worker = handles[handle]
+            if kind == "wake":
                 os.read(self._wake_r, 4096)
-            elif isinstance(handle, Connection):
-                self._receive(handles[handle])
+            elif kind == "conn":
+                self._receive(worker)
+            elif kind == "output":
+                self._read_output(worker)
         for handle in ready:
-            if isinstance(handle, int) and handle != self._wake_r:
-                self._reap(handles[handle])
+            kind, worker = handles[handle]
+            if kind == "exit":
+                self._reap(worker)
+
+    def _read_output(self, worker: _Worker) -> None:
+        """Copy a worker's output to our stderr up to the limit; drop the rest (never block)."""
+        while worker.output is not None:
+            try:
+                data = os.read(worker.output, _READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                os.close(worker.output)
+                worker.output = None
+                return
+            room = self.output_limit_bytes - worker.output_bytes
+            worker.output_bytes += len(data)
+            if room > 0:
+                text = data[:room].decode(errors="replace")
+                if worker.output_bytes > self.output_limit_bytes:
+                    text += (
+                        f"\n[verifier worker {worker.process.pid}: output past "
+                        f"{self.output_limit_bytes} bytes is dropped]\n"
+                    )
+                sys.stderr.write(text)
 
     def _receive(self, worker: _Worker) -> None:
         try:
@@ -310,7 +369,8 @@ class VerifierPool:
         elif kind == "fatal":
             self._break(message[1])
         elif kind == "result" and worker.task and worker.task.id == message[1]:
-            _settle(worker.task.future, message[2])
+            # The pool boundary: whatever came back, the trainer gets a valid verdict.
+            _settle(worker.task.future, checked_verdict(message[2]))
             worker.task, worker.deadline = None, float("inf")
             worker.served += 1
             if self._max_tasks and worker.served >= self._max_tasks:
@@ -325,7 +385,9 @@ class VerifierPool:
             code = worker.process.exitcode
             _settle(
                 worker.task.future,
-                Verdict.fail(f"verifier process died (exit code {code}); a new worker was started"),
+                Verdict.fail(
+                    f"verifier process died (exit code {code}); a new worker was started", error="crashed"
+                ),
             )
             worker.task = None
         if not worker.ready and worker.kill_at is None:
@@ -333,6 +395,20 @@ class VerifierPool:
             if self._start_failures >= _MAX_START_FAILURES:
                 self._break("verifier workers keep dying before they start")
         self._workers.remove(worker)
+        self._release(worker)
+
+    def _release(self, worker: _Worker) -> None:
+        """After a worker ended: kill what is left in its process group, drain and close its pipes.
+
+        A worker that exits normally has killed its own descendants; one that
+        crashed could not, and its pid may be reused, so only its process group
+        (whose id stays reserved while members live) is signalled here.
+        """
+        kill_group(worker.process.pid)
+        self._read_output(worker)
+        if worker.output is not None:
+            os.close(worker.output)
+            worker.output = None
         worker.conn.close()
 
     def _enforce_deadlines(self) -> None:
@@ -350,11 +426,35 @@ class VerifierPool:
                 worker.task = None
                 self._retire(worker)
             elif worker.kill_at is not None and now >= worker.kill_at:
-                worker.process.kill()
+                kill_tree(worker.process.pid)
                 worker.kill_at = float("inf")
+        if self._batch_deadlines and now >= self._batch_deadlines[0]:
+            self._expire_batches(now)
+
+    def _expire_batches(self, now: float) -> None:
+        """Rows whose batch deadline passed score 0, queued or running (their worker is replaced)."""
+        with self._lock:
+            while self._batch_deadlines and self._batch_deadlines[0] <= now:
+                heapq.heappop(self._batch_deadlines)
+            expired = [t for t in self._queue if t.batch_deadline <= now]
+            if expired:
+                self._queue = deque(t for t in self._queue if t.batch_deadline > now)
+        for worker in self._workers:
+            if worker.task and worker.task.batch_deadline <= now:
+                expired.append(worker.task)
+                worker.task = None
+                self._retire(worker)
+        for task in expired:
+            _settle(
+                task.future,
+                Verdict.fail(
+                    f"the batch's {task.batch_timeout_s:g} s deadline passed before this row was verified",
+                    timed_out=True,
+                ),
+            )
 
     def _retire(self, worker: _Worker) -> None:
-        """Ask a worker to stop (SIGTERM, then SIGKILL after a grace period)."""
+        """Ask a worker to stop (SIGTERM, then SIGKILL of it and its descendants after a grace period)."""
         worker.process.terminate()
         worker.kill_at = time.monotonic() + _TERM_GRACE_S
 
@@ -368,7 +468,9 @@ class VerifierPool:
             pending, self._queue = list(self._queue), deque()
         pending += [w.task for w in self._workers if w.task]
         for task in pending:
-            _settle(task.future, PoolBroken(reason) if self._broken else Verdict.fail(reason))
+            _settle(
+                task.future, PoolBroken(reason) if self._broken else Verdict.fail(reason, error="unavailable")
+            )
         for worker in self._workers:
             try:
                 worker.conn.send(None)
@@ -381,7 +483,7 @@ class VerifierPool:
                 worker.process.terminate()
                 worker.process.join(timeout=_TERM_GRACE_S)
             if worker.process.is_alive():
-                worker.process.kill()
+                kill_tree(worker.process.pid)
                 worker.process.join()
-            worker.conn.close()
+            self._release(worker)
         self._workers = []

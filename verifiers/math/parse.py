@@ -7,25 +7,19 @@ inequalities and chains of them. Decimal literals become exact rationals
 (``0.1`` is ``1/10``); how many places they were written with is recorded so
 that the comparison can round only where a decimal meets an irrational value.
 
-Numbers are guarded: a power or factorial whose result would be astronomically
-large is refused instead of computed, so a hostile answer such as
-``10^{10^{10}}`` cannot stall the grader.
+Numbers are guarded (:mod:`verifiers.math.guards`): a power or factorial
+whose result would be astronomically large is refused instead of computed, so
+a hostile answer such as ``10^{10^{10}}`` cannot stall the grader.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import sympy as sp
 
-_MAX_RESULT_BITS = 100_000
-_MAX_FACTORIAL = 2_000
-
-
-class ParseError(ValueError):
-    """The answer is not in the supported grammar."""
+from verifiers.math.guards import ParseError, checked_binomial, checked_factorial, checked_power
 
 
 @dataclass(frozen=True)
@@ -169,6 +163,10 @@ class Parser:
             if op == "\\in":
                 # "x \in [1, 2]": the set is the answer.
                 return as_set(right) if isinstance(right, Items) else right
+            if op == "=" and not relations and _names_components(left):
+                # "(p, q) = (3, 2)" names the components of the answer (3, 2).
+                left = right
+                continue
             relations.append(_RELATIONS[op](left, right, evaluate=False))
             left = right
         if not relations:
@@ -240,7 +238,7 @@ class Parser:
         base = self.postfix(self.atom())
         if self.at("^"):
             self.take()
-            return _power(base, self.exponent())
+            return checked_power(base, self.exponent())
         return base
 
     def exponent(self):
@@ -253,7 +251,7 @@ class Parser:
     def postfix(self, value):
         while self.at("!", "'"):
             if self.take().text == "!":
-                value = _factorial(value)
+                value = checked_factorial(value)
         return value
 
     def argument(self, whole_number: bool = False):
@@ -283,7 +281,8 @@ class Parser:
         if tok.text in ("(", "["):
             return self.bracketed(tok.text)
         if tok.text == "{":
-            value = self.sequence(brackets="{}")
+            # Bare braces only group: "{1, 3}" is displayed as the list "1, 3", not a set.
+            value = self.sequence(brackets="")
             self.take("}")
             return value
         if tok.text == "\\{":
@@ -380,7 +379,9 @@ class Parser:
         if bare == "sqrt":
             return self.root()
         if bare == "binom":
-            return _binomial(self.argument(), self.argument())
+            return checked_binomial(self.argument(), self.argument())
+        if bare in ("sum", "prod"):
+            return self.big_operator(sp.Sum if bare == "sum" else sp.Product)
         if bare in ("lfloor", "lceil"):
             value = self.additive()
             self.take("\\rfloor" if bare == "lfloor" else "\\rceil")
@@ -395,6 +396,16 @@ class Parser:
         if bare in ("pm", "mp"):
             raise ParseError("\\pm is expanded before parsing")
         raise ParseError(f"unsupported command {name}")
+
+    def big_operator(self, kind):
+        """``\\sum_{k=0}^{n-1} body``: the body is the implicit product that follows."""
+        self.take("_")
+        lower = self.argument()
+        self.take("^")
+        upper = self.argument(whole_number=True)
+        if not (isinstance(lower, sp.Eq) and isinstance(lower.lhs, sp.Symbol)):
+            raise ParseError("a sum or product needs a lower bound 'k = start'")
+        return kind(self.implicit_product(), (lower.lhs, lower.rhs, upper))
 
     def root(self):
         degree = None
@@ -422,7 +433,7 @@ class Parser:
             arg = self.implicit_product()
         args = arg.elements if isinstance(arg, Items) else (arg,)
         value = fn(*args) if base is None else sp.log(args[0], base)
-        return value if power is None else _power(value, power)
+        return value if power is None else checked_power(value, power)
 
 
 def _divide(numerator, denominator):
@@ -431,24 +442,8 @@ def _divide(numerator, denominator):
     return numerator / denominator
 
 
-def _power(base, exponent):
-    if isinstance(base, sp.Rational) and isinstance(exponent, sp.Rational):
-        size = max(abs(base.p), abs(base.q))
-        if size > 1 and abs(exponent) * math.log2(size) > _MAX_RESULT_BITS:
-            raise ParseError("power too large to evaluate")
-    return sp.Pow(base, exponent)
-
-
-def _factorial(value):
-    if isinstance(value, sp.Integer) and value > _MAX_FACTORIAL:
-        raise ParseError("factorial too large to evaluate")
-    return sp.factorial(value)
-
-
-def _binomial(n, k):
-    if isinstance(n, sp.Integer) and n > 100 * _MAX_FACTORIAL:
-        raise ParseError("binomial too large to evaluate")
-    return sp.binomial(n, k)
+def _names_components(value) -> bool:
+    return isinstance(value, Items) and all(isinstance(e, sp.Symbol) for e in value.elements)
 
 
 def _interval(endpoints: tuple, left_open: bool, right_open: bool):

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sympy as sp
 from sympy.core.relational import Relational
 
-from verifiers._mathnorm import decimal_comma, join_thousands, normalize
-from verifiers._mathparse import Items, ParseError, as_set, parse
+from verifiers.math import relations as rel
+from verifiers.math.normalize import decimal_comma, join_thousands, normalize, reduce_chains
+from verifiers.math.parse import Items, ParseError, as_set, parse
 
 # A decimal matches an exact value with no finite expansion when it shows at
 # least this many significant digits and is right to its last digit
@@ -47,6 +48,7 @@ class Answer:
         percent: it carried a percent sign.
         degrees: it carried a degree sign.
         textual: it is words (a name, a yes/no, a choice letter), compared as text.
+        alternative: a second reading of an ambiguous gold ("1,22": the list 1, 22 or 1.22).
     """
 
     text: str
@@ -56,6 +58,7 @@ class Answer:
     percent: bool = False
     degrees: bool = False
     textual: bool = False
+    alternative: Any = None
 
 
 def _is_textual(text: str) -> bool:
@@ -72,26 +75,31 @@ def read_answer(raw: str, *, single_number: bool | None = None) -> Answer:
 
     ``single_number`` says what the gold answer is, and so how to read commas:
     True reads ``1,000`` and ``3,5`` as numbers, False as lists; None (for the
-    gold itself) reads thousands separators as such and a decimal comma as a list.
+    gold itself) reads thousands separators as such, and a decimal comma
+    (``1,22``, ``0,111``) as either a list or a decimal.
     """
     norm = normalize(raw)
-    text = norm.text
+    text = reduce_chains(norm.text)
     candidates = [text]
     if single_number:
         candidates = [c for c in (join_thousands(text), decimal_comma(text)) if c] + candidates
-    elif single_number is None and join_thousands(text):
+    elif single_number is None and join_thousands(text) and not _GOLD_DECIMAL_COMMA.fullmatch(text):
         candidates.insert(0, join_thousands(text))
     if _is_textual(text):
         return Answer(text, None, percent=norm.percent, degrees=norm.degrees, textual=True)
+    alternative = None
+    if single_number is None and _GOLD_DECIMAL_COMMA.fullmatch(text):
+        alternative = sp.Rational(text.replace(",", "."))
     for candidate in candidates:
         try:
             value, decimals, sig = _parse_with_pm(candidate)
         except ParseError:
             continue
-        return Answer(text, value, decimals, sig, norm.percent, norm.degrees)
+        return Answer(text, value, decimals, sig, norm.percent, norm.degrees, alternative=alternative)
     return Answer(text, None, percent=norm.percent, degrees=norm.degrees)
 
 
+_GOLD_DECIMAL_COMMA = re.compile(r"-?(?:0,\d+|\d+,\d{2})")
 def _parse_with_pm(text: str):
     """Parse, expanding up to two ``\\pm``/``\\mp`` into the set of their sign choices."""
     signs = re.findall(r"\\(pm|mp)(?![a-zA-Z])", text)
@@ -127,10 +135,12 @@ def equivalent(gold: Answer, pred: Answer) -> bool:
     if pred.value is None:
         return False
     context = _Context(gold, pred)
-    for g in _scaled(gold):
-        for p in _scaled(pred):
-            if _equal(g, p, context):
-                return True
+    readings = [gold] if gold.alternative is None else [gold, replace(gold, value=gold.alternative)]
+    for reading in readings:
+        for g in _scaled(reading):
+            for p in _scaled(pred):
+                if _equal(g, p, context):
+                    return True
     return False
 
 
@@ -176,32 +186,20 @@ def _equal(g: Any, p: Any, ctx: _Context) -> bool:
         return _sets_equal(g, _to_set(p), ctx)
     if isinstance(g, Relational | sp.And):
         return _relation_equal(g, p, ctx)
-    p = _value_of(p)
+    p = rel.value_of(p)
     return isinstance(g, sp.Expr) and isinstance(p, sp.Expr) and _expr_equal(g, p, ctx)
 
 
 def _canonical(value: Any) -> Any:
     """Lists of solved relations in one variable ("x = 1, x = 2") become their solution set."""
     if isinstance(value, Items) and not value.ordered and value.elements:
-        sets = [_solved_set(e) for e in value.elements]
-        symbols = {_solved_symbol(e) for e in value.elements}
+        sets = [rel.solved_set(e) for e in value.elements]
+        symbols = {rel.solved_symbol(e) for e in value.elements}
         if all(s is not None for s in sets) and len(symbols) == 1:
             return sp.Union(*sets)
     if isinstance(value, Items) and len(value.elements) == 1 and not value.ordered:
         return value.elements[0]
     return value
-
-
-def _value_of(p: Any) -> Any:
-    """What a prediction states as its value: ``x = 3`` states 3, ``{3}`` states 3."""
-    if isinstance(p, Items) and len(p.elements) == 1:
-        p = p.elements[0]
-    # Only a lone variable is an assignment: "x^2 - 4 = 0" does not state 0.
-    if isinstance(p, sp.Eq) and isinstance(p.lhs, sp.Symbol) and p.lhs not in p.rhs.free_symbols:
-        return p.rhs
-    if isinstance(p, sp.Eq) and isinstance(p.rhs, sp.Symbol) and p.rhs not in p.lhs.free_symbols:
-        return p.lhs
-    return p
 
 
 def _expr_equal(a: sp.Expr, b: sp.Expr, ctx: _Context) -> bool:
@@ -212,6 +210,8 @@ def _expr_equal(a: sp.Expr, b: sp.Expr, ctx: _Context) -> bool:
         return True
     if a.is_number and b.is_number:
         return _numbers_equal(a, b, ctx)
+    if a.has(sp.Sum, sp.Product) or b.has(sp.Sum, sp.Product):
+        return False  # symbolic sums: equal as written (above) or not at all; simplify takes seconds
     verdict = _sampled_equal(a, b)
     if verdict is not None:
         return verdict
@@ -280,24 +280,25 @@ def _items_equal(g: Items, p: Any, ctx: _Context) -> bool:
     if g.ordered and g.brackets == "()" and len(g.elements) == 2 and interval_like:
         # Gold "(a, b)" may be an open interval; the prediction says which.
         return _sets_equal(as_set(g), _to_set(p), ctx)
-    if not isinstance(p, Items) or len(p.elements) != len(g.elements):
+    if not isinstance(p, Items):
         return False
     if g.ordered:
-        if p.brackets == "{}":
+        if p.brackets == "{}" or len(p.elements) != len(g.elements):
             return False
         return all(_equal(x, y, ctx) for x, y in zip(g.elements, p.elements, strict=True))
     return _matching(list(g.elements), list(p.elements), ctx)
 
 
 def _matching(gold: list, pred: list, ctx: _Context) -> bool:
-    """Whether the elements pair up one to one (order free)."""
-    remaining = list(pred)
-    for element in gold:
-        match = next((i for i, q in enumerate(remaining) if _equal(element, q, ctx)), None)
-        if match is None:
-            return False
-        remaining.pop(match)
-    return not remaining
+    """Whether both lists hold the same elements, as sets: each element of one equals one of the other.
+
+    Repeats do not count ("(3,17,3,7)" written twice is one solution), extra or missing ones do.
+    """
+    if not gold or not pred:
+        return not gold and not pred
+    return all(any(_equal(g, p, ctx) for p in pred) for g in gold) and all(
+        any(_equal(g, p, ctx) for g in gold) for p in pred
+    )
 
 
 def _matrix_equal(g: sp.MatrixBase, p: Any, ctx: _Context) -> bool:
@@ -310,50 +311,11 @@ def _matrix_equal(g: sp.MatrixBase, p: Any, ctx: _Context) -> bool:
     return all(_equal(x, y, ctx) for x, y in zip(g, p, strict=True))
 
 
-def _solved_symbol(value: Any) -> sp.Symbol | None:
-    rels = value.args if isinstance(value, sp.And) else (value,)
-    symbols = set()
-    for rel in rels:
-        if not isinstance(rel, Relational) or isinstance(rel, sp.Ne):
-            return None
-        sides = [s for s in (rel.lhs, rel.rhs) if isinstance(s, sp.Symbol)]
-        others = [s for s in (rel.lhs, rel.rhs) if not isinstance(s, sp.Symbol)]
-        if len(sides) != 1 or len(others) != 1 or others[0].free_symbols:
-            return None
-        symbols.add(sides[0])
-    return symbols.pop() if len(symbols) == 1 else None
-
-
-def _solved_set(value: Any) -> sp.Set | None:
-    """The solution set of a relation in solved form (``x > 3``, ``1 < x <= 2``, ``x = 4``).
-
-    Built directly rather than with ``as_set()``, which runs the inequality
-    solver and costs a hundred times more.
-    """
-    symbol = _solved_symbol(value)
-    if symbol is None:
-        return None
-    parts = value.args if isinstance(value, sp.And) else (value,)
-    result = sp.Interval(-sp.oo, sp.oo)
-    for rel in parts:
-        kind, bound = type(rel), rel.rhs if rel.lhs == symbol else rel.lhs
-        if rel.lhs != symbol:  # "3 < x" reads as "x > 3"
-            kind = {sp.Lt: sp.Gt, sp.Le: sp.Ge, sp.Gt: sp.Lt, sp.Ge: sp.Le}.get(kind, kind)
-        if kind is sp.Eq:
-            part = sp.FiniteSet(bound)
-        elif kind in (sp.Lt, sp.Le):
-            part = sp.Interval(-sp.oo, bound, True, kind is sp.Lt)
-        else:
-            part = sp.Interval(bound, sp.oo, kind is sp.Gt, True)
-        result = sp.Intersection(result, part)
-    return result
-
-
 def _to_set(value: Any) -> sp.Set | None:
     if isinstance(value, sp.Set):
         return value
     if isinstance(value, Relational | sp.And):
-        return _solved_set(value)
+        return rel.solved_set(value)
     try:
         return as_set(value)
     except ParseError:
@@ -392,48 +354,33 @@ def _set_part_equal(a: sp.Set, b: sp.Set, ctx: _Context) -> bool:
 
 
 def _relation_equal(g: Relational | sp.And, p: Any, ctx: _Context) -> bool:
-    solved = _solved_set(g)
     if isinstance(g, sp.Eq):
-        if solved is not None or isinstance(g.lhs, sp.Symbol):
-            value = _value_of(g)
-            if not isinstance(p, Relational | sp.And):
-                return _equal(value, p, ctx)
-            if isinstance(p, sp.Eq) and _value_of(p) is not p and _same_target(g, p):
-                return _equal(value, _value_of(p), ctx)
-        return isinstance(p, sp.Eq) and _proportional(g, p, any_sign=True)
-    if solved is not None:
-        # A solved inequality: its solution set in any notation, same variable if stated.
-        other = _solved_symbol(p) if isinstance(p, Relational | sp.And) else None
-        if isinstance(p, Relational | sp.And) and other != _solved_symbol(g):
+        return _equation_equal(g, p, ctx)
+    if isinstance(p, Relational | sp.And) and g == p:
+        return True
+    stated = rel.gold_solution_set(g)
+    if stated is not None and stated[1] is not None:
+        # An inequality: its solution set in any notation, about the same variable if stated.
+        target, solution = stated
+        if isinstance(p, Relational | sp.And) and rel.solved_symbol(p) != target:
             return False
-        return _sets_equal(solved, _to_set(p), ctx)
+        return _sets_equal(solution, _to_set(p), ctx)
     if isinstance(g, sp.And) or not isinstance(p, Relational) or isinstance(p, sp.And):
-        return isinstance(g, sp.And) and g == p
-    return _proportional(g, p, any_sign=isinstance(g, sp.Ne))
-
-
-def _same_target(g: sp.Eq, p: sp.Eq) -> bool:
-    target = g.lhs if isinstance(g.lhs, sp.Symbol) else g.rhs
-    return target in (p.lhs, p.rhs)
-
-
-_FLIPPED = {sp.Gt: sp.Lt, sp.Ge: sp.Le, sp.Lt: sp.Lt, sp.Le: sp.Le, sp.Eq: sp.Eq, sp.Ne: sp.Ne}
-
-
-def _oriented(rel: Relational) -> tuple[type, sp.Expr]:
-    """``(kind, e)`` with the relation read as ``e kind 0`` and kind in (<, <=, =, !=)."""
-    kind = _FLIPPED[type(rel)]
-    if isinstance(rel, sp.Gt | sp.Ge):
-        return kind, rel.rhs - rel.lhs
-    return kind, rel.lhs - rel.rhs
-
-
-def _proportional(g: Relational, p: Relational, *, any_sign: bool) -> bool:
-    """Whether both relations say the same thing up to a constant factor (positive for inequalities)."""
-    (g_kind, g_expr), (p_kind, p_expr) = _oriented(g), _oriented(p)
-    if g_kind is not p_kind or p_expr == 0:
         return False
-    ratio = sp.simplify(g_expr / p_expr)
-    if ratio.free_symbols or ratio == 0 or not ratio.is_number:
-        return False
-    return any_sign or bool(ratio.is_positive)
+    return rel.proportional(g, p, any_sign=isinstance(g, sp.Ne))
+
+
+def _equation_equal(g: sp.Eq, p: Any, ctx: _Context) -> bool:
+    """Gold ``x = 3`` (or ``2x = 6``, ``AB = 4``) states a value; other equations match multiples."""
+    solved = rel.bounds(g)
+    value = solved[1][0][1] if solved else rel.value_of(g)
+    if value is not g:
+        if not isinstance(p, Relational | sp.And):
+            return _equal(value, p, ctx)
+        stated = rel.value_of(p)
+        if isinstance(p, sp.Eq) and stated is not p and rel.same_target(g, p):
+            return _equal(value, stated, ctx)
+        p_solved = rel.bounds(p)
+        if solved and p_solved and p_solved[0] == solved[0] and p_solved[1][0][0] is sp.Eq:
+            return _equal(value, p_solved[1][0][1], ctx)
+    return isinstance(p, sp.Eq) and rel.proportional(g, p, any_sign=True)

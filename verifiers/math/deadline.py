@@ -1,10 +1,13 @@
-"""A hard time limit around pure-Python work (sympy) that may not return.
+"""A cooperative time limit around Python-level work (sympy) that may not return.
 
 In the main thread an interval timer (SIGALRM) interrupts the work, which is
 cheap and reaches into any Python loop. Signals cannot target other threads, so
 elsewhere a profile hook checks the clock on every Python function call and C
-call; sympy calls functions constantly, so the limit still holds, at the cost of
-making the guarded work a few times slower.
+call. Neither can stop one long C-level call, and code under the limit may
+catch the exception: the grading process (:mod:`verifiers.math.limits`) is
+what makes the limit hard; this only lets the common slow case end cleanly.
+The yielded :class:`Expiry` says whether the limit fired, even if the
+exception was swallowed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ class TimeLimitExceeded(Exception):
     """The guarded block ran past its time limit."""
 
 
+class Expiry:
+    """Whether a :func:`time_limit` fired (set even if the code under it caught the exception)."""
+
+    fired: bool = False
+
+
 def _alarm_usable() -> bool:
     if threading.current_thread() is not threading.main_thread():
         return False
@@ -33,26 +42,28 @@ def _alarm_usable() -> bool:
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
+def time_limit(seconds: float | None) -> Iterator[Expiry]:
     """Raise :class:`TimeLimitExceeded` inside the block once ``seconds`` have passed.
 
     ``None`` or a non-positive value means no limit. Nested limits fall back to
     the profile hook for the inner one.
     """
+    expiry = Expiry()
     if seconds is None or seconds <= 0:
-        yield
+        yield expiry
         return
     if _alarm_usable():
-        with _alarm(seconds):
-            yield
+        with _alarm(seconds, expiry):
+            yield expiry
     else:
-        with _profile_deadline(seconds):
-            yield
+        with _profile_deadline(seconds, expiry):
+            yield expiry
 
 
 @contextlib.contextmanager
-def _alarm(seconds: float) -> Iterator[None]:
+def _alarm(seconds: float, expiry: Expiry) -> Iterator[None]:
     def on_alarm(signum, frame):
+        expiry.fired = True
         raise TimeLimitExceeded(f"exceeded {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -65,13 +76,14 @@ def _alarm(seconds: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _profile_deadline(seconds: float) -> Iterator[None]:
+def _profile_deadline(seconds: float, expiry: Expiry) -> Iterator[None]:
     deadline = time.monotonic() + seconds
     previous = sys.getprofile()
 
     def check(frame, event, arg):
         if time.monotonic() > deadline:
             sys.setprofile(previous)
+            expiry.fired = True
             raise TimeLimitExceeded(f"exceeded {seconds:g} s")
 
     sys.setprofile(check)
