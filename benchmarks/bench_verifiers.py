@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from verifiers import _isolation as iso  # noqa: E402
-from verifiers import _servers  # noqa: E402
 from verifiers import sandbox as sb  # noqa: E402
 from verifiers.code import run_tests  # noqa: E402
+from verifiers.sandbox import _isolation as iso  # noqa: E402
+from verifiers.sandbox import _servers  # noqa: E402
 
 
 def _rates(rows: list[tuple[str, Callable[[], object]]], runs: int, threads: int) -> list[float]:

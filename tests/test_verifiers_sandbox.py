@@ -661,7 +661,7 @@ def test_server_guards_itself_when_runs_share_its_uid():
     system_python = "/usr/bin/python3"
     if not ROOT or not os.path.exists(system_python) or sb.iso.find_bwrap() is None:
         pytest.skip("needs root (to become nobody), a system Python and bubblewrap")
-    repo = str(Path(sb.__file__).resolve().parents[1])
+    repo = str(Path(sb.__file__).resolve().parents[2])
     nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     command = [*nobody, system_python, "-I", "-c", SHARED_UID_CHECK.format(repo=repo)]
     out = subprocess.run(

@@ -28,9 +28,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from verifiers._testplan import CallCase, CasePlan, IOCase, plan_tests
 from verifiers.base import Verdict
 from verifiers.sandbox import Sandbox, SandboxResult, default_sandbox
+from verifiers.sandbox._testplan import CallCase, CasePlan, IOCase, plan_tests
 
 __all__ = [
     "CallCase",
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 STATUSES = ("passed", "wrong_answer", "time_limit", "runtime_error", "memory", "not_run")
-_HARNESS_PATH = Path(__file__).parent / "_harness.py"
+_HARNESS_PATH = Path(__file__).parent / "sandbox" / "_harness.py"
 _HARNESS = compile(_HARNESS_PATH.read_text(), str(_HARNESS_PATH), "exec")
 # Headroom for starting the sandbox and interpreter, on top of the tests' own time.
 _START_SLACK_S = 3.0

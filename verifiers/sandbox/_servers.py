@@ -30,14 +30,14 @@ from multiprocessing.util import Finalize
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from verifiers import _isolation as iso
-from verifiers._fresh import fd_relative_exe
-from verifiers._pump import Pump
-from verifiers._seccomp import filter_fd
-from verifiers._setup import Outcome, Setup
+from verifiers.sandbox import _isolation as iso
+from verifiers.sandbox._fresh import fd_relative_exe
+from verifiers.sandbox._pump import Pump
+from verifiers.sandbox._seccomp import filter_fd
+from verifiers.sandbox._setup import Outcome, Setup
 
 if TYPE_CHECKING:
-    from verifiers.sandbox import Limits
+    from verifiers.sandbox._types import Limits
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.util import Finalize
 
-from verifiers import _isolation as iso
+from verifiers.sandbox import _isolation as iso
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from verifiers import _isolation as iso
-from verifiers._pump import Pump
-from verifiers._seccomp import filter_fd
-from verifiers._setup import Outcome, Setup
+from verifiers.sandbox import _isolation as iso
+from verifiers.sandbox._pump import Pump
+from verifiers.sandbox._seccomp import filter_fd
+from verifiers.sandbox._setup import Outcome, Setup
 
 if TYPE_CHECKING:
-    from verifiers.sandbox import Limits
+    from verifiers.sandbox._types import Limits
 
 LAUNCHER = (Path(__file__).parent / "_launcher.py").read_text()
 
