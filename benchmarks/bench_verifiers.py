@@ -73,7 +73,7 @@ def _bwrap_without_net(box: sb.Sandbox) -> Callable[[], object]:
         with tempfile.TemporaryDirectory(prefix="ouroboros-bench-") as scratch:
             args = iso.bwrap_args(
                 box._setup.bwrap,
-                interpreter=box.interpreter,
+                view=box._setup.view,
                 scratch=scratch,
                 as_root=iso.is_root(),
                 disable_userns=True,

@@ -56,11 +56,11 @@ def _plan(
     """Command line, Popen arguments and launcher spec for one run."""
     exe = setup.interpreter.executable
     kwargs: dict = {"env": iso.scrubbed_env(scratch), "cwd": scratch, "pass_fds": []}
-    spec = {"rlimits": limits.rlimits(setup.nproc_base()), "cwd": scratch, **job}
+    spec = {"rlimits": limits.rlimits(setup.nproc_base()), "cwd": scratch, "sys_path": setup.sys_path, **job}
     if setup.bwrap:
         prefix = iso.bwrap_args(
             setup.bwrap,
-            interpreter=setup.interpreter,
+            view=setup.view,
             scratch=scratch,
             as_root=setup.as_root,
             disable_userns=True,

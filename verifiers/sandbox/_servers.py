@@ -67,6 +67,8 @@ class ForkServer:
         env: the server's whole environment (children get their own per run).
         scratch_root: directory holding the runs' scratch directories; removed on close.
         pass_fds: descriptors the prefix needs (e.g. one for a descriptor-relative interpreter).
+        preload: trusted modules the server imports before serving (marshalled
+            ``[(name, code or source)]``, sent on its stdin; see ``config["preload"]``).
         startup_s: how long the server may take to say it is ready.
     """
 
@@ -80,6 +82,7 @@ class ForkServer:
         scratch_root: str,
         bwrap: bool = False,
         pass_fds: Sequence[int] = (),
+        preload: bytes = b"",
         startup_s: float = 30.0,
     ) -> None:
         self.scratch_root = scratch_root
@@ -95,7 +98,7 @@ class ForkServer:
         try:
             self.proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if preload else subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=fds,
@@ -110,6 +113,12 @@ class ForkServer:
                 os.close(info_w)
         self.pid = self.proc.pid
         try:
+            if preload:
+                try:
+                    self.proc.stdin.write(preload)
+                    self.proc.stdin.close()
+                except BrokenPipeError:
+                    pass  # it died: _await_ready says why
             self._await_ready(startup_s)
             if info_r is not None:
                 self.pid = _child_pid(info_r, self.proc.pid)
@@ -392,6 +401,9 @@ def start_server(setup: Setup) -> ForkServer:
     kwargs: dict = {"pass_fds": []}
     opened: list[int] = []
     config = {"pid1": setup.bwrap is not None, "shared_uid": setup.uids is None}
+    config["preload"] = bool(setup.preload)
+    config["pair_entry"] = setup.pair_entry
+    config["sys_path"] = setup.sys_path
     exe = setup.interpreter.executable
     try:
         if setup.uids is not None:
@@ -399,7 +411,7 @@ def start_server(setup: Setup) -> ForkServer:
         if setup.bwrap:
             prefix = iso.bwrap_args(
                 setup.bwrap,
-                interpreter=setup.interpreter,
+                view=setup.view,
                 scratch=root,
                 as_root=setup.as_root,
                 disable_userns=True,
@@ -430,6 +442,7 @@ def start_server(setup: Setup) -> ForkServer:
             scratch_root=root,
             bwrap=setup.bwrap is not None,
             pass_fds=kwargs["pass_fds"],
+            preload=setup.preload,
         )
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
@@ -440,9 +453,19 @@ def start_server(setup: Setup) -> ForkServer:
 
 
 def run_in_server(
-    setup: Setup, pool: ServerPool, job: dict, payload: bytes, stdin: bytes, limits: Limits
+    setup: Setup,
+    pool: ServerPool,
+    job: dict,
+    payload: bytes,
+    stdin: bytes,
+    limits: Limits,
+    pair: bool = False,
 ) -> Outcome | None:
-    """One run in a fork server, replacing one found dead; None when no server can be had."""
+    """One run in a fork server, replacing one found dead; None when no server can be had.
+
+    With ``pair`` the server also forks the program's process of a test-harness
+    run (see ``_forkserver.py``).
+    """
     for _ in range(2):
         try:
             server = pool.take()
@@ -450,7 +473,7 @@ def run_in_server(
             log.warning("could not start a fork server (%s); this run starts a fresh interpreter", err)
             return None
         try:
-            outcome = serve(setup, server, job, payload, stdin, limits)
+            outcome = serve(setup, server, job, payload, stdin, limits, pair)
         except BaseException:
             server.close()  # interrupted (SystemExit, KeyboardInterrupt): the run dies with it
             raise
@@ -461,7 +484,13 @@ def run_in_server(
 
 
 def serve(
-    setup: Setup, server: ForkServer, job: dict, payload: bytes, stdin: bytes, limits: Limits
+    setup: Setup,
+    server: ForkServer,
+    job: dict,
+    payload: bytes,
+    stdin: bytes,
+    limits: Limits,
+    pair: bool = False,
 ) -> Outcome | None:
     """One run in ``server``; None when the server was gone before the run began."""
     try:
@@ -480,6 +509,7 @@ def serve(
             "rlimits": {**limits.rlimits(setup.nproc_base()), "msgqueue": (0, 0)},
             "cwd": scratch,
             "env": iso.scrubbed_env(scratch),
+            "pair": pair,
         }
         caps = {"stdout": limits.output_bytes, "stderr": limits.output_bytes, "report": limits.report_bytes}
         try:

