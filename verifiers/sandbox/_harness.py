@@ -370,11 +370,6 @@ def run_local(payload, report_fd, forked=None):
 
     ``forked`` is the program's process a fork server started beside this one, if any.
     """
-    if os.environ.get("XEXP") == "A":
-        tests = marshal.loads(_read_all(0))
-        for i in range(tests["n_units"]):
-            _Report(report_fd)(i, "passed")
-        return
     _main(marshal.loads(payload), lambda: marshal.loads(_read_all(0)), _Report(report_fd), forked)
 
 

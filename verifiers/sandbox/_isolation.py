@@ -428,7 +428,5 @@ def scrubbed_env(scratch: str, extra: Sequence[tuple[str, str]] = ()) -> dict[st
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
     }
-    if os.environ.get("XEXP"):
-        env["XEXP"] = os.environ["XEXP"]
     env.update(extra)
     return env
