@@ -266,8 +266,11 @@ class Sandbox:
         payload, stdin = marshal.dumps(job), marshal.dumps(tests)
         server_job = {"code": _PRELOADED} if self._same_python else {"source": PRELOADED_SOURCE}
         fresh_job = {"code": _LOCAL} if self._same_python else {"source": LOCAL_SOURCE}
+        # Assert-style tests run beside a process of the program's own, which
+        # the fork server starts too; value and stdin/stdout cases need none.
+        pair = job["mode"] in ("statements", "check")
         limits = limits or self.limits
-        return self._dispatch(server_job, payload, stdin, limits, fresh_job=fresh_job, pair=True)
+        return self._dispatch(server_job, payload, stdin, limits, fresh_job=fresh_job, pair=pair)
 
     @property
     def uses_fork_server(self) -> bool:
