@@ -401,6 +401,10 @@ def verify(
         timeout_s=float(example.get("timeout_s", 10.0)),
         sandbox=sandbox,
     )
+    if result.service_error:
+        # Not the program's fault: scored 0, with the reason, so that the run can count such rows.
+        return Verdict(0.0, False, extracted=code, reason=result.service_error,
+                       info={"service_error": result.service_error, "layers": list(result.layers)})
     score = result.pass_fraction if partial_credit else float(result.passed)
     return Verdict(
         score=score,

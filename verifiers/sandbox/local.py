@@ -211,6 +211,11 @@ class Sandbox:
         warnings.warn(message, SandboxWarning, stacklevel=3)
 
     @property
+    def runs_this_python(self) -> bool:
+        """Whether sandboxed Python is the running interpreter (so code objects can be sent)."""
+        return self._same_python
+
+    @property
     def uses_bwrap(self) -> bool:
         """Whether runs go through bubblewrap."""
         return self._bwrap is not None
