@@ -220,6 +220,8 @@ def test_server_killed_in_the_middle_of_a_batch():
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stderr.readline()
+        while line and not line.startswith("serving "):  # a SandboxWarning comes first without bubblewrap
+            line = process.stderr.readline()
         url = line.split()[1].removesuffix("/run_code")
         remote = RemoteSandbox(url, max_in_flight=2, retries=1, backoff_s=0.05)
         program = "import time\ntime.sleep(0.4)\n" + ADD

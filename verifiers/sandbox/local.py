@@ -156,7 +156,10 @@ class Sandbox:
             return None
         bwrap = iso.find_bwrap()
         if bwrap is None:
+            chosen = os.environ.get(iso.BWRAP_ENV)
             reason = "bubblewrap (bwrap) is not installed"
+            if chosen is not None:
+                reason = f"{iso.BWRAP_ENV}={chosen!r} asks to run as on a host without bubblewrap"
         else:
             probe = self._probe(bwrap)
             if probe is None:
