@@ -10,8 +10,10 @@
 The private modules hold the machinery: ``_isolation`` (host facts: bubblewrap,
 uids, the file-system view), ``_fresh`` / ``_launcher`` (one interpreter per run),
 ``_servers`` / ``_forkserver`` (fork servers), ``_pump`` (pipes under limits),
-``_seccomp``, ``_setup``, and, for the code verifier, ``_testplan`` (tests ->
-harness job), ``_harness`` and ``_wire`` (what runs inside the sandbox).
+``_seccomp``, ``_setup``, and, for the code verifier, ``_testplan`` and
+``_valuecases`` (tests -> a job), and what runs inside the sandbox: ``_wire``
+(values and calls between processes), ``_program`` (the program's process) and
+``_harness`` (the tests and the records).
 """
 
 from verifiers.sandbox import _isolation as iso
@@ -24,16 +26,19 @@ from verifiers.sandbox.local import (
     SandboxWarning,
     default_sandbox,
 )
+from verifiers.sandbox.remote import RemoteSandbox, ServiceUnavailable
 
 __all__ = [
     "ALL_LAYERS",
     "LAYER_GAPS",
     "Isolation",
     "Limits",
+    "RemoteSandbox",
     "Sandbox",
     "SandboxResult",
     "SandboxUnavailable",
     "SandboxWarning",
+    "ServiceUnavailable",
     "default_sandbox",
     "iso",
 ]
