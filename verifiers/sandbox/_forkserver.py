@@ -212,18 +212,18 @@ class _Server:
     def serve(self):
         self.sock.send(b"R")
         while True:
-            data, ancillary, _, _ = self.sock.recvmsg(1 << 16, CMSG_SPACE(_N_FDS * 4))
+            data, ancillary, _, _ = self.sock.recvmsg(1 << 16, CMSG_SPACE((_N_FDS + 1) * 4))
             if not data:
                 return  # the host went away
             fds = array.array("i")
             for level, kind, blob in ancillary:
                 if level == SOL_SOCKET and kind == SCM_RIGHTS:
                     fds.frombytes(blob[: len(blob) - len(blob) % fds.itemsize])
-            if data[:1] != b"S" or len(fds) != _N_FDS:
+            spec = marshal.loads(data[1:]) if data[:1] == b"S" else None
+            if spec is None or len(fds) != _N_FDS + bool(spec.get("pair")):
                 for fd in fds:
                     os.close(fd)
                 continue  # a stray kill request after a run ended, or garbage
-            spec = marshal.loads(data[1:])
             status, host_gone = self._run(spec, list(fds))
             if host_gone:
                 return
@@ -258,8 +258,9 @@ class _Server:
             null = os.open(os.devnull, os.O_RDWR)
             spare = self.spare_program or _Spare(self.config, {"code": self.pair_code})
             self.spare_program = None
-            program = spare.start(spec, [null, fds[1], fds[2], to_program[0], from_program[1]])
-            for fd in (null, to_program[0], from_program[1]):
+            ends = [null, fds[1], fds[2], to_program[0], from_program[1], fds.pop()]
+            program = spare.start(spec, ends)
+            for fd in (null, to_program[0], from_program[1], ends[-1]):
                 os.close(fd)
             extra = [to_program[1], from_program[0]]
         spare = self.spare_main or _Spare(self.config)

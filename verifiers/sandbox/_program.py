@@ -17,6 +17,7 @@ the harness's; standard library only.
 
 import _signal as signal
 import builtins
+import marshal
 import os
 import sys
 
@@ -80,6 +81,16 @@ def prefix_fd():
     return None
 
 
+def _read_job(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            os.close(fd)
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def close_all_but(keep):
     low = 3
     for fd in sorted(k for k in keep if k is not None and k >= 3):
@@ -88,25 +99,22 @@ def close_all_but(keep):
     os.closerange(low, 1 << 20)
 
 
-def program_main(rfd, wfd, job=None):
+def program_main(rfd, wfd, job=None, job_fd=None):
     """Body of the program's process: load the program, describe it, then answer calls. Never returns.
 
     Forked by the harness, it gets the program's ``job``; forked by a fork
-    server beside the harness, it reads the job from the harness first.
+    server beside the harness, it reads the job (marshalled, from the host) on ``job_fd``.
     """
     try:
-        if job is not None:
+        if job is None:
+            job = marshal.loads(_read_job(job_fd))
+        else:
             os.setpgid(0, 0)  # the fork server's child already leads its own session
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
         close_all_but((rfd, wfd, prefix_fd()))
         channel = Channel(rfd, wfd, PROGRAM_OPERATIONS)
-        if job is None:
-            message = channel.recv()
-            if message[0] != "program" or len(message) != 2 or type(message[1]) is not dict:
-                return
-            job = message[1]
         channel.invoke = _timed_call
         signal.signal(signal.SIGALRM, _on_call_alarm)
         namespace = {"__name__": "solution", "__builtins__": builtins}
@@ -178,8 +186,8 @@ class Program:
     Args:
         job: the program's part of the job.
         forked: ``(pid, write fd, read fd)`` of a program's process a fork
-            server started beside the harness (it is sent the job); without
-            one, the harness forks it here, before it reads the tests.
+            server started beside the harness (the host sent it the job);
+            without one, the harness forks it here, before it reads the tests.
     """
 
     def __init__(self, job, forked=None):
@@ -197,11 +205,6 @@ class Program:
             self.pid, wfd, rfd = forked
         self.channel = Channel(rfd, wfd, HARNESS_OPERATIONS, _test_function, Exception)
         self.ended = None
-        if forked is not None:
-            try:
-                self.channel.send(["program", job])
-            except OSError:
-                self.channel.gone = "the program's process was gone before it got the program"
 
     def stop(self):
         try:

@@ -148,16 +148,27 @@ class ForkServer:
         ready = _readable(self.sock, 0)
         return not ready  # an idle server only ever speaks when it goes away
 
-    def run(self, spec: dict, job: bytes, stdin: bytes, wall_s: float, caps: dict[str, int]) -> Outcome:
+    def run(
+        self,
+        spec: dict,
+        job: bytes,
+        stdin: bytes,
+        wall_s: float,
+        caps: dict[str, int],
+        program_job: bytes | None = None,
+    ) -> Outcome:
         """One run: send the spec with fresh pipes, feed and drain them, return how it ended.
+
+        ``program_job`` is what the program's process of a paired run reads
+        (on a sixth pipe), so that it starts at once rather than after the harness.
 
         Raises:
             ServerDied: the server was gone before it could take the run.
         """
-        pipes = [os.pipe() for _ in range(5)]
-        # Child ends: stdin (read), stdout, stderr, report (write), job (read).
-        guest = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1], pipes[4][0]]
-        host = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0], pipes[4][1]]
+        pipes = [os.pipe() for _ in range(5 if program_job is None else 6)]
+        # Child ends: stdin (read), stdout, stderr, report (write), job (read), the program's job (read).
+        guest = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]] + [p[0] for p in pipes[4:]]
+        host = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]] + [p[1] for p in pipes[4:]]
         try:
             self.sock.sendmsg(
                 [b"S" + marshal.dumps(spec)],
@@ -174,6 +185,8 @@ class ForkServer:
         self.runs += 1
         pump = _ServerPump(self.sock)
         pump.add_writer(os.fdopen(host[4], "wb", buffering=0), job)
+        if program_job is not None:
+            pump.add_writer(os.fdopen(host[5], "wb", buffering=0), program_job)
         pump.add_writer(os.fdopen(host[0], "wb", buffering=0), stdin)
         for name, fd in zip(("stdout", "stderr", "report"), host[1:4], strict=True):
             pump.add_reader(name, os.fdopen(fd, "rb", buffering=0), caps[name])
@@ -459,12 +472,12 @@ def run_in_server(
     payload: bytes,
     stdin: bytes,
     limits: Limits,
-    pair: bool = False,
+    pair: bytes | None = None,
 ) -> Outcome | None:
     """One run in a fork server, replacing one found dead; None when no server can be had.
 
-    With ``pair`` the server also forks the program's process of a test-harness
-    run (see ``_forkserver.py``).
+    With ``pair`` (the program's part of a test-harness job) the server also
+    forks the program's process of the run, which reads it (see ``_forkserver.py``).
     """
     for _ in range(2):
         try:
@@ -490,7 +503,7 @@ def serve(
     payload: bytes,
     stdin: bytes,
     limits: Limits,
-    pair: bool = False,
+    pair: bytes | None = None,
 ) -> Outcome | None:
     """One run in ``server``; None when the server was gone before the run began."""
     try:
@@ -509,11 +522,11 @@ def serve(
             "rlimits": {**limits.rlimits(setup.nproc_base()), "msgqueue": (0, 0)},
             "cwd": scratch,
             "env": iso.scrubbed_env(scratch),
-            "pair": pair,
+            "pair": pair is not None,
         }
         caps = {"stdout": limits.output_bytes, "stderr": limits.output_bytes, "report": limits.report_bytes}
         try:
-            return server.run(spec, marshal.dumps((job, payload)), stdin, limits.wall_s, caps)
+            return server.run(spec, marshal.dumps((job, payload)), stdin, limits.wall_s, caps, pair)
         except ServerDied:
             return None
     finally:

@@ -41,8 +41,8 @@ PRELOADED_SOURCE = (
     f"from {HARNESS_MODULE} import run_local\n"
     "run_local(SANDBOX_PAYLOAD, SANDBOX_REPORT_FD, globals().get('SANDBOX_PROGRAM'))\n"
 )
-# The program's process of a paired run in a fork server: it gets the program from the harness.
-PROGRAM_SOURCE = f"from {HARNESS_MODULE} import program_main\nprogram_main(3, 4)\n"
+# The program's process of a paired run in a fork server: it reads the program on descriptor 5.
+PROGRAM_SOURCE = f"from {HARNESS_MODULE} import program_main\nprogram_main(3, 4, job_fd=5)\n"
 # A run on a code-execution service: the same source every time (a service may
 # cache its compilation), the job on stdin (see remote_stdin), records on stdout.
 REMOTE_SOURCE = HARNESS_SOURCE + "\nrun_remote(globals().get('__file__'))\n"

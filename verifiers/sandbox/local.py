@@ -276,7 +276,7 @@ class Sandbox:
         fresh_job = {"code": _LOCAL} if self._same_python else {"source": LOCAL_SOURCE}
         # Assert-style tests run beside a process of the program's own, which
         # the fork server starts too; value and stdin/stdout cases need none.
-        pair = job["mode"] in ("statements", "check")
+        pair = payload if job["mode"] in ("statements", "check") else None
         limits = limits or self.limits
         return self._dispatch(server_job, payload, stdin, limits, fresh_job=fresh_job, pair=pair)
 
@@ -307,7 +307,7 @@ class Sandbox:
         stdin: bytes,
         limits: Limits,
         fresh_job: dict | None = None,
-        pair: bool = False,
+        pair: bytes | None = None,
     ) -> SandboxResult:
         start = time.monotonic()
         outcome = None
