@@ -41,6 +41,7 @@ from verifiers import sandbox as sb  # noqa: E402
 from verifiers.code import run_tests  # noqa: E402
 from verifiers.sandbox import _isolation as iso  # noqa: E402
 from verifiers.sandbox import _servers  # noqa: E402
+from verifiers.sandbox._serverpool import ServerPool  # noqa: E402
 from verifiers.sandbox.remote import RemoteSandbox  # noqa: E402
 
 
@@ -110,7 +111,7 @@ def _bare_fork_server() -> tuple[Callable[[], object], Callable[[], None]]:
     exe = iso.Interpreter.current().executable
     cwd = tempfile.mkdtemp(prefix="ouroboros-bench-")
     python = [exe, "-I", "-S", "-B", "-c", _servers.SERVER_SOURCE]
-    pool = _servers.ServerPool(lambda: _servers.ForkServer([], python, config={}, env={}, scratch_root=cwd))
+    pool = ServerPool(lambda: _servers.ForkServer([], python, config={}, env={}, scratch_root=cwd))
     spec = {"uid": None, "rlimits": {}, "cwd": cwd, "env": {}}
     job = marshal.dumps(({"source": "pass"}, b""))
     caps = dict.fromkeys(("stdout", "stderr", "report"), 1 << 20)

@@ -9,7 +9,7 @@
 
 The private modules hold the machinery: ``_isolation`` (host facts: bubblewrap,
 uids, the file-system view), ``_fresh`` / ``_launcher`` (one interpreter per run),
-``_servers`` / ``_forkserver`` (fork servers), ``_pump`` (pipes under limits),
+``_servers`` / ``_serverpool`` / ``_forkserver`` (fork servers), ``_pump`` (pipes under limits),
 ``_seccomp``, ``_setup``, and, for the code verifier, ``_testplan`` and
 ``_valuecases`` (tests -> a job), and what runs inside the sandbox: ``_wire``
 (values and calls between processes), ``_program`` (the program's process) and

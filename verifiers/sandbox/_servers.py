@@ -2,7 +2,7 @@
 
 A :class:`ForkServer` is one pre-started interpreter inside its own sandbox
 (its own bubblewrap, as pid 1 of its own namespaces), serving one run at a
-time; a :class:`ServerPool` keeps the idle ones and starts another whenever all
+time; a ``ServerPool`` (``_serverpool.py``) keeps the idle ones and starts another whenever all
 are busy or one died. Nothing here trusts a server with a verdict: it only
 starts runs and reports exit statuses, while the program's output and report
 come back on pipes the host reads itself.
@@ -22,11 +22,8 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
-import weakref
-from collections.abc import Callable, Sequence
-from multiprocessing.util import Finalize
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +34,7 @@ from verifiers.sandbox._seccomp import filter_fd
 from verifiers.sandbox._setup import Outcome, Setup
 
 if TYPE_CHECKING:
+    from verifiers.sandbox._serverpool import ServerPool
     from verifiers.sandbox._types import Limits
 
 log = logging.getLogger(__name__)
@@ -323,89 +321,6 @@ def _child_pid(info_r: int, fallback: int) -> int:
         return int(json.loads(text)["child-pid"])
     except (OSError, ValueError, KeyError):
         return fallback
-
-
-class ServerPool:
-    """Idle fork servers of one sandbox: one is taken per run and given back after it.
-
-    As many servers exist as runs ever went on at once. A dead or spent server is
-    closed and a new one started on the next take. After ``fork()`` the child
-    process forgets the parent's servers (they keep serving the parent).
-    """
-
-    def __init__(self, start: Callable[[], ForkServer]) -> None:
-        self._start = start
-        self._idle: list[ForkServer] = []
-        self._lock = threading.Lock()
-        self._owner_pid = os.getpid()
-        self._live: weakref.WeakSet[ForkServer] = weakref.WeakSet()
-        self.started = 0
-        # At exit (also of a multiprocessing worker, which skips atexit) or when
-        # collected; never in a forked child, whose servers are the parent's.
-        Finalize(self, _close_all, args=(self._idle,), exitpriority=1)
-        _POOLS.add(self)
-
-    def take(self) -> ForkServer:
-        """An idle live server, or a newly started one."""
-        with self._lock:
-            if os.getpid() != self._owner_pid:
-                self.forget()
-            while self._idle:
-                server = self._idle.pop()
-                if server.alive:
-                    return server
-                server.close()
-        server = self._start()
-        with self._lock:
-            self.started += 1
-            self._live.add(server)
-        return server
-
-    def live(self) -> list[ForkServer]:
-        """Servers started by this pool that have not been closed (idle or serving a run)."""
-        with self._lock:
-            return [server for server in self._live if not server.spent]
-
-    def give_back(self, server: ForkServer) -> None:
-        """Keep ``server`` for the next run, or close it when it cannot serve one."""
-        with self._lock:
-            if server.alive and os.getpid() == self._owner_pid:
-                self._idle.append(server)
-                return
-        server.close()
-
-    def close(self) -> None:
-        """Stop every idle server."""
-        with self._lock:
-            servers = list(self._idle)
-            self._idle.clear()
-        _close_all(servers)
-
-    def forget(self) -> None:
-        """In a forked child: drop the parent's servers without disturbing them."""
-        for server in self._idle:
-            server.forget()
-        self._idle.clear()
-        self._live = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._owner_pid = os.getpid()
-
-
-_POOLS: weakref.WeakSet[ServerPool] = weakref.WeakSet()
-
-
-def _close_all(servers: list[ForkServer]) -> None:
-    for server in list(servers):
-        server.close()
-    servers.clear()
-
-
-def _forget_in_child() -> None:
-    for pool in list(_POOLS):
-        pool.forget()
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def start_server(setup: Setup) -> ForkServer:

@@ -44,7 +44,8 @@ from verifiers.sandbox import _isolation as iso
 from verifiers.sandbox._fresh import run_fresh
 from verifiers.sandbox._isolation import ALL_LAYERS, LAYER_GAPS
 from verifiers.sandbox._seccomp import filter_program
-from verifiers.sandbox._servers import ServerDied, ServerPool, run_in_server, serve, start_server
+from verifiers.sandbox._serverpool import ServerPool
+from verifiers.sandbox._servers import ServerDied, run_in_server, serve, start_server
 from verifiers.sandbox._setup import Setup, Trash
 from verifiers.sandbox._testplan import (
     HARNESS_MODULE,
