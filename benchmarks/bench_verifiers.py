@@ -1,11 +1,14 @@
 """Verifier throughput: sandboxed runs per second, and math grading beside math-verify.
 
 Sandbox: trivial programs (``pass``) run ``--runs`` times from ``--threads``
-threads, in two groups measured in the same interleaved rounds. "fresh" rows
+threads, in three groups measured in the same interleaved rounds. "fresh" rows
 start a new interpreter per run (the old path, ``Sandbox(fork_server=False)``);
 "server" rows fork each run from an interpreter pre-started inside the
 sandbox (the default). Within a group each row adds isolation layers to the
 one above it, so the difference between rows is those layers' cost per run.
+The "http" row sends run_tests() jobs to ``python -m verifiers.sandbox.server``
+on this host (SandboxFusion's /run_code API). ``--baseline CHECKOUT`` compares
+run_tests() calls/s with another checkout, in alternating rounds.
 Math: the same gold/prediction pairs graded by ``verifiers.math.is_equivalent``
 (through its grading process), by the same comparison in process without a
 limit, and by ``math_verify`` (when installed); then math-verify's own test
@@ -13,6 +16,7 @@ cases graded from the raw strings by both.
 
     python benchmarks/bench_verifiers.py
     python benchmarks/bench_verifiers.py --runs 400 --threads 4 --pairs 2000
+    python benchmarks/bench_verifiers.py --skip-math --baseline ../checkout-of-an-older-commit
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from verifiers import _isolation as iso  # noqa: E402
-from verifiers import _servers  # noqa: E402
 from verifiers import sandbox as sb  # noqa: E402
 from verifiers.code import run_tests  # noqa: E402
+from verifiers.sandbox import _isolation as iso  # noqa: E402
+from verifiers.sandbox import _servers  # noqa: E402
+from verifiers.sandbox._serverpool import ServerPool  # noqa: E402
+from verifiers.sandbox.remote import RemoteSandbox  # noqa: E402
 
 
 def _rates(rows: list[tuple[str, Callable[[], object]]], runs: int, threads: int) -> list[float]:
@@ -75,7 +81,7 @@ def _bwrap_without_net(box: sb.Sandbox) -> Callable[[], object]:
         with tempfile.TemporaryDirectory(prefix="ouroboros-bench-") as scratch:
             args = iso.bwrap_args(
                 box._setup.bwrap,
-                interpreter=box.interpreter,
+                view=box._setup.view,
                 scratch=scratch,
                 as_root=iso.is_root(),
                 disable_userns=True,
@@ -93,6 +99,12 @@ FULL_FRESH = "bwrap + net ns + seccomp + launcher (full sandbox)"
 FLOOR = "fork server, no isolation (floor)"
 FULL_SERVER = "+ bwrap namespaces, seccomp (full sandbox)"
 TESTS = "run_tests(): full sandbox + harness"
+COMPUTED = "run_tests(), computed assert: + the program's own process"
+HTTP = "run_tests() over HTTP (verifiers.sandbox.server, this host)"
+PROGRAM = "def f(x):\n    return x * 2\n"
+# A literal assert runs as a value case (one sandboxed process; the parent
+# compares); a computed one in the harness beside a process of the program's own.
+LITERAL_TEST, COMPUTED_TEST = "assert f(2) == 4", "assert f(2) == 2 + 2"
 
 
 def _bare_fork_server() -> tuple[Callable[[], object], Callable[[], None]]:
@@ -101,7 +113,7 @@ def _bare_fork_server() -> tuple[Callable[[], object], Callable[[], None]]:
     exe = iso.Interpreter.current().executable
     cwd = tempfile.mkdtemp(prefix="ouroboros-bench-")
     python = [exe, "-I", "-S", "-B", "-c", _servers.SERVER_SOURCE]
-    pool = _servers.ServerPool(lambda: _servers.ForkServer([], python, config={}, env={}, scratch_root=cwd))
+    pool = ServerPool(lambda: _servers.ForkServer([], python, config={}, env={}, scratch_root=cwd))
     spec = {"uid": None, "rlimits": {}, "cwd": cwd, "env": {}}
     job = marshal.dumps(({"source": "pass"}, b""))
     caps = dict.fromkeys(("stdout", "stderr", "report"), 1 << 20)
@@ -116,6 +128,20 @@ def _bare_fork_server() -> tuple[Callable[[], object], Callable[[], None]]:
     return run, pool.close
 
 
+def _http_service(jobs: int) -> tuple[subprocess.Popen, RemoteSandbox]:
+    """``python -m verifiers.sandbox.server`` on a free port of 127.0.0.1, and a client of it."""
+    command = [sys.executable, "-m", "verifiers.sandbox.server", "--port", "0", "--jobs", str(jobs)]
+    command.append("--quiet")
+    root = Path(__file__).resolve().parents[1]
+    service = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=root)
+    line = service.stderr.readline()
+    while line and not line.startswith("serving "):
+        line = service.stderr.readline()
+    if not line:
+        raise RuntimeError("the code-execution server did not start")
+    return service, RemoteSandbox(line.split()[1], max_in_flight=jobs)
+
+
 def sandbox_rows(runs: int, threads: int) -> list[tuple[str, str, float, str | None]]:
     """(path, layers, runs/s, the row it adds layers to): fresh interpreters, then fork servers."""
     exe = iso.Interpreter.current().executable
@@ -128,8 +154,9 @@ def sandbox_rows(runs: int, threads: int) -> list[tuple[str, str, float, str | N
         except sb.SandboxUnavailable:
             fresh = server = None
     own_uid = ", own uid + sweep" if iso.is_root() else ""
-    program, test = "def f(x):\n    return x * 2\n", "assert f(2) == 4"
+    program, test = PROGRAM, LITERAL_TEST
     bare_server, close_bare = _bare_fork_server()
+    service, remote = _http_service(threads)
     bare, launcher, no_net = BARE, f"launcher: rlimits, scratch, env, group kill{own_uid}", NO_NET
     floor, limits = FLOOR, f"+ rlimits, scratch, env, session{own_uid}"
     rows = [
@@ -149,15 +176,72 @@ def sandbox_rows(runs: int, threads: int) -> list[tuple[str, str, float, str | N
         rows += [
             ("server", FULL_SERVER, lambda: server.run_python("pass"), limits),
             ("server", TESTS, lambda: run_tests(program, test, sandbox=server), FULL_SERVER),
+            ("server", COMPUTED, lambda: run_tests(program, COMPUTED_TEST, sandbox=server), TESTS),
         ]
+    rows += [("http", HTTP, lambda: run_tests(program, test, sandbox=remote), None)]
     try:
         rates = _rates([(name, fn) for _, name, fn, _ in rows], runs, threads)
     finally:
         close_bare()
+        service.kill()
+        service.wait()
         for box in (fresh_fallback, server_fallback, fresh, server):
             if box is not None:
                 box.close()
     return [(path, name, rate, ref) for (path, name, _, ref), rate in zip(rows, rates, strict=True)]
+
+
+# Runs run_tests in batches on command: reads a batch size per line, answers its seconds.
+_WORKER = """
+import sys, time, warnings
+from concurrent.futures import ThreadPoolExecutor
+warnings.simplefilter("ignore")
+from verifiers import sandbox as sb
+from verifiers.code import run_tests
+box = sb.Sandbox(isolation=sys.argv[1])
+program, test, threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
+pool = ThreadPoolExecutor(threads)
+assert all(r.passed for r in pool.map(lambda _: run_tests(program, test, sandbox=box), range(2 * threads)))
+print("ready", flush=True)
+for line in sys.stdin:
+    start = time.perf_counter()
+    list(pool.map(lambda _: run_tests(program, test, sandbox=box), range(int(line))))
+    print(time.perf_counter() - start, flush=True)
+box.close()
+"""
+
+
+def compare_rows(baseline: str, runs: int, threads: int) -> list[tuple[str, str, float, float]]:
+    """run_tests() calls/s of this checkout and of the one at ``baseline``, in alternating rounds.
+
+    Each checkout runs in its own process (its own ``verifiers`` on the path);
+    rounds alternate between them so that load from elsewhere falls on both alike.
+    """
+    isolation = "bwrap" if iso.find_bwrap() else "rlimits"
+    here = str(Path(__file__).resolve().parents[1])
+    tests = [("literal assert", LITERAL_TEST), ("computed assert", COMPUTED_TEST)]
+    workers = {}
+    for label, test in tests:
+        for root in (baseline, here):
+            env = dict(os.environ, PYTHONPATH=root)
+            argv = [sys.executable, "-c", _WORKER, isolation, PROGRAM, test, str(threads)]
+            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+            workers[(label, root)] = subprocess.Popen(argv, env=env, cwd=root, **pipes)
+    for worker in workers.values():
+        if worker.stdout.readline().strip() != "ready":
+            raise RuntimeError("a benchmark worker did not start")
+    rounds, batch = 10, max(runs // 10, threads)
+    elapsed = dict.fromkeys(workers, 0.0)
+    for _ in range(rounds):
+        for key, worker in workers.items():
+            worker.stdin.write(f"{batch}\n")
+            worker.stdin.flush()
+            elapsed[key] += float(worker.stdout.readline())
+    for worker in workers.values():
+        worker.stdin.close()
+        worker.wait()
+    rate = {key: rounds * batch / seconds for key, seconds in elapsed.items()}
+    return [(label, test, rate[(label, baseline)], rate[(label, here)]) for label, test in tests]
 
 
 def math_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -292,6 +376,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1000, help="math pairs per grader (default 1000)")
     parser.add_argument("--skip-sandbox", action="store_true", help="only the math table")
     parser.add_argument("--skip-math", action="store_true", help="only the sandbox table")
+    parser.add_argument(
+        "--baseline",
+        metavar="CHECKOUT",
+        help="another checkout (e.g. a git worktree of an older commit): compare run_tests() calls/s with it",
+    )
     args = parser.parse_args()
     print(f"# {_machine()}\n# load average at start: {_load()}\n")
     if not args.skip_sandbox:
@@ -323,6 +412,17 @@ def main() -> None:
         header = ("path", "layers", "runs/s", "ms/run", "added", "vs bare start", "vs fresh")
         print(_table(title, header, table))
         print(f"\n# load average at end of sandbox rows: {_load()}\n")
+    if args.baseline:
+        rows = [
+            (label, test, before, after, f"{after / before:.2f}x")
+            for label, test, before, after in compare_rows(args.baseline, args.runs, args.threads)
+        ]
+        title = (
+            f"run_tests() calls/s, {args.baseline} against this checkout "
+            f"({args.runs} runs per row, {args.threads} threads, alternating rounds)"
+        )
+        print(_table(title, ("tests", "source", "baseline", "this checkout", "ratio"), rows))
+        print(f"\n# load average after the comparison: {_load()}\n")
     if not args.skip_math:
         print(
             _table(

@@ -89,6 +89,80 @@ def test_tests_without_asserts_pass_when_they_run():
     assert not run_tests(ADD, "add(1)\n").passed
 
 
+# ------------------------------------------------------------------ value cases and the two-process harness
+
+
+@pytest.mark.parametrize(
+    ("tests", "entry_point", "mode"),
+    [
+        ("assert add(1, 2) == 3\nassert not add(0, 0)\nassert add(1, 1) is not None, 'm'\n", None, "values"),
+        ("assert add(1, 2) == 1 + 2\n", None, "statements"),  # computed expectation
+        ("import math\nassert add(1, 2) == 3\n", None, "statements"),  # set-up statements
+        ("def helper():\n    return 3\nassert add(1, 2) == helper()\n", None, "statements"),
+        ("assert len([1]) == 1\n", None, "statements"),  # a builtin is not the program's
+        ("METADATA = {}\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n", "add", "values"),
+        ("def check(c):\n    for i in range(3):\n        assert c(i, i) == 2 * i\n", "add", "check"),
+    ],
+)
+def test_literal_asserts_become_value_cases(tests, entry_point, mode):
+    from verifiers.sandbox._testplan import plan_tests
+
+    plan = plan_tests(ADD, tests, entry_point)
+    assert plan.mode == mode
+    if mode == "values":
+        # The expected values stay here; the sandbox gets only the calls.
+        assert plan.expected[0].op == "==" and plan.expected[0].expected == 3
+        assert "3" not in json.dumps(plan.job["calls"]) and plan.tests == {}
+
+
+def test_value_cases_judge_like_python():
+    tests = "assert f(1) == 1.0\nassert f(True) == 1\nassert f(None) is None\nassert not f(0)\n"
+    tests += "assert f([1]) != [2]\nassert f('a') == 'b', 'not b'\nassert f((1, 2)) == [1, 2]\n"
+    result = run_tests("def f(x):\n    return x\n", tests)
+    assert statuses(result) == ["passed"] * 5 + ["wrong_answer", "wrong_answer"]
+    assert result.verdicts[5].detail == "AssertionError: not b"
+
+
+def test_computed_asserts_run_in_the_harness_with_the_same_verdicts():
+    program = "import os\ndef f(x):\n    if x == 3:\n        os._exit(0)\n"
+    program += "    while x == 2:\n        pass\n    return x\n"
+    tests = "assert f(0) == int('0')\nassert f(1) == 1 + 1\nassert f(2) == int('2')\n"
+    tests += "assert f(0) == int('0')\nassert f(3) == int('3')\nassert f(0) == int('0')\n"
+    result = run_tests(program, tests, timeout_s=8.0, case_timeout_s=0.5)
+    assert statuses(result) == ["passed", "wrong_answer", "time_limit", "passed", "runtime_error", "not_run"]
+    assert "the program's process ended" in result.verdicts[4].detail
+
+
+def test_a_long_c_call_is_stopped_by_the_harness_and_later_tests_are_not_run():
+    program = "def f(x):\n    return sum(range(10**12)) if x else 0\n"
+    tests = "assert f(0) == int('0')\nassert f(1) == int('1')\nassert f(0) == int('0')\n"
+    result = run_tests(program, tests, timeout_s=8.0, case_timeout_s=0.5)
+    assert statuses(result) == ["passed", "time_limit", "not_run"]
+    assert result.wall_s < 5
+
+
+def test_tests_may_pass_their_functions_to_the_program_but_not_other_objects():
+    program = "def apply(f, xs):\n    return [f(x) for x in xs]\ndef keys(d):\n    return sorted(d)\n"
+    tests = "def double(x):\n    return 2 * x\nassert apply(double, [1, 2]) == [2, 4]\n"
+    tests += "assert apply(lambda x: -x, (3,)) == [-3]\nassert apply(str, [5]) == ['5']\n"
+    tests += "import os\nassert apply(lambda p: 1, [os]) == [1]\n"
+    result = run_tests(program, tests)
+    assert statuses(result) == ["passed", "passed", "passed", "runtime_error"]
+    assert "cannot be passed" in result.verdicts[3].detail
+
+
+def test_program_objects_work_through_handles_in_the_harness():
+    program = (
+        "class Counter:\n    def __init__(self):\n        self.n = 0\n"
+        "    def add(self, k):\n        self.n += k\n        return self\n"
+        "def gen(n):\n    yield from range(n)\n"
+    )
+    tests = "c = Counter()\nassert c.add(2).add(3).n == int('5')\nassert list(gen(3)) == [0, 1, 2]\n"
+    tests += "assert sum(x for x in gen(4)) == 6\nassert c == c\nassert c != 5\n"
+    result = run_tests(program, tests)
+    assert statuses(result) == ["passed"] * 5, result.summary()
+
+
 # ------------------------------------------------------------------ check(candidate)
 
 CHECK = """
@@ -300,6 +374,9 @@ def test_verify_partial_credit_and_no_code():
 # ------------------------------------------------------------------ fork server vs fresh interpreter
 
 
+LOOP = "def f(x):\n    while x:\n        pass\n    return x\n"
+
+
 def test_fork_server_and_fresh_interpreters_give_the_same_verdicts():
     box = default_sandbox()
     if not box.uses_fork_server:
@@ -314,6 +391,10 @@ def test_fork_server_and_fresh_interpreters_give_the_same_verdicts():
             ("def f():\n    return bytearray(2**31)\n", "assert f()", {"memory_mb": 256}),
             (SUM_PROGRAM, [IOCase("1 2", "3"), IOCase("2 2", "5"), IOCase("x", "0")], {}),
             ("print(input()[::-1])", [IOCase("abc", "cba")], {}),
+            # Computed expectations: the two-process harness.
+            (ADD, "assert add(1, 2) == int('3')\nassert add(1, 1) == 1 + 2\nassert add(0) == 0 * 1\n", {}),
+            ("import os\nos._exit(0)\n" + ADD, "assert add(1, 2) == 1 + 2", {}),
+            (LOOP, "assert f(1) + 0\nassert f(0) == 0 * 0", {}),
             (ADD, [CallCase([1, 2], 3), CallCase([2, 2], 5)], {"entry_point": "add"}),
         ]
         for program, tests, kwargs in cases:

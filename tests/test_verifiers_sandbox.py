@@ -347,6 +347,19 @@ def test_command_runs_with_stdin_and_limits(box):
     assert int(lines[4]) >= box.limits.max_processes  # soft limit, relative to the caller's uid
 
 
+def test_the_sandbox_interpreter_runs_as_a_command(box):
+    """What code self-play does: ``Sandbox.run`` of the sandbox's own interpreter.
+
+    Without bubblewrap, as root, each run has a uid of its own that cannot
+    enter a private home directory holding the interpreter (/root/.pyenv); the
+    sandbox then starts it the way it reaches it itself.
+    """
+    source = "import json; print(json.dumps([6 * 7]))"
+    result = box.run([box.interpreter.executable, "-I", "-S", "-c", source])
+    assert result.ok, result.stderr.decode()
+    assert result.stdout == b"[42]\n"
+
+
 def test_sandbox_does_not_import_heavy_modules():
     code = "import sys, verifiers.sandbox, verifiers.code; print('sympy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -661,7 +674,7 @@ def test_server_guards_itself_when_runs_share_its_uid():
     system_python = "/usr/bin/python3"
     if not ROOT or not os.path.exists(system_python) or sb.iso.find_bwrap() is None:
         pytest.skip("needs root (to become nobody), a system Python and bubblewrap")
-    repo = str(Path(sb.__file__).resolve().parents[1])
+    repo = str(Path(sb.__file__).resolve().parents[2])
     nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     command = [*nobody, system_python, "-I", "-c", SHARED_UID_CHECK.format(repo=repo)]
     out = subprocess.run(

@@ -15,22 +15,19 @@ Example:
 from __future__ import annotations
 
 import json
-import marshal
 import math
-import os
 import re
-import secrets
 import signal
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
-from verifiers._testplan import CallCase, CasePlan, IOCase, plan_tests
 from verifiers.base import Verdict
-from verifiers.sandbox import Sandbox, SandboxResult, default_sandbox
+from verifiers.sandbox import Sandbox, SandboxResult, _wire, default_sandbox
+from verifiers.sandbox._testplan import CallCase, CasePlan, IOCase, plan_tests
+from verifiers.sandbox._valuecases import ValueCheck
+from verifiers.sandbox.remote import REMOTE, RemoteSandbox, ServiceUnavailable
 
 __all__ = [
     "CallCase",
@@ -43,9 +40,9 @@ __all__ = [
     "verify_partial",
 ]
 
+# The reason of a row a code-execution service could not run (scored 0, not the program's fault).
+SERVICE_DOWN = "code-execution service unavailable"
 STATUSES = ("passed", "wrong_answer", "time_limit", "runtime_error", "memory", "not_run")
-_HARNESS_PATH = Path(__file__).parent / "_harness.py"
-_HARNESS = compile(_HARNESS_PATH.read_text(), str(_HARNESS_PATH), "exec")
 # Headroom for starting the sandbox and interpreter, on top of the tests' own time.
 _START_SLACK_S = 3.0
 
@@ -83,6 +80,8 @@ class CodeResult:
         stderr: the tail of its standard error.
         layers: sandbox isolation layers that were active.
         wall_s: seconds the sandboxed run took.
+        service_error: why a remote code-execution service did not run the job
+            (every test is then ``not_run``); empty otherwise.
     """
 
     verdicts: tuple[CaseVerdict, ...]
@@ -91,6 +90,7 @@ class CodeResult:
     stderr: str = ""
     layers: tuple[str, ...] = ()
     wall_s: float = 0.0
+    service_error: str = ""
 
     @property
     def passed(self) -> bool:
@@ -122,9 +122,14 @@ def run_tests(
     timeout_s: float = 10.0,
     case_timeout_s: float | None = None,
     memory_mb: int | None = None,
-    sandbox: Sandbox | None = None,
+    sandbox: Sandbox | RemoteSandbox | None = None,
 ) -> CodeResult:
     """Run ``tests`` against ``program`` in a sandbox.
+
+    The program runs in a process of its own that never holds the tests nor the
+    channel results are reported on; assert-style tests run in the harness's
+    process, function-call and stdin/stdout outputs are compared here (see
+    ``verifiers/sandbox/_harness.py``).
 
     Args:
         program: Python source of the solution.
@@ -138,29 +143,29 @@ def run_tests(
         timeout_s: wall-clock limit for the whole run (all tests together).
         case_timeout_s: limit per test or case; defaults to ``timeout_s``.
         memory_mb: address-space limit; defaults to the sandbox's.
-        sandbox: the sandbox to run in; defaults to :func:`default_sandbox`.
+        sandbox: a local :class:`Sandbox` or a :class:`RemoteSandbox` (a
+            code-execution service); defaults to :func:`default_sandbox`.
 
     Returns:
         A :class:`CodeResult`. A program that exits (``sys.exit``, ``os._exit``)
         or crashes before its tests ran gets ``not_run`` or ``runtime_error``
-        verdicts and does not pass.
+        verdicts and does not pass. When a remote service cannot run the job,
+        every test is ``not_run`` and ``CodeResult.service_error`` says why.
     """
     box = sandbox or default_sandbox()
     plan = plan_tests(program, tests, entry_point)
-    nonce = secrets.token_hex(16)
     limits = replace(
         box.limits,
         wall_s=timeout_s + _START_SLACK_S,
         cpu_s=math.ceil(case_timeout_s or timeout_s) + 1,
         memory_mb=memory_mb or box.limits.memory_mb,
     )
-    job = dict(plan.job, nonce=nonce, n_units=len(plan.names))
-    job["per_test_s"] = float(case_timeout_s or timeout_s)
-    job["output_bytes"] = limits.output_bytes
-    same_python = box.interpreter.executable == os.path.realpath(sys.executable)
-    harness = _HARNESS if same_python else _HARNESS_PATH.read_text()
-    outcome = box.run_python(harness, payload=marshal.dumps(job), limits=limits)
-    records = _parse_report(outcome.report, nonce, len(plan.names))
+    job = dict(plan.job, per_test_s=float(case_timeout_s or timeout_s), output_bytes=limits.output_bytes)
+    try:
+        outcome = box.run_harness(job, dict(plan.tests, n_units=len(plan.names)), limits=limits)
+    except ServiceUnavailable as err:
+        return _unavailable(plan, str(err))
+    records = _parse_report(outcome.report, plan)
     verdicts = tuple(_judge(plan, i, records, outcome) for i in range(len(plan.names)))
     return CodeResult(
         verdicts=verdicts,
@@ -172,29 +177,38 @@ def run_tests(
     )
 
 
-_RECORD_STATUSES = {*STATUSES, "ok"}
+def _unavailable(plan: CasePlan, why: str) -> CodeResult:
+    detail = f"{SERVICE_DOWN}: {why}"
+    verdicts = tuple(CaseVerdict("not_run", name, detail[:500]) for name in plan.names)
+    return CodeResult(verdicts=verdicts, service_error=detail, layers=(REMOTE,))
+
+
+# Statuses a record may carry, by mode: only the harness writes records, and
+# it never writes "passed" for a test whose output is judged here.
+_JUDGED_HERE = {"ok", "time_limit", "runtime_error", "memory", "not_run"}
+_RECORD_STATUSES = {"statements": set(STATUSES), "check": set(STATUSES)}
+_RECORD_STATUSES.update(stdio=_JUDGED_HERE, values=_JUDGED_HERE)
 _OUTSIDE = -1  # key of a failure that happened outside any single test
 
 
-def _parse_report(report: bytes, nonce: str, n: int) -> dict[int, tuple[str, bytes]]:
-    """Records by test index; lines without this run's nonce are ignored, first record wins.
+def _parse_report(report: bytes, plan: CasePlan) -> dict[int, tuple[str, bytes]]:
+    """Records by test index (the first wins; incomplete lines are ignored).
 
     A harness-level failure (index -1, e.g. ``check()`` raising between tests) is
     kept under ``_OUTSIDE``.
     """
     records: dict[int, tuple[str, bytes]] = {}
-    key = nonce.encode()
-    for line in report.split(b"\n"):
+    allowed = _RECORD_STATUSES[plan.mode]
+    for line in report.split(b"\n")[:-1]:
         fields = line.split(b" ")
-        if len(fields) != 4 or fields[0] != key:
+        if len(fields) != 3:
             continue
         try:
-            index = int(fields[1])
-            status = fields[2].decode("ascii")
-            data = bytes.fromhex(fields[3].decode("ascii"))
+            index, status = int(fields[0]), fields[1].decode("ascii")
+            data = bytes.fromhex(fields[2].decode("ascii"))
         except (ValueError, UnicodeDecodeError):
             continue
-        if 0 <= index < n and status in _RECORD_STATUSES:
+        if 0 <= index < len(plan.names) and status in allowed:
             records.setdefault(index, (status, data))
         elif index == -1 and status == "runtime_error":
             records.setdefault(_OUTSIDE, (status, data))
@@ -217,11 +231,34 @@ def _judge(
         return CaseVerdict(status, name, detail[:500])
     if plan.mode == "stdio":
         same, why = tokens_equal(detail, plan.expected[index])
-    elif plan.mode == "call":
-        same, why = _call_matches(detail, plan.expected[index])
+    elif plan.mode == "values":
+        same, why = _value_matches(detail, plan.expected[index])
     else:
         return CaseVerdict("runtime_error", name, "harness sent an output for an assert test")
     return CaseVerdict("passed" if same else "wrong_answer", name, why)
+
+
+def _value_matches(returned: str, check: ValueCheck) -> tuple[bool, str]:
+    """Judge a value case: ``==`` and the rest with Python's own semantics on rebuilt plain data."""
+    if check.op == "call":
+        return _call_matches(returned, check.expected)
+    try:
+        value = _wire.decode(returned)
+    except _wire.WireError:
+        return False, "return value could not be read"
+    if check.op == "==":
+        same = value == check.expected
+    elif check.op == "!=":
+        same = value != check.expected
+    elif check.op == "is":
+        same = value is check.expected
+    elif check.op == "is not":
+        same = value is not check.expected
+    else:
+        same = bool(value) is (check.op == "truthy")
+    if same:
+        return True, ""
+    return False, "AssertionError" + (f": {check.message}" if check.message else "")
 
 
 def _missing(outcome: SandboxResult) -> tuple[str, str]:
@@ -266,15 +303,22 @@ def tokens_equal(actual: str, expected: str) -> tuple[bool, str]:
 
 def _call_matches(returned: str, expected: Any) -> tuple[bool, str]:
     try:
-        value = json.loads(returned)
-    except ValueError:
+        value = _wire.decode(returned)
+    except _wire.WireError:
         return False, "return value could not be read"
     if values_equal(value, expected):
         return True, ""
     # APPS wraps call-based expected values in a one-element list.
     if isinstance(expected, list) and len(expected) == 1 and values_equal(value, expected[0]):
         return True, ""
-    return False, f"expected {json.dumps(expected)[:100]}, got {returned[:100]}"
+    return False, f"expected {_show(expected)}, got {_show(value)}"
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)[:100]
+    except (TypeError, ValueError):
+        return repr(value)[:100]
 
 
 def values_equal(a: Any, b: Any) -> bool:
@@ -357,6 +401,10 @@ def verify(
         timeout_s=float(example.get("timeout_s", 10.0)),
         sandbox=sandbox,
     )
+    if result.service_error:
+        # Not the program's fault: scored 0, with the reason, so that the run can count such rows.
+        return Verdict(0.0, False, extracted=code, reason=result.service_error,
+                       info={"service_error": result.service_error, "layers": list(result.layers)})
     score = result.pass_fraction if partial_credit else float(result.passed)
     return Verdict(
         score=score,

@@ -20,11 +20,53 @@ import ast
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from verifiers import _pyast
+from verifiers.sandbox import _wire
+from verifiers.sandbox._valuecases import ValueCase, ValueCheck, check_cases, statement_cases
 
 UNIT_HOOK = "__ouroboros_unit__"
+
+# What runs inside the sandbox: the wire, the program's process, the harness,
+# one source in this order (each file imports the earlier ones' names only on the host).
+HARNESS_MODULE = "_ouroboros_harness"
+HARNESS_SOURCE = "_IN_SANDBOX = True\n" + "\n".join(
+    (Path(__file__).parent / name).read_text() for name in ("_wire.py", "_program.py", "_harness.py")
+)
+# A local run: the whole harness, or (in a fork server that preloaded it) a call into it.
+LOCAL_SOURCE = HARNESS_SOURCE + "\nrun_local(SANDBOX_PAYLOAD, SANDBOX_REPORT_FD)\n"
+PRELOADED_SOURCE = (
+    f"from {HARNESS_MODULE} import run_local\n"
+    "run_local(SANDBOX_PAYLOAD, SANDBOX_REPORT_FD, globals().get('SANDBOX_PROGRAM'))\n"
+)
+# The program's process of a paired run in a fork server: it reads the program on descriptor 5.
+PROGRAM_SOURCE = f"from {HARNESS_MODULE} import program_main\nprogram_main(3, 4, job_fd=5)\n"
+# A run on a code-execution service: the same source every time (a service may
+# cache its compilation), the job on stdin (see remote_stdin), records on stdout.
+REMOTE_SOURCE = HARNESS_SOURCE + "\nrun_remote(globals().get('__file__'))\n"
+
+
+def remote_stdin(job: dict, tests: dict) -> bytes:
+    """Stdin of a remote run: the program's part (length-prefixed), then the tests' part."""
+    head = _wire.encode(job).encode("ascii")
+    return b"%016x" % len(head) + head + _wire.encode(tests).encode("ascii")
+
+
+def split_remote_output(stdout: bytes) -> tuple[bytes, bytes, bytes]:
+    """A remote run's stdout as (records, the program's stdout, its stderr)."""
+    records, captured = [], {b"out": b"", b"err": b""}
+    for line in stdout.split(b"\n")[:-1]:
+        fields = line.split(b" ")
+        if len(fields) == 3 and fields[0] in captured and fields[1] == b"output":
+            try:
+                captured[fields[0]] = bytes.fromhex(fields[2].decode("ascii"))
+            except (ValueError, UnicodeDecodeError):
+                pass
+        else:
+            records.append(line + b"\n")
+    return b"".join(records), captured[b"out"], captured[b"err"]
 
 
 @dataclass(frozen=True)
@@ -48,20 +90,26 @@ class CasePlan:
     """What the harness runs and what the parent needs to judge it.
 
     Attributes:
-        job: the harness job (sent into the sandbox; holds no expected outputs
-            for stdin/stdout and function-call cases).
+        job: the program's part of the harness job (mode, program, entry point),
+            which the program's process is started with.
+        tests: the tests' part, sent to the harness only after the program's
+            process started (so that the program never holds it); it holds no
+            expected outputs for stdin/stdout and function-call cases.
         names: a short human-readable label per test.
-        expected: expected output (str) or return value per test, for judging in
-            the parent; empty for assert-style tests, which judge themselves.
+        expected: per test, what the parent judges the reported output by: the
+            expected stdout (str) of a stdin/stdout case, or a ``ValueCheck``
+            of a value case (function calls, literal asserts); empty for
+            assert-style tests, which the harness judges.
     """
 
     job: dict
+    tests: dict
     names: list[str]
     expected: list[Any] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
-        """``statements``, ``check``, ``stdio`` or ``call``."""
+        """``values`` or ``stdio`` (the parent judges), ``statements`` or ``check`` (the harness judges)."""
         return self.job["mode"]
 
 
@@ -122,12 +170,13 @@ def _plan_cases(program: str, spec: dict) -> CasePlan:
     fn_name = spec.get("fn_name")
     inputs, outputs = spec["inputs"], spec["outputs"]
     if fn_name:
-        encoded = [json.dumps(list(args)) for args in inputs]
-        job = {"mode": "call", "program": program, "fn_name": fn_name, "inputs": encoded}
-        return CasePlan(job, [f"call {i}" for i in range(len(inputs))], list(outputs))
+        pairs = zip(inputs, outputs, strict=True)
+        cases = [ValueCase(fn_name, list(args), {}, ValueCheck("call", out)) for args, out in pairs]
+        return _plan_values(program, cases, [f"call {i}" for i in range(len(inputs))], solution_class=True)
     texts = [_as_text(x) for x in inputs]
-    job = {"mode": "stdio", "program": program, "inputs": texts}
-    return CasePlan(job, [f"case {i}" for i in range(len(inputs))], [_as_text(y) for y in outputs])
+    job = {"mode": "stdio", "program": program}
+    names = [f"case {i}" for i in range(len(inputs))]
+    return CasePlan(job, {"inputs": texts}, names, [_as_text(y) for y in outputs])
 
 
 def plan_call_cases(program: str, cases: Sequence[CallCase], fn_name: str) -> CasePlan:
@@ -162,7 +211,24 @@ def _label(tests: str, node: ast.AST) -> str:
     return first[:160]
 
 
+def _plan_values(
+    program: str, cases: list[ValueCase], names: list[str], solution_class: bool = False
+) -> CasePlan:
+    """A run of value cases: one sandboxed process calls, the parent judges."""
+    calls = []
+    for i, case in enumerate(cases):
+        try:
+            calls.append([case.name, _wire.encode(case.args), _wire.encode(case.kwargs)])
+        except (TypeError, _wire.WireError) as exc:
+            raise ValueError(f"tests: the arguments of case {i} are not plain data: {exc}") from None
+    job = {"mode": "values", "program": program, "calls": calls, "solution_class": solution_class}
+    return CasePlan(job, {}, names, [case.check for case in cases])
+
+
 def _plan_statements(program: str, tests: str, module: ast.Module) -> CasePlan:
+    literal = statement_cases(module)
+    if literal is not None:
+        return _plan_values(program, [case for _, case in literal], [_label(tests, n) for n, _ in literal])
     units, names = [], []
     for node in module.body:
         source = ast.get_source_segment(tests, node) or ast.unparse(node)
@@ -175,13 +241,16 @@ def _plan_statements(program: str, tests: str, module: ast.Module) -> CasePlan:
         # Tests without an assert pass when they run to the end without raising.
         units = [(0, "test", tests)]
         names = ["tests run without raising"]
-    job = {"mode": "statements", "program": program, "units": units}
-    return CasePlan(job, names)
+    return CasePlan({"mode": "statements", "program": program}, {"units": units}, names)
 
 
 def _plan_check(
     program: str, tests: str, module: ast.Module, check: ast.FunctionDef, entry_point: str
 ) -> CasePlan:
+    literal = check_cases(module, check)
+    if literal is not None:
+        cases = [ValueCase(entry_point, c.args, c.kwargs, c.check) for _, c in literal]
+        return _plan_values(program, cases, [_label(tests, n) for n, _ in literal])
     names = []
     body = []
     for node in check.body:
@@ -197,11 +266,5 @@ def _plan_check(
     else:
         check.body = body
     source = ast.unparse(ast.fix_missing_locations(module))
-    job = {
-        "mode": "check",
-        "program": program,
-        "tests": source,
-        "entry_point": entry_point,
-        "whole_check": whole,
-    }
-    return CasePlan(job, names)
+    job = {"mode": "check", "program": program, "entry_point": entry_point}
+    return CasePlan(job, {"tests": source, "whole_check": whole}, names)

@@ -7,11 +7,14 @@ between hosts with and without bubblewrap) lives in one place.
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from pathlib import Path
 
 NO_NETWORK = "no_network"
 READONLY_FS = "readonly_fs"
+MINIMAL_FS = "minimal_fs"
 PID_NAMESPACE = "pid_namespace"
 UNPRIVILEGED_UID = "unprivileged_uid"
 NO_NEW_PRIVS = "no_new_privs"
@@ -32,6 +36,7 @@ OUTPUT_CAP = "output_cap"
 ALL_LAYERS = (
     NO_NETWORK,
     READONLY_FS,
+    MINIMAL_FS,
     PID_NAMESPACE,
     UNPRIVILEGED_UID,
     NO_NEW_PRIVS,
@@ -47,6 +52,8 @@ LAYER_GAPS = {
     NO_NETWORK: "programs can open sockets, reach 127.0.0.1 services and the internet",
     READONLY_FS: "programs can write anywhere their uid may (world-writable /tmp, /var/tmp,"
     " /dev/shm) and read files outside scratch",
+    MINIMAL_FS: "programs can read every file their uid may: project checkouts, installed"
+    " packages and their data (benchmark data with canonical solutions included)",
     PID_NAMESPACE: "programs can see host processes; a child that leaves the process group"
     " is only reaped by the uid sweep",
     UNPRIVILEGED_UID: "programs run as the calling user: they can signal or read the"
@@ -62,10 +69,19 @@ UID_GAP_IN_NAMESPACES = (
     " files outside the hidden home directories"
 )
 
-# Directories hidden behind an empty read-only tmpfs inside bubblewrap: home
-# directories hold credentials, /run holds sockets (docker, dbus) that a
-# read-only mount does not stop a connect() to, and /tmp holds other users' files.
-MASKED_DIRS = ("/tmp", "/var/tmp", "/run", "/root", "/home")
+# Inside bubblewrap the root is an empty file system with only these bound into
+# it (read-only): the system's programs and libraries, the interpreter's
+# installation, and the packages a sandbox allows by name. Home directories,
+# /run (sockets), /tmp (other users' files), /opt, /srv and every checkout stay
+# out of sight.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# What of /etc a program may need: the dynamic loader's cache, time zone, user names.
+ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "passwd", "group", "nsswitch.conf",
+             "alternatives", "os-release", "mime.types")
+# Directories of installed packages under the system directories (Debian's
+# dist-packages included); the interpreter's own come from sysconfig.
+_SITE_GLOBS = ("/usr/lib/python3*/site-packages", "/usr/lib/python3*/dist-packages",
+               "/usr/local/lib/python3*/site-packages", "/usr/local/lib/python3*/dist-packages")
 
 # Per-run uids start here when the host maps the full uid range (a plain host
 # or a privileged container): far above any uid a distribution hands out.
@@ -87,12 +103,29 @@ class Interpreter:
 
     @classmethod
     def current(cls, python: str | None = None) -> Interpreter:
-        """The running interpreter, or the one at ``python``."""
+        """The running interpreter, or the one at ``python``.
+
+        A virtual environment's own prefix is left out: sandboxed Python starts
+        the real binary in isolated mode, which reads nothing from it.
+        """
         exe = os.path.realpath(python or sys.executable)
         prefixes = {str(Path(exe).parent.parent)}
         if python is None:
-            prefixes |= {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+            prefixes.add(os.path.realpath(sys.base_prefix))
         return cls(exe, tuple(sorted(prefixes)))
+
+    def site_dirs(self) -> list[str]:
+        """Directories of installed packages this interpreter (and the system) may read."""
+        found = set()
+        if self.executable == os.path.realpath(sys.executable):
+            paths = sysconfig.get_paths()
+            found |= {paths["purelib"], paths["platlib"]}
+        for prefix in self.prefixes:
+            found.update(glob.glob(os.path.join(prefix, "lib", "python3*", "site-packages")))
+            found.update(glob.glob(os.path.join(prefix, "lib", "python3*", "dist-packages")))
+        for pattern in _SITE_GLOBS:
+            found.update(glob.glob(pattern))
+        return sorted({os.path.realpath(d) for d in found if os.path.isdir(d)})
 
     def reachable_by_others(self) -> bool:
         """Whether a uid with no relation to the file owners can execute it."""
@@ -120,9 +153,66 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+BWRAP_ENV = "OUROBOROS_SANDBOX_BWRAP"
+
+
 def find_bwrap() -> str | None:
-    """Path of the bubblewrap binary, if installed."""
+    """Path of the bubblewrap binary, if installed.
+
+    ``OUROBOROS_SANDBOX_BWRAP`` overrides the PATH lookup: a path to use that
+    binary, or ``none`` to act as on a host without bubblewrap (to try the
+    fallback on a machine that has it).
+    """
+    chosen = os.environ.get(BWRAP_ENV)
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "none", "off", "0") else shutil.which(chosen)
     return shutil.which("bwrap")
+
+
+@dataclass(frozen=True)
+class FileView:
+    """What the sandbox's file system shows besides the system directories.
+
+    Attributes:
+        prefixes: interpreter installations, bound read-only.
+        hidden: package directories inside them replaced by empty read-only ones.
+        packages: package paths bound back into the hidden directories (allowed by name).
+        sys_path: directories the sandboxed interpreter adds to ``sys.path`` (those of the packages).
+    """
+
+    prefixes: tuple[str, ...]
+    hidden: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()
+    sys_path: tuple[str, ...] = ()
+
+
+def file_view(
+    interpreter: Interpreter, packages: Sequence[str] = (), *, all_packages: bool = False
+) -> FileView:
+    """The view for ``interpreter``: every package directory hidden except ``packages``.
+
+    Each name is a top-level importable name (``numpy``, ``sympy``); its
+    directory (or module file), its compiled libraries (``numpy.libs``) and its
+    metadata (``numpy-*.dist-info``) are shown. Dependencies must be named too.
+
+    Raises:
+        ValueError: a name is not installed for this interpreter.
+    """
+    if all_packages:
+        return FileView(tuple(interpreter.prefixes))
+    shown, path = [], []
+    for name in packages:
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+        if spec is None or not (spec.submodule_search_locations or spec.origin):
+            raise ValueError(f"packages: {name!r} is not installed for {interpreter.executable}")
+        location = list(spec.submodule_search_locations or [spec.origin])[0]
+        site = os.path.dirname(os.path.realpath(location))
+        shown.append(os.path.realpath(location))
+        shown += glob.glob(os.path.join(site, f"{name}.libs"))
+        shown += glob.glob(os.path.join(site, f"{name}-*.dist-info"))
+        if site not in path:
+            path.append(site)
+    return FileView(tuple(interpreter.prefixes), tuple(interpreter.site_dirs()), tuple(shown), tuple(path))
 
 
 def bwrap_supports(bwrap: str, flag: str) -> bool:
@@ -137,34 +227,46 @@ def bwrap_supports(bwrap: str, flag: str) -> bool:
 def bwrap_args(
     bwrap: str,
     *,
-    interpreter: Interpreter,
+    view: FileView,
     scratch: str,
     as_root: bool,
     disable_userns: bool,
 ) -> list[str]:
     """The bubblewrap command line that wraps one sandboxed process.
 
+    The root is an empty read-only file system holding the system directories,
+    a few files of /etc, the interpreter's installation with its package
+    directories emptied (``view``), /dev, /proc, and the run's scratch directory.
+
     As root bubblewrap runs privileged (it can mount without a user namespace)
     and the launcher inside switches to the per-run uid, so only CAP_SETUID and
     CAP_SETGID are kept until then. Unprivileged, a user namespace maps the
     caller's uid and every capability is dropped.
     """
-    args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    masked = [d for d in MASKED_DIRS if os.path.isdir(d) and not os.path.islink(d)]
-    for directory in masked:
-        args += ["--tmpfs", directory]
-    for prefix in interpreter.prefixes:
-        mask = next((d for d in masked if _is_within(prefix, d)), None)
-        if mask is None:
+    args = [bwrap]
+    for directory in SYSTEM_DIRS:
+        if os.path.islink(directory):
+            args += ["--symlink", os.readlink(directory), directory]
+        elif os.path.isdir(directory):
+            args += ["--ro-bind", directory, directory]
+    for name in ETC_FILES:
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for prefix in view.prefixes:
+        if any(_is_within(prefix, d) for d in SYSTEM_DIRS if not os.path.islink(d)):
             continue
         # bubblewrap would create the missing parents 0700; the sandbox uid
         # has to walk through them to reach the interpreter.
         for parent in reversed(Path(prefix).parents):
-            if _is_within(str(parent), mask) and str(parent) != mask:
+            if str(parent) != "/":
                 args += ["--perms", "0755", "--dir", str(parent)]
         args += ["--ro-bind", prefix, prefix]
+    for hidden in view.hidden:
+        args += ["--tmpfs", hidden]
+    for shown in view.packages:
+        args += ["--ro-bind", shown, shown]
     args += ["--bind", scratch, scratch]
-    for directory in masked:
+    for directory in (*view.hidden, "/tmp", "/"):
         args += ["--remount-ro", directory]
     # No --chdir: the scratch directory belongs to the sandbox uid, which the
     # launcher switches to before entering it.
@@ -211,16 +313,23 @@ class UidAllocator:
         self._lock = threading.Lock()
         self._busy: set[int] = set()
         self._low, self._high = _uid_range()
+        self._next = 0
 
     def acquire(self) -> int:
-        """A free uid for one run; release it with :meth:`release`."""
+        """A free uid for one run; release it with :meth:`release`.
+
+        Slots are taken in turn rather than lowest first: processes a run left
+        behind may count against its uid's process limit until the host's init
+        reaps them, so a uid is reused as late as possible.
+        """
         span = self._high - self._low
         base = (os.getpid() * _SLOTS_PER_PROCESS) % max(span - _SLOTS_PER_PROCESS, 1)
         with self._lock:
-            for slot in range(_SLOTS_PER_PROCESS):
-                uid = self._low + base + slot
+            for step in range(_SLOTS_PER_PROCESS):
+                uid = self._low + base + (self._next + step) % _SLOTS_PER_PROCESS
                 if uid not in self._busy:
                     self._busy.add(uid)
+                    self._next = (self._next + step + 1) % _SLOTS_PER_PROCESS
                     return uid
         raise RuntimeError(f"more than {_SLOTS_PER_PROCESS} concurrent sandboxes in one process")
 

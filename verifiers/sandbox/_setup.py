@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.util import Finalize
 
-from verifiers import _isolation as iso
+from verifiers.sandbox import _isolation as iso
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,13 @@ class Setup:
         scratch_root: where scratch directories are made.
         trash: removes scratch directories after runs.
         nproc_base: threads the caller's uid already runs (RLIMIT_NPROC counts them).
+        view: what the file system shows inside bubblewrap.
+        sys_path: directories sandboxed Python adds to ``sys.path`` (allowed
+            packages); ``{prefix}`` stands for the interpreter's own prefix.
+        preload: trusted modules every fork server imports before serving
+            (marshalled ``[(name, code or source)]``), or empty.
+        pair_entry: source a fork server runs in the program's process of a
+            paired run (the test harness's), or empty.
     """
 
     interpreter: iso.Interpreter
@@ -45,6 +52,10 @@ class Setup:
     scratch_root: str
     trash: Trash
     nproc_base: Callable[[], int]
+    view: iso.FileView
+    sys_path: tuple[str, ...] = ()
+    preload: bytes = b""
+    pair_entry: str = ""
 
 
 @dataclass(frozen=True)

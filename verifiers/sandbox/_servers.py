@@ -2,7 +2,7 @@
 
 A :class:`ForkServer` is one pre-started interpreter inside its own sandbox
 (its own bubblewrap, as pid 1 of its own namespaces), serving one run at a
-time; a :class:`ServerPool` keeps the idle ones and starts another whenever all
+time; a ``ServerPool`` (``_serverpool.py``) keeps the idle ones and starts another whenever all
 are busy or one died. Nothing here trusts a server with a verdict: it only
 starts runs and reports exit statuses, while the program's output and report
 come back on pipes the host reads itself.
@@ -22,22 +22,20 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
-import weakref
-from collections.abc import Callable, Sequence
-from multiprocessing.util import Finalize
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from verifiers import _isolation as iso
-from verifiers._fresh import fd_relative_exe
-from verifiers._pump import Pump
-from verifiers._seccomp import filter_fd
-from verifiers._setup import Outcome, Setup
+from verifiers.sandbox import _isolation as iso
+from verifiers.sandbox._fresh import fd_relative_exe
+from verifiers.sandbox._pump import Pump
+from verifiers.sandbox._seccomp import filter_fd
+from verifiers.sandbox._setup import Outcome, Setup
 
 if TYPE_CHECKING:
-    from verifiers.sandbox import Limits
+    from verifiers.sandbox._serverpool import ServerPool
+    from verifiers.sandbox._types import Limits
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +65,8 @@ class ForkServer:
         env: the server's whole environment (children get their own per run).
         scratch_root: directory holding the runs' scratch directories; removed on close.
         pass_fds: descriptors the prefix needs (e.g. one for a descriptor-relative interpreter).
+        preload: trusted modules the server imports before serving (marshalled
+            ``[(name, code or source)]``, sent on its stdin; see ``config["preload"]``).
         startup_s: how long the server may take to say it is ready.
     """
 
@@ -80,6 +80,7 @@ class ForkServer:
         scratch_root: str,
         bwrap: bool = False,
         pass_fds: Sequence[int] = (),
+        preload: bytes = b"",
         startup_s: float = 30.0,
     ) -> None:
         self.scratch_root = scratch_root
@@ -95,7 +96,7 @@ class ForkServer:
         try:
             self.proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if preload else subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=fds,
@@ -110,6 +111,12 @@ class ForkServer:
                 os.close(info_w)
         self.pid = self.proc.pid
         try:
+            if preload:
+                try:
+                    self.proc.stdin.write(preload)
+                    self.proc.stdin.close()
+                except BrokenPipeError:
+                    pass  # it died: _await_ready says why
             self._await_ready(startup_s)
             if info_r is not None:
                 self.pid = _child_pid(info_r, self.proc.pid)
@@ -139,16 +146,27 @@ class ForkServer:
         ready = _readable(self.sock, 0)
         return not ready  # an idle server only ever speaks when it goes away
 
-    def run(self, spec: dict, job: bytes, stdin: bytes, wall_s: float, caps: dict[str, int]) -> Outcome:
+    def run(
+        self,
+        spec: dict,
+        job: bytes,
+        stdin: bytes,
+        wall_s: float,
+        caps: dict[str, int],
+        program_job: bytes | None = None,
+    ) -> Outcome:
         """One run: send the spec with fresh pipes, feed and drain them, return how it ended.
+
+        ``program_job`` is what the program's process of a paired run reads
+        (on a sixth pipe), so that it starts at once rather than after the harness.
 
         Raises:
             ServerDied: the server was gone before it could take the run.
         """
-        pipes = [os.pipe() for _ in range(5)]
-        # Child ends: stdin (read), stdout, stderr, report (write), job (read).
-        guest = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1], pipes[4][0]]
-        host = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0], pipes[4][1]]
+        pipes = [os.pipe() for _ in range(5 if program_job is None else 6)]
+        # Child ends: stdin (read), stdout, stderr, report (write), job (read), the program's job (read).
+        guest = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]] + [p[0] for p in pipes[4:]]
+        host = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]] + [p[1] for p in pipes[4:]]
         try:
             self.sock.sendmsg(
                 [b"S" + marshal.dumps(spec)],
@@ -165,6 +183,8 @@ class ForkServer:
         self.runs += 1
         pump = _ServerPump(self.sock)
         pump.add_writer(os.fdopen(host[4], "wb", buffering=0), job)
+        if program_job is not None:
+            pump.add_writer(os.fdopen(host[5], "wb", buffering=0), program_job)
         pump.add_writer(os.fdopen(host[0], "wb", buffering=0), stdin)
         for name, fd in zip(("stdout", "stderr", "report"), host[1:4], strict=True):
             pump.add_reader(name, os.fdopen(fd, "rb", buffering=0), caps[name])
@@ -303,95 +323,15 @@ def _child_pid(info_r: int, fallback: int) -> int:
         return fallback
 
 
-class ServerPool:
-    """Idle fork servers of one sandbox: one is taken per run and given back after it.
-
-    As many servers exist as runs ever went on at once. A dead or spent server is
-    closed and a new one started on the next take. After ``fork()`` the child
-    process forgets the parent's servers (they keep serving the parent).
-    """
-
-    def __init__(self, start: Callable[[], ForkServer]) -> None:
-        self._start = start
-        self._idle: list[ForkServer] = []
-        self._lock = threading.Lock()
-        self._owner_pid = os.getpid()
-        self._live: weakref.WeakSet[ForkServer] = weakref.WeakSet()
-        self.started = 0
-        # At exit (also of a multiprocessing worker, which skips atexit) or when
-        # collected; never in a forked child, whose servers are the parent's.
-        Finalize(self, _close_all, args=(self._idle,), exitpriority=1)
-        _POOLS.add(self)
-
-    def take(self) -> ForkServer:
-        """An idle live server, or a newly started one."""
-        with self._lock:
-            if os.getpid() != self._owner_pid:
-                self.forget()
-            while self._idle:
-                server = self._idle.pop()
-                if server.alive:
-                    return server
-                server.close()
-        server = self._start()
-        with self._lock:
-            self.started += 1
-            self._live.add(server)
-        return server
-
-    def live(self) -> list[ForkServer]:
-        """Servers started by this pool that have not been closed (idle or serving a run)."""
-        with self._lock:
-            return [server for server in self._live if not server.spent]
-
-    def give_back(self, server: ForkServer) -> None:
-        """Keep ``server`` for the next run, or close it when it cannot serve one."""
-        with self._lock:
-            if server.alive and os.getpid() == self._owner_pid:
-                self._idle.append(server)
-                return
-        server.close()
-
-    def close(self) -> None:
-        """Stop every idle server."""
-        with self._lock:
-            servers = list(self._idle)
-            self._idle.clear()
-        _close_all(servers)
-
-    def forget(self) -> None:
-        """In a forked child: drop the parent's servers without disturbing them."""
-        for server in self._idle:
-            server.forget()
-        self._idle.clear()
-        self._live = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._owner_pid = os.getpid()
-
-
-_POOLS: weakref.WeakSet[ServerPool] = weakref.WeakSet()
-
-
-def _close_all(servers: list[ForkServer]) -> None:
-    for server in list(servers):
-        server.close()
-    servers.clear()
-
-
-def _forget_in_child() -> None:
-    for pool in list(_POOLS):
-        pool.forget()
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
-
-
 def start_server(setup: Setup) -> ForkServer:
     """A new fork server behind the sandbox's layers: in bubblewrap, or as root switching uids."""
     root = tempfile.mkdtemp(prefix="ouroboros-sandbox-", dir=setup.scratch_root)
     kwargs: dict = {"pass_fds": []}
     opened: list[int] = []
     config = {"pid1": setup.bwrap is not None, "shared_uid": setup.uids is None}
+    config["preload"] = bool(setup.preload)
+    config["pair_entry"] = setup.pair_entry
+    config["sys_path"] = setup.sys_path
     exe = setup.interpreter.executable
     try:
         if setup.uids is not None:
@@ -399,7 +339,7 @@ def start_server(setup: Setup) -> ForkServer:
         if setup.bwrap:
             prefix = iso.bwrap_args(
                 setup.bwrap,
-                interpreter=setup.interpreter,
+                view=setup.view,
                 scratch=root,
                 as_root=setup.as_root,
                 disable_userns=True,
@@ -430,6 +370,7 @@ def start_server(setup: Setup) -> ForkServer:
             scratch_root=root,
             bwrap=setup.bwrap is not None,
             pass_fds=kwargs["pass_fds"],
+            preload=setup.preload,
         )
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
@@ -440,9 +381,19 @@ def start_server(setup: Setup) -> ForkServer:
 
 
 def run_in_server(
-    setup: Setup, pool: ServerPool, job: dict, payload: bytes, stdin: bytes, limits: Limits
+    setup: Setup,
+    pool: ServerPool,
+    job: dict,
+    payload: bytes,
+    stdin: bytes,
+    limits: Limits,
+    pair: bytes | None = None,
 ) -> Outcome | None:
-    """One run in a fork server, replacing one found dead; None when no server can be had."""
+    """One run in a fork server, replacing one found dead; None when no server can be had.
+
+    With ``pair`` (the program's part of a test-harness job) the server also
+    forks the program's process of the run, which reads it (see ``_forkserver.py``).
+    """
     for _ in range(2):
         try:
             server = pool.take()
@@ -450,7 +401,7 @@ def run_in_server(
             log.warning("could not start a fork server (%s); this run starts a fresh interpreter", err)
             return None
         try:
-            outcome = serve(setup, server, job, payload, stdin, limits)
+            outcome = serve(setup, server, job, payload, stdin, limits, pair)
         except BaseException:
             server.close()  # interrupted (SystemExit, KeyboardInterrupt): the run dies with it
             raise
@@ -461,7 +412,13 @@ def run_in_server(
 
 
 def serve(
-    setup: Setup, server: ForkServer, job: dict, payload: bytes, stdin: bytes, limits: Limits
+    setup: Setup,
+    server: ForkServer,
+    job: dict,
+    payload: bytes,
+    stdin: bytes,
+    limits: Limits,
+    pair: bytes | None = None,
 ) -> Outcome | None:
     """One run in ``server``; None when the server was gone before the run began."""
     try:
@@ -480,10 +437,11 @@ def serve(
             "rlimits": {**limits.rlimits(setup.nproc_base()), "msgqueue": (0, 0)},
             "cwd": scratch,
             "env": iso.scrubbed_env(scratch),
+            "pair": pair is not None,
         }
         caps = {"stdout": limits.output_bytes, "stderr": limits.output_bytes, "report": limits.report_bytes}
         try:
-            return server.run(spec, marshal.dumps((job, payload)), stdin, limits.wall_s, caps)
+            return server.run(spec, marshal.dumps((job, payload)), stdin, limits.wall_s, caps, pair)
         except ServerDied:
             return None
     finally:

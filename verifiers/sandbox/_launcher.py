@@ -68,9 +68,13 @@ def main():
         resource.setrlimit(_RLIMITS[name], (soft, hard))
     os.umask(0o077)
     os.chdir(spec["cwd"])
+    sys.path.extend(p.replace("{prefix}", sys.prefix) for p in spec.get("sys_path", ()))
     if spec.get("argv"):
         os.close(report_fd)
-        os.execvp(spec["argv"][0], spec["argv"])
+        argv = spec["argv"]
+        if spec.get("self_exe"):
+            argv[0] = sys.executable  # the interpreter as this process reached it (maybe via a descriptor)
+        os.execvp(argv[0], argv)
     sys.argv = ["<sandboxed>"]
     namespace = {
         "__name__": "__main__",

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from verifiers import _isolation as iso
-from verifiers._pump import Pump
-from verifiers._seccomp import filter_fd
-from verifiers._setup import Outcome, Setup
+from verifiers.sandbox import _isolation as iso
+from verifiers.sandbox._pump import Pump
+from verifiers.sandbox._seccomp import filter_fd
+from verifiers.sandbox._setup import Outcome, Setup
 
 if TYPE_CHECKING:
-    from verifiers.sandbox import Limits
+    from verifiers.sandbox._types import Limits
 
 LAUNCHER = (Path(__file__).parent / "_launcher.py").read_text()
 
@@ -56,11 +56,11 @@ def _plan(
     """Command line, Popen arguments and launcher spec for one run."""
     exe = setup.interpreter.executable
     kwargs: dict = {"env": iso.scrubbed_env(scratch), "cwd": scratch, "pass_fds": []}
-    spec = {"rlimits": limits.rlimits(setup.nproc_base()), "cwd": scratch, **job}
+    spec = {"rlimits": limits.rlimits(setup.nproc_base()), "cwd": scratch, "sys_path": setup.sys_path, **job}
     if setup.bwrap:
         prefix = iso.bwrap_args(
             setup.bwrap,
-            interpreter=setup.interpreter,
+            view=setup.view,
             scratch=scratch,
             as_root=setup.as_root,
             disable_userns=True,
