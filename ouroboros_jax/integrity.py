@@ -17,6 +17,7 @@ cryptographic hash.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -52,12 +53,14 @@ class LeafCheck(NamedTuple):
     fingerprint: str
 
 
-def scan(tree: Any) -> dict[str, LeafCheck]:
+def scan(tree: Any, *, fingerprints: bool = True) -> dict[str, LeafCheck]:
     """Finiteness and fingerprint of every array leaf of `tree`, in one device pass.
 
     Args:
         tree: any pytree of arrays (jax, numpy) or Python numbers; typed PRNG keys
             are fingerprinted through their key data.
+        fingerprints: False checks finiteness only (every fingerprint is ""): the
+            integer mixing costs more than the check on CPUs.
 
     Returns:
         leaf key ("params/layers/w": the path's names joined by "/", the same for a
@@ -66,7 +69,7 @@ def scan(tree: Any) -> dict[str, LeafCheck]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     on_device = [(i, x if isinstance(x, jax.Array) else jnp.asarray(x))
                  for i, (_, x) in enumerate(leaves) if _fingerprintable(x)]
-    device_out = _scan_device([x for _, x in on_device])
+    device_out = _scan_device([x for _, x in on_device], fingerprints)
     by_index = dict(zip((i for i, _ in on_device), device_out, strict=True))
     out = {}
     for i, (path, x) in enumerate(leaves):
@@ -130,7 +133,7 @@ def find_nonfinite(tree: Any) -> str | None:
     Returns:
         The leaf's path as `jax.tree_util.keystr` writes it (e.g. "['params']['w']"), or None.
     """
-    return next((c.where for c in scan(tree).values() if not c.finite), None)
+    return next((c.where for c in scan(tree, fingerprints=False).values() if not c.finite), None)
 
 
 def assert_finite(tree: Any, step: int, name: str = "state") -> None:
@@ -170,25 +173,26 @@ def leaf_key(path: tuple[Any, ...]) -> str:
 # The device pass
 
 
-def _scan_device(arrays: list[jax.Array]) -> list[tuple[bool, str]]:
+def _scan_device(arrays: list[jax.Array], fingerprints: bool) -> list[tuple[bool, str]]:
     """(finite, fingerprint) per array; one program per set of devices the arrays live on."""
     groups: dict[frozenset, list[int]] = {}
     for i, x in enumerate(arrays):
         groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
     # Arrays committed to different device sets cannot enter one program; scalars such
     # as the step counter often sit on one device beside parameters on the mesh.
-    pending = [(idx, _scan_jit([arrays[i] for i in idx])) for idx in groups.values()]
+    pending = [(idx, _scan_jit([arrays[i] for i in idx], fingerprints)) for idx in groups.values()]
     results: list[tuple[bool, str]] = [(True, "")] * len(arrays)
     for idx, (finite, lanes) in jax.device_get(pending):
         for j, i in enumerate(idx):
-            results[i] = (bool(finite[j]), f"{int(lanes[j][0]):08x}{int(lanes[j][1]):08x}")
+            fingerprint = f"{int(lanes[j][0]):08x}{int(lanes[j][1]):08x}" if fingerprints else ""
+            results[i] = (bool(finite[j]), fingerprint)
     return results
 
 
-@jax.jit
-def _scan_jit(xs: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnums=1)
+def _scan_jit(xs: list[jax.Array], fingerprints: bool) -> tuple[jax.Array, jax.Array]:
     finite = [jnp.all(jnp.isfinite(x)) if _is_floating(x) else jnp.bool_(True) for x in xs]
-    lanes = [_fingerprint(_words(x)) for x in xs]
+    lanes = [_fingerprint(_words(x)) if fingerprints else jnp.zeros(2, jnp.uint32) for x in xs]
     return jnp.stack(finite), jnp.stack(lanes)
 
 

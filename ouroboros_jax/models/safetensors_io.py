@@ -1,7 +1,8 @@
 """Safetensors files, read and written by the `safetensors` library.
 
 The library parses and validates every file (offsets, shapes, dtypes, coverage of
-the data) and reads tensors into numpy, bfloat16 included. This module adds what
+the data) and reads tensors into numpy, bfloat16 included (as `ml_dtypes.bfloat16`,
+which must be imported for numpy to know the name). This module adds what
 a user needs when a file is bad: the library reports only that the header is
 invalid, so on a refused file the header is inspected here to name the file, the
 tensor and what is wrong with its entry. Nothing is read on the strength of that
@@ -18,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors reads it as)
 import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
