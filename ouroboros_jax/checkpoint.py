@@ -7,6 +7,7 @@ metadata dict: whatever the trainer needs to resume (data position, config as
 
     <step>/state/                   the pytree (orbax StandardSave: tensorstore, sharded)
     <step>/meta/metadata            the metadata dict, as JSON
+    <step>/integrity/metadata       a fingerprint per array leaf (see `integrity`), as JSON
     <step>/metrics/metrics          the ranking metric (when best_metric is set; {} if unranked)
     <step>/commit_success.txt       written last, inside the temporary directory
     <step>.orbax-checkpoint-tmp*    a save in flight, or one a crash cut short
@@ -23,6 +24,18 @@ mid-save leaves at most a temporary directory: restore never reads it and the
 next `Checkpointer` on the directory removes it. A save that fails (a full disk)
 raises `CheckpointError` naming the step and the cause, removes its temporary
 directory and leaves every older checkpoint in place.
+
+Only finite, verified state: `save` refuses a state with a NaN or inf in any floating
+leaf (NonFiniteError naming the leaf; nothing is written and the newest checkpoint
+stays the last good one). `restore` recomputes every array's fingerprint and checks
+finiteness; a step whose bytes changed on disk after its save, or that holds NaN/inf
+(e.g. one written before fingerprints existed), is rejected with a CheckpointError
+naming the leaf, and `restore_latest` falls back to the previous step, logging which
+step it rejected and why.
+
+Paths: `directory` may be a URL (gs://bucket/run/checkpoints); pass it as a string
+(`paths.join(run_dir, "checkpoints")`), since `pathlib.Path` turns "gs://" into the
+local "gs:/". A directory that looks like such a collapsed URL is refused.
 
 Resume contract: `restore_latest(abstract_state(state))` returns the newest
 step that restores, with its state placed in the requested shardings and
@@ -42,13 +55,18 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from ouroboros_jax import integrity, paths
 from ouroboros_jax.config import CheckpointConfig
+from ouroboros_jax.errors import CheckpointError, NonFiniteError
+from ouroboros_jax.integrity import assert_finite, find_nonfinite
+
+__all__ = ["CheckpointError", "Checkpointer", "NonFiniteError", "Restored", "abstract_state",
+           "assert_finite", "find_nonfinite"]
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +75,17 @@ _UNREADABLE_SUFFIX = ".unreadable"
 _barrier_ids = itertools.count()
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be saved or restored; the message names the step and the cause."""
-
-
-class NonFiniteError(FloatingPointError):
-    """A tree holds NaN or inf; the message names the step and the first such leaf."""
-
-
 class Restored(NamedTuple):
-    """One restored checkpoint: its step, the state pytree and the metadata dict."""
+    """One restored checkpoint: its step, the state pytree and the metadata dict.
+
+    `rejected` holds one line per newer step that `restore_latest` tried and set aside
+    (which step, and why), for the caller to show; empty when the newest step restored.
+    """
 
     step: int
     state: Any
     metadata: dict[str, Any]
+    rejected: tuple[str, ...] = ()
 
 
 class Checkpointer:
@@ -92,15 +107,15 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1 (got {keep})")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min' (got {best_mode!r})")
-        path = epath.Path(directory)
+        path = paths.as_path(directory)
         # Orbax wants absolute paths; URLs (gs://...) already are.
-        self.directory = path if "://" in str(directory) else path.absolute()
+        self.directory = path if paths.is_remote(directory) else path.absolute()
         self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
         self.async_save = async_save
         self._pending: int | None = None  # step of the save in flight
         self._saved_here: set[int] = set()
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "meta"),
+            self.directory, item_names=("state", "meta", "integrity"),
             options=_manager_options(keep, best_metric, best_mode, async_save))
 
     @classmethod
@@ -144,11 +159,21 @@ class Checkpointer:
             True if a save was started; False if this Checkpointer already saved `step`.
 
         Raises:
+            NonFiniteError: a floating leaf of `state` holds NaN or inf (named); nothing
+                is written, and the newest checkpoint stays the last good one.
             CheckpointError: this or the previous save failed (older checkpoints are intact).
             TypeError: metadata is not JSON-serialisable.
         """
         self.wait()
         step = int(step)
+        checks = integrity.scan(state)
+        bad = next((c.where for c in checks.values() if not c.finite), None)
+        if bad is not None:
+            latest = self._manager.latest_step()
+            raise NonFiniteError(
+                f"step {step}: non-finite value (NaN or inf) in state{bad}; not saved, so the "
+                f"newest checkpoint in {self.directory} stays "
+                f"{'step ' + str(latest) if latest is not None else 'none'} (the last good one)")
         if step in self._manager.all_steps():
             if step in self._saved_here:
                 return False
@@ -157,7 +182,8 @@ class Checkpointer:
                         step, self.directory)
             self._manager.delete(step)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  meta=ocp.args.JsonSave(_plain_json(metadata or {})))
+                                  meta=ocp.args.JsonSave(_plain_json(metadata or {})),
+                                  integrity=ocp.args.JsonSave(integrity.to_json(checks)))
         try:
             self._manager.save(step, args=args, metrics=self._ranking(metrics), force=True)
         except Exception as err:  # orbax surfaces I/O errors of any type
@@ -218,34 +244,55 @@ class Checkpointer:
             Restored(step, state, metadata).
 
         Raises:
-            CheckpointError: no such step, or it does not restore into `abstract_state`.
+            CheckpointError: no such step; it does not restore into `abstract_state`; its
+                data differs from what was saved (fingerprints), or it holds NaN or inf.
+                The message names the step and the leaf.
         """
         self.wait()
         step = int(step)
         if step not in self._manager.all_steps():
             raise CheckpointError(f"no checkpoint step {step} in {self.directory} "
                                   f"(available: {list(self._manager.all_steps())})")
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  meta=ocp.args.JsonRestore())
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        # Steps saved before fingerprints existed have no record: checked for finiteness only.
+        recorded = (self.directory / str(step) / "integrity").exists()
+        if recorded:
+            items["integrity"] = ocp.args.JsonRestore()
         try:
-            out = self._manager.restore(step, args=args)
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
+            saved = integrity.from_json(out.integrity) if recorded else {}
         except Exception as err:
             raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: "
                                   f"{err!r}") from err
+        self._verify(step, out.state, saved)
         return Restored(int(step), out.state, dict(out.meta or {}))
+
+    def _verify(self, step: int, state: Any, saved: dict[str, integrity.LeafCheck]) -> None:
+        checks = integrity.scan(state)
+        changed = integrity.compare(saved, checks)
+        if changed:
+            more = f" (and {len(changed) - 1} more arrays)" if len(changed) > 1 else ""
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: "
+                                  f"{changed[0]}{more}")
+        bad = next((c.where for c in checks.values() if not c.finite), None)
+        if bad is not None:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} holds non-finite "
+                                  f"values (NaN or inf) in state{bad}")
 
     def restore_latest(self, abstract_state: Any = None) -> Restored | None:
         """Restore the newest checkpoint that restores; None if there is none.
 
-        A committed step that fails to restore (files damaged after the commit) is logged,
-        moved aside to `<step>.unreadable`, and the next older step is tried, so that
-        later saves of this run are not ranked behind it.
+        A committed step that fails to restore (files damaged after the commit, data that
+        differs from its fingerprints, NaN or inf) is rejected: logged as a warning naming
+        the step and the reason, moved aside to `<step>.unreadable`, and the next older
+        step is tried, so that later saves of this run are not ranked behind it.
 
         Args:
             abstract_state: as for `restore`.
 
         Returns:
-            Restored(step, state, metadata), or None for an empty directory.
+            Restored(step, state, metadata, rejected), or None for an empty directory;
+            `rejected` says which newer steps were set aside and why.
 
         Raises:
             CheckpointError: every step failed (the newest step's error is raised).
@@ -256,11 +303,14 @@ class Checkpointer:
             try:
                 restored = self.restore(step, abstract_state)
             except CheckpointError as err:
-                log.warning("%s; trying the previous checkpoint", err)
+                log.warning("rejected checkpoint step %d: %s; trying the previous checkpoint", step, err)
                 failed.append((step, err))
                 continue
             self._set_aside([s for s, _ in failed])
-            return restored
+            if failed:
+                log.warning("restored checkpoint step %d of %s after rejecting step(s) %s",
+                            step, self.directory, ", ".join(str(s) for s, _ in failed))
+            return restored._replace(rejected=tuple(f"step {s}: {err}" for s, err in failed))
         if failed:
             raise failed[0][1]
         return None
@@ -375,57 +425,3 @@ def abstract_state(state: Any) -> Any:
         return x
 
     return jax.tree.map(one, state)
-
-
-def find_nonfinite(tree: Any) -> str | None:
-    """Path of the first floating leaf holding NaN or inf, or None if all are finite.
-
-    One host transfer for the whole tree; integer and PRNG-key leaves are skipped.
-
-    Args:
-        tree: any pytree of arrays or Python numbers.
-
-    Returns:
-        The leaf's path as `jax.tree_util.keystr` writes it (e.g. "['params']['w']"), or None.
-    """
-    leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-              if _is_floating(x)]
-    on_device = [x for _, x in leaves if isinstance(x, jax.Array)]
-    device_ok = iter(jax.device_get(_all_finite(on_device)) if on_device else ())
-    for path, x in leaves:
-        ok = next(device_ok) if isinstance(x, jax.Array) else np.all(np.isfinite(x))
-        if not ok:
-            return jax.tree_util.keystr(path)
-    return None
-
-
-# One program per tree layout instead of one eager dispatch (and compile) per leaf shape.
-_all_finite = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
-
-
-def assert_finite(tree: Any, step: int, name: str = "state") -> None:
-    """Raise NonFiniteError naming `step` and the first non-finite leaf of `tree`.
-
-    Call it before saving, so that a NaN never reaches a checkpoint and the last
-    good one stays the newest.
-
-    Args:
-        tree: the pytree to check (state, loss metrics, ...).
-        step: the training step, for the message.
-        name: what `tree` is, for the message.
-
-    Raises:
-        NonFiniteError: some floating leaf holds NaN or inf.
-    """
-    path = find_nonfinite(tree)
-    if path is not None:
-        raise NonFiniteError(f"step {step}: non-finite value (NaN or inf) in {name}{path}")
-
-
-def _is_floating(x: Any) -> bool:
-    if isinstance(x, float):
-        return True
-    dtype = getattr(x, "dtype", None)
-    # Typed PRNG keys have an extended dtype that is not a number at all.
-    return dtype is not None and not jax.dtypes.issubdtype(dtype, jax.dtypes.extended) \
-        and jnp.issubdtype(dtype, jnp.inexact)

@@ -16,7 +16,9 @@ and a plot panel draws every key that one of its aliases matches (PANELS,
 
 On disk, in the run directory: `metrics.jsonl` (one JSON object per logged
 step: "step", "wall_time" and the metrics; NaN and inf are written as null)
-and TensorBoard event files. `python -m ouroboros_jax.metrics plot RUN_DIR`
+and TensorBoard event files. The run directory may be a URL (gs://bucket/run):
+it is kept as a string (see `paths`), never a `pathlib.Path`, which would turn it
+into the local "gs:/bucket/run". `python -m ouroboros_jax.metrics plot RUN_DIR`
 turns metrics.jsonl into PNG curves next to it.
 """
 
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from ouroboros_jax import paths
 from ouroboros_jax.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -159,33 +162,56 @@ class JsonlWriter:
     """Appends one JSON object per step to a file, flushed after each line.
 
     Appending (not truncating) keeps the history of a resumed run in one file;
-    `read_metrics` merges records of the same step.
+    `read_metrics` merges records of the same step. Object stores (gs://, s3://)
+    cannot append: for a URL the lines are kept and the whole object is rewritten,
+    at the first step, then at most every `flush_secs`, and at `close`.
 
     Args:
-        path: the .jsonl file; its directory is created.
+        path: the .jsonl file, local or a URL; its directory is created.
+        flush_secs: for a URL, the least time between two rewrites of the object.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str], flush_secs: float = 30.0) -> None:
+        self.path = paths.as_path(path)
+        self.remote = paths.is_remote(path)
+        self.flush_secs = flush_secs
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a")  # held open for the run, closed by close()
+        if self.remote:
+            self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            self._flushed_at = -math.inf
+        else:
+            self._file = open(self.path, "a")  # held open for the run, closed by close()
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         record: dict[str, Any] = {"step": int(step), "wall_time": round(time.time(), 3)}
         # Strict JSON has no NaN/inf; null marks them so that other tools can read the file.
         record.update({k: v if math.isfinite(v) else None for k, v in scalars.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = json.dumps(record) + "\n"
+        if not self.remote:
+            self._file.write(line)
+            self._file.flush()
+            return
+        self._lines.append(line)
+        if time.monotonic() - self._flushed_at >= self.flush_secs:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.path.write_text("".join(self._lines))
+        self._flushed_at = time.monotonic()
 
     def close(self) -> None:
-        self._file.close()
+        if self.remote:
+            self._rewrite()
+        else:
+            self._file.close()
 
 
 class TensorBoardWriter:
     """Scalars into TensorBoard event files (tensorboardX).
 
     Args:
-        logdir: the directory for the event files (the run directory).
+        logdir: the directory for the event files (the run directory; tensorboardX
+            writes gs:// and s3:// URLs itself).
         flush_secs: how often pending events reach the file.
     """
 
@@ -193,7 +219,7 @@ class TensorBoardWriter:
         # Imported here: tensorboardX imports torch when it is installed, seconds of start-up.
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(logdir=str(logdir), flush_secs=flush_secs)
+        self._writer = SummaryWriter(logdir=paths.check(logdir), flush_secs=flush_secs)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         for name, value in scalars.items():
@@ -207,7 +233,7 @@ class MetricsLogger:
     """Fans each step's metrics out to the enabled writers.
 
     Args:
-        run_dir: where metrics.jsonl and the event files go.
+        run_dir: where metrics.jsonl and the event files go (a local path or a URL string).
         console, jsonl, tensorboard: which built-in writers to enable.
         total_steps: shown on the console line.
         stream: the console's stream (default sys.stdout).
@@ -217,12 +243,12 @@ class MetricsLogger:
     def __init__(self, run_dir: str | os.PathLike[str], *, console: bool = True, jsonl: bool = True,
                  tensorboard: bool = True, total_steps: int | None = None,
                  stream: TextIO | None = None, writers: Sequence[Writer] = ()) -> None:
-        self.run_dir = Path(run_dir)
+        self.run_dir = paths.check(run_dir)
         self.writers: list[Writer] = []
         if console:
             self.writers.append(ConsoleWriter(stream, total_steps))
         if jsonl:
-            self.writers.append(JsonlWriter(self.run_dir / METRICS_FILE))
+            self.writers.append(JsonlWriter(paths.join(self.run_dir, METRICS_FILE)))
         if tensorboard:
             self.writers.append(TensorBoardWriter(self.run_dir))
         self.writers.extend(writers)
@@ -320,15 +346,15 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     key by key, later ones winning; a line cut short by a killed process is skipped.
 
     Args:
-        path: a metrics.jsonl file, or a run directory holding one.
+        path: a metrics.jsonl file, or a run directory holding one (local or a URL).
 
     Returns:
         One dict per step, each with "step" and its metrics (None for NaN/inf).
     """
-    path = Path(path)
+    path = paths.as_path(path)
     path = path / METRICS_FILE if path.is_dir() else path
     by_step: dict[int, dict[str, Any]] = {}
-    with open(path) as f:
+    with path.open() as f:
         for line in f:
             try:
                 record = json.loads(line)

@@ -287,3 +287,112 @@ def test_assert_finite_names_step_and_leaf():
         assert_finite({"loss": float("inf")}, 8, name="metrics")
     assert_finite(_train_state(), 2)
     assert_finite({"x": jnp.ones(2, jnp.bfloat16), "n": np.int64(1)}, 2)
+
+
+# ---------------------------------------------------------------------------
+# Only finite, verified state: refused at save, rejected at restore.
+
+
+def _poisoned(state, value=float("inf")):
+    """`state` with one entry of the optimizer's first moment set to `value`."""
+    mu = state["opt_state"][0].mu
+    bad_mu = {**mu, "final_norm_D": mu["final_norm_D"].at[3].set(value)}
+    return {**state, "opt_state": (state["opt_state"][0]._replace(mu=bad_mu), *state["opt_state"][1:])}
+
+
+def test_save_refuses_nonfinite_state_and_keeps_the_last_good(tmp_path):
+    state = _train_state()
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state, {"pos": 1})
+        expected = (r"step 2: non-finite value \(NaN or inf\) in state\['opt_state'\]\[0\]\.mu"
+                    r"\['final_norm_D'\]; not saved, so the newest checkpoint in .* stays step 1")
+        with pytest.raises(NonFiniteError, match=expected):
+            ckpt.save(2, _poisoned(state), {"pos": 2})
+        assert ckpt.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ["1"]
+    # A resumed run reaching a step the earlier run saved: the good step is not replaced.
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(NonFiniteError, match=r"state\['params'\]\['embed_VD'\]"):
+            params = {**state["params"], "embed_VD": state["params"]["embed_VD"] * jnp.nan}
+            ckpt.save(1, {**state, "params": params})
+        restored = ckpt.restore_latest(abstract_state(state))
+    assert restored.step == 1 and restored.metadata == {"pos": 1} and restored.rejected == ()
+    _assert_bit_equal(restored.state, state)
+
+
+def _flip_in_data_files(step_dir, flip):
+    """Apply `flip(bytearray, offset)` at a quarter and three quarters of each large data file."""
+    flipped = 0
+    for root, _, files in os.walk(step_dir / "state"):
+        for name in files:
+            path = os.path.join(root, name)
+            # Data files hold the arrays; only the two 64x64 leaves make one this large.
+            if os.sep + "d" + os.sep in path and os.path.getsize(path) > 10_000:
+                data = bytearray(open(path, "rb").read())
+                for at in (len(data) // 4, 3 * len(data) // 4):
+                    flip(data, at)
+                    flipped += 1
+                open(path, "wb").write(bytes(data))  # same size, same name
+    return flipped
+
+
+def _weights_state(step):
+    w = jnp.asarray(np.random.default_rng(step).standard_normal((64, 64)).astype(np.float32))
+    return {"step": jnp.int32(step), "params": {"w": w, "b": jnp.ones(64)},
+            "ref_params": {"w": w + 1.0, "b": jnp.ones(64)}}
+
+
+@pytest.mark.parametrize("kind", ["finite", "nan"])
+def test_byte_flips_in_data_files_are_rejected(tmp_path, caplog, kind):
+    def flip(data, at):
+        if kind == "finite":  # one low mantissa bit: the value stays a plausible float
+            data[at] ^= 0x01
+        else:  # 0xFF bytes decode as NaN
+            data[at:at + 8] = b"\xff" * 8
+
+    with Checkpointer(tmp_path, keep=5, async_save=False) as ckpt:
+        ckpt.save(1, _weights_state(1), {"pos": 1})
+        ckpt.save(2, _weights_state(2), {"pos": 2})
+    assert _flip_in_data_files(tmp_path / "2", flip) >= 2  # in params/w and ref_params/w
+    ckpt = Checkpointer(tmp_path, keep=5, async_save=False)
+    target = abstract_state(_weights_state(0))
+    corrupt = (r"checkpoint step 2 in .* is corrupt: (ref_)?params/w: its data differs from what was "
+               r"saved \(fingerprint \w{16} at save")
+    with pytest.raises(CheckpointError, match=corrupt):
+        ckpt.restore(2, target)
+    with caplog.at_level("WARNING", logger="ouroboros_jax.checkpoint"):
+        restored = ckpt.restore_latest(target)
+    assert restored.step == 1 and restored.metadata == {"pos": 1}
+    _assert_bit_equal(restored.state, _weights_state(1))
+    assert len(restored.rejected) == 1 and restored.rejected[0].startswith("step 2: checkpoint step 2")
+    assert "rejected checkpoint step 2: checkpoint step 2" in caplog.text and "is corrupt" in caplog.text
+    assert ckpt.all_steps() == [1] and (tmp_path / "2.unreadable").is_dir()
+    ckpt.close()
+
+
+def test_nonfinite_checkpoint_without_fingerprints_is_rejected(tmp_path):
+    import orbax.checkpoint as ocp
+
+    # Steps written as before fingerprints existed: the state and metadata items only.
+    manager = ocp.CheckpointManager(tmp_path, item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    for step, state in ((1, _small(1.0)), (2, {**_small(2.0), "w": jnp.full((4, 4), jnp.nan)})):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave({"pos": step})))
+    manager.close()
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(CheckpointError, match=r"step 2 .* holds non-finite values \(NaN or inf\) in "
+                                                  r"state\['w'\]"):
+            ckpt.restore(2, abstract_state(_small()))
+        restored = ckpt.restore_latest(abstract_state(_small()))
+    assert restored.step == 1 and restored.metadata == {"pos": 1}  # old steps still restore
+    np.testing.assert_array_equal(restored.state["w"], np.ones((4, 4)))
+    assert "non-finite" in restored.rejected[0]
+
+
+def test_one_checkpoint_error_class():
+    from ouroboros_jax import errors
+    from ouroboros_jax.models import safetensors_io
+
+    assert CheckpointError is errors.CheckpointError is safetensors_io.CheckpointError
+    # Code that caught either former class still catches it.
+    assert issubclass(CheckpointError, RuntimeError) and issubclass(CheckpointError, ValueError)
