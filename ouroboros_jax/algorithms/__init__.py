@@ -11,7 +11,8 @@ Dimension legend: B batch, G group (completions per prompt), T time
 - kl: ``kl_penalty`` (k1, k2, k3 per token).
 - aggregation: ``aggregate_loss`` and masked reductions.
 - policy losses: ``policy_loss`` dispatching to ``ppo_clip``, ``gspo``,
-  ``gspo_token``.
+  ``gspo_token``, ``cispo``, ``sapo``, ``sft``.
+- off-policy correction: ``importance_weights`` (TIS, IcePop).
 - preferences: ``dpo_loss`` (DPO, IPO), ``spin_loss``, ``bradley_terry_loss``.
 """
 
@@ -31,29 +32,35 @@ from ouroboros_jax.algorithms.aggregation import (
     masked_std,
     masked_sum,
 )
+from ouroboros_jax.algorithms.cispo import cispo_terms
 from ouroboros_jax.algorithms.gspo import gspo_terms, gspo_token_terms, sequence_log_ratio
+from ouroboros_jax.algorithms.importance import IMPORTANCE_LEVELS, importance_weights
 from ouroboros_jax.algorithms.kl import KL_KINDS, kl_penalty
 from ouroboros_jax.algorithms.policy_loss import POLICY_VARIANTS, policy_loss
 from ouroboros_jax.algorithms.ppo_clip import SurrogateTerms, clipped_surrogate, ppo_clip_terms
 from ouroboros_jax.algorithms.preference import DPO_VARIANTS, dpo_loss, spin_loss
 from ouroboros_jax.algorithms.reward_model import bradley_terry_loss
+from ouroboros_jax.algorithms.sapo import sapo_terms
 
 __all__ = [
     "ADVANTAGE_MODES",
     "AGGREGATIONS",
     "DPO_VARIANTS",
+    "IMPORTANCE_LEVELS",
     "KL_KINDS",
     "POLICY_VARIANTS",
     "SurrogateTerms",
     "aggregate_loss",
     "batch_normalized_advantages",
     "bradley_terry_loss",
+    "cispo_terms",
     "clipped_surrogate",
     "compute_advantages",
     "dpo_loss",
     "group_advantages",
     "gspo_terms",
     "gspo_token_terms",
+    "importance_weights",
     "kl_penalty",
     "masked_max",
     "masked_mean",
@@ -63,6 +70,7 @@ __all__ = [
     "policy_loss",
     "ppo_clip_terms",
     "rloo_advantages",
+    "sapo_terms",
     "sequence_log_ratio",
     "spin_loss",
 ]
