@@ -8,6 +8,8 @@ Dimension legend: B batch, G group (completions per prompt), T time
 
 - advantages: ``group_advantages`` (GRPO / Dr. GRPO), ``rloo_advantages``,
   ``batch_normalized_advantages`` (REINFORCE++), ``compute_advantages``.
+- PPO with a critic: ``outcome_token_rewards`` (score + KL per token),
+  ``gae_advantages``, ``masked_whiten``, ``value_loss``.
 - kl: ``kl_penalty`` (k1, k2, k3 per token).
 - aggregation: ``aggregate_loss`` and masked reductions.
 - policy losses: ``policy_loss`` dispatching to ``ppo_clip``, ``gspo``,
@@ -33,6 +35,7 @@ from ouroboros_jax.algorithms.aggregation import (
     masked_sum,
 )
 from ouroboros_jax.algorithms.cispo import cispo_terms
+from ouroboros_jax.algorithms.gae import gae_advantages, last_token_mask, masked_whiten, outcome_token_rewards
 from ouroboros_jax.algorithms.gspo import gspo_terms, gspo_token_terms, sequence_log_ratio
 from ouroboros_jax.algorithms.importance import IMPORTANCE_LEVELS, importance_weights
 from ouroboros_jax.algorithms.kl import KL_KINDS, kl_penalty
@@ -41,6 +44,7 @@ from ouroboros_jax.algorithms.ppo_clip import SurrogateTerms, clipped_surrogate,
 from ouroboros_jax.algorithms.preference import DPO_VARIANTS, dpo_loss, spin_loss
 from ouroboros_jax.algorithms.reward_model import bradley_terry_loss
 from ouroboros_jax.algorithms.sapo import sapo_terms
+from ouroboros_jax.algorithms.value_loss import value_loss
 
 __all__ = [
     "ADVANTAGE_MODES",
@@ -57,20 +61,25 @@ __all__ = [
     "clipped_surrogate",
     "compute_advantages",
     "dpo_loss",
+    "gae_advantages",
     "group_advantages",
     "gspo_terms",
     "gspo_token_terms",
     "importance_weights",
     "kl_penalty",
+    "last_token_mask",
     "masked_max",
     "masked_mean",
     "masked_min",
     "masked_std",
     "masked_sum",
+    "masked_whiten",
+    "outcome_token_rewards",
     "policy_loss",
     "ppo_clip_terms",
     "rloo_advantages",
     "sapo_terms",
     "sequence_log_ratio",
     "spin_loss",
+    "value_loss",
 ]
