@@ -147,8 +147,8 @@ def gae_advantages(
       rewards: per-token rewards (e.g. ``outcome_token_rewards``).
       values: the critic's per-token values at sampling time.
       mask: nonzero for completion tokens; masked positions are skipped.
-      gamma: discount (verl's PPO default: 1.0).
-      lam: GAE's lambda (verl's PPO default: 0.95).
+      gamma: discount (verl's and TRL's PPO default: 1.0).
+      lam: GAE's lambda (TRL's PPO default 0.95; verl's config default 1.0).
       whiten: whiten the advantages over the masked tokens (``masked_whiten``).
 
     Returns:
