@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 Family = Literal["llama", "qwen2", "qwen3"]
 DType = Literal["float32", "bfloat16"]
 RopeScaling = Literal["", "linear", "llama3"]
-PolicyVariant = Literal["ppo_clip", "gspo", "gspo_token", "sft"]
+PolicyVariant = Literal["ppo_clip", "gspo", "gspo_token", "cispo", "sapo", "sft"]
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
 AdvantageMode = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 KLKind = Literal["k1", "k2", "k3"]

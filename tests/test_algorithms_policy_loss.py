@@ -264,8 +264,14 @@ def test_ratio_one_gives_plain_policy_gradient(variant, aggregation):
         )
 
     (loss, metrics), grad = jax.value_and_grad(loss_of, has_aux=True)(old)
-    # Ratio variants see rho = 1; "sft" has no ratio, its value is -A * logp (same gradient).
-    per_token = 1.0 if variant != "sft" else np.asarray(old, np.float64)
+    # Ratio variants see rho = 1; "sft" has no ratio and "cispo" weighs logp by the clipped ratio,
+    # so their value is -A * logp; "sapo" gates rho = 1 to 2 / tau (tau 1.0 for A > 0, else 1.05).
+    # The gradient is the same for all.
+    per_token = {
+        "sft": np.asarray(old, np.float64),
+        "cispo": np.asarray(old, np.float64),
+        "sapo": np.where(a > 0, 2 / 1.0, 2 / 1.05),
+    }.get(variant, 1.0)
     np.testing.assert_allclose(loss, -np.sum(a * m * weight * per_token), **TOL)
     np.testing.assert_allclose(grad, -a * m * weight, **TOL)
     assert metrics["clip_frac"] == 0.0
@@ -446,3 +452,150 @@ def test_sft_variant_is_advantage_weighted_nll():
     grad = jax.grad(lambda lp: policy_loss(lp, old, jnp.array([1.0, 1.0]), mask, variant="sft", clip_low=0.2,
                                            clip_high=0.2, aggregation="token_mean")[0])(logp)
     np.testing.assert_allclose(grad, -np.asarray(mask, np.float32) / 3.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- CISPO
+# Rows 0-1 of the fixture, advantages (1, -2), weight bounds [0.8, 1.28]. Per token
+# l = -clip(r) * A * logp with logp = old + log r:
+#   row 0: r = 1 -> 1; r = 1.5 -> 1.28 * (-2 + log 1.5); r = 0.5 -> 0.8 * (-0.5 + log 0.5)
+#   row 1: r = 0.7 -> -2 * 0.8 * (-1.5 + log 0.7); r = 4 -> -2 * 1.28 * (-3 + log 4)
+CISPO_TOKENS = [1.0, 2.0410046616215496, 0.9545177444479563, -2.970679910301972, -4.1310864355330805]
+
+
+def test_cispo_hand_computed():
+    loss, metrics = _loss("cispo", PPO_ADV, rows=slice(0, 2))
+    np.testing.assert_allclose(loss, sum(CISPO_TOKENS) / 5, **TOL)  # -0.62124879
+    # Weights hit a bound on r = 1.5, 4 (high) and r = 0.5, 0.7 (low), whatever the advantage.
+    expected = {"clip_frac_high": 0.4, "clip_frac_low": 0.4, "clip_frac_dual": 0.0, "clip_frac": 0.8,
+                "ratio_mean": 1.54, "ratio_max": 4.0}  # fmt: skip
+    for key, value in expected.items():
+        np.testing.assert_allclose(metrics[key], value, **TOL, err_msg=key)
+    loss, _ = _loss("cispo", PPO_ADV, rows=slice(0, 2), aggregation="seq_mean_token_sum")
+    np.testing.assert_allclose(loss, sum(CISPO_TOKENS) / 2, **TOL)
+    # Dual clip does not apply to CISPO.
+    loss, _ = _loss("cispo", PPO_ADV, rows=slice(0, 2), dual_clip=3.0)
+    np.testing.assert_allclose(loss, sum(CISPO_TOKENS) / 5, **TOL)
+
+
+def test_cispo_gradient_keeps_clipped_tokens():
+    # d l / d logp = -clip(r) * A, over 5 tokens: every token passes gradient, clipped ones at
+    # the bound (PPO-clip gives 0 on r = 1.5 and r = 0.7, see test_ppo_clip_hand_computed_gradient).
+    grad = _grad("cispo", PPO_ADV, rows=slice(0, 2), aggregation="token_mean")
+    np.testing.assert_allclose(grad, [[-0.2, -0.256, -0.16], [0.32, 0.512, 0.0], [0.0] * 3], **TOL)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_cispo_without_clipping_has_the_unclipped_surrogate_gradient(aggregation):
+    # With bounds that never bind, grad(-sg(r) A logp) = -r A grad logp = grad(-r A).
+    logp, old, advantages, mask = _random_batch(9, spread=0.5)
+    wide = dict(clip_low=1.0, clip_high=1e6, aggregation=aggregation)
+
+    def grad_of(variant):
+        return jax.grad(lambda lp: policy_loss(lp, old, advantages, mask, variant=variant, **wide)[0])(logp)
+
+    np.testing.assert_allclose(grad_of("cispo"), grad_of("ppo_clip"), **TOL)
+    assert np.any(np.asarray(grad_of("cispo")) != 0.0)
+
+
+# ----------------------------------------------------------------------------- SAPO
+# Rows 0-1, advantages (1, -2), tau_pos = 2 (row 0), tau_neg = 4 (row 1). Per token
+# l = -A * (4 / tau) * sigmoid(tau * (r - 1)):
+#   row 0: r = 1 -> -1; r = 1.5 -> -2 sigmoid(1); r = 0.5 -> -2 sigmoid(-1)
+#   row 1: r = 0.7 -> 2 sigmoid(-1.2); r = 4 -> 2 sigmoid(12)
+SAPO_TOKENS = [-1.0, -1.4621171572600098, -0.5378828427399902, 0.46295043300196465, 1.9999877116507956]
+
+
+def test_sapo_hand_computed():
+    kwargs = dict(rows=slice(0, 2), tau_pos=2.0, tau_neg=4.0)
+    loss, metrics = _loss("sapo", PPO_ADV, **kwargs)
+    np.testing.assert_allclose(loss, sum(SAPO_TOKENS) / 5, **TOL)  # -0.10741237
+    assert metrics["clip_frac"] == 0.0  # nothing is hard-clipped
+    # Gate weight w = 4 p (1 - p), p = sigmoid(tau (r - 1)): mean over the 5 tokens.
+    np.testing.assert_allclose(metrics["gate_weight_mean"], 0.6568995610132966, **TOL)
+    loss, _ = _loss("sapo", PPO_ADV, aggregation="seq_mean_token_mean", **kwargs)
+    np.testing.assert_allclose(loss, (sum(SAPO_TOKENS[:3]) / 3 + sum(SAPO_TOKENS[3:]) / 2) / 2, **TOL)
+
+
+def test_sapo_hand_computed_gradient():
+    # d l / d logp = -A * w * r (w the gate weight above), over 5 tokens.
+    grad = _grad("sapo", PPO_ADV, rows=slice(0, 2), tau_pos=2.0, tau_neg=4.0, aggregation="token_mean")
+    expected = [[-0.2, -0.23593431988977823, -0.07864477329659274],
+                [0.19924177352442235, 3.932247584848476e-05, 0.0], [0.0] * 3]  # fmt: skip
+    # atol: 1 - sigmoid(12) keeps only ~2 significant digits in float32.
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_sapo_small_temperature_has_the_unclipped_surrogate_gradient(aggregation):
+    # As tau -> 0 the gate's slope 4 p (1 - p) -> 1 for every ratio: the gradient of -r A.
+    logp, old, advantages, mask = _random_batch(10, spread=0.5)
+    kwargs = dict(clip_low=1.0, clip_high=1e6, aggregation=aggregation)
+
+    def grad_of(variant, **extra):
+        fn = lambda lp: policy_loss(lp, old, advantages, mask, variant=variant, **kwargs, **extra)[0]
+        return jax.grad(fn)(logp)
+
+    sapo = grad_of("sapo", tau_pos=1e-3, tau_neg=1e-3)
+    np.testing.assert_allclose(sapo, grad_of("ppo_clip"), rtol=1e-4, atol=1e-7)
+
+
+def test_sapo_is_finite_for_extreme_ratios():
+    mask = jnp.ones((1, 3))
+    old = jnp.zeros((1, 3))
+    logp = jnp.array([[200.0, -200.0, 0.0]])  # ratios e^200 and e^-200 overflow / underflow
+
+    def loss_of(lp):
+        return policy_loss(lp, old, jnp.array([1.0]), mask, variant="sapo", clip_low=0.2, clip_high=0.2,
+                           aggregation="token_mean")
+
+    (loss, metrics), grad = jax.value_and_grad(loss_of, has_aux=True)(logp)
+    # tau = 1: the gate is 4 sigmoid(r - 1): 4 on the huge ratio, 4 sigmoid(-1) on the tiny one, 2 at r = 1.
+    np.testing.assert_allclose(loss, -(4.0 + 4 * 0.2689414213699951 + 2.0) / 3, **TOL)
+    assert np.isfinite(metrics["gate_weight_mean"])
+    np.testing.assert_allclose(grad, [[0.0, 0.0, -1 / 3]], atol=1e-7)  # only the on-policy token moves
+
+
+@pytest.mark.parametrize("tau", [dict(tau_pos=0.0), dict(tau_neg=-1.0)])
+def test_sapo_rejects_non_positive_temperatures(tau):
+    with pytest.raises(ValueError, match="tau_"):
+        policy_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros(2), jnp.ones((2, 3)), variant="sapo",
+                    clip_low=0.2, clip_high=0.2, aggregation="token_mean", **tau)
+
+
+# ----------------------------------------------------------------------------- importance weights
+def test_importance_weights_hand_computed():
+    # The PPO-clip case above (per-token losses -1, -1.28, -0.5 | 1.6, 6 with dual clip 3)
+    # with weights (2, 0.5, 0 | 1, 0.25); the padding row's weights are garbage.
+    weights = jnp.array([[2.0, 0.5, 0.0], [1.0, 0.25, NAN], [NAN] * 3])
+    kwargs = dict(rows=slice(0, 2), dual_clip=3.0, importance_weights=weights)
+    loss, metrics = _loss("ppo_clip", PPO_ADV, **kwargs)
+    np.testing.assert_allclose(loss, (-2.0 - 0.64 + 0.0 + 1.6 + 1.5) / 5, **TOL)
+    np.testing.assert_allclose(metrics["pg_loss"], 0.092, **TOL)
+    # Unclipped tokens (0, 0) and (0, 2) pass -A r w / 5: -1 * 1 * 2 / 5 and 0.
+    grad = _grad("ppo_clip", PPO_ADV, aggregation="token_mean", **kwargs)
+    np.testing.assert_allclose(grad, [[-0.4, 0.0, 0.0], [0.0] * 3, [0.0] * 3], **TOL)
+
+
+@pytest.mark.parametrize("variant", POLICY_VARIANTS)
+def test_importance_weights_are_constant_per_token_factors(variant):
+    logp, old, advantages, mask = _random_batch(11, spread=0.3)
+    kwargs = dict(variant=variant, clip_low=0.2, clip_high=0.28, aggregation="seq_mean_token_mean",
+                  ref_logp=old - 0.1, kl_coef=0.05)  # fmt: skip
+
+    def run(lp, w=None):
+        return policy_loss(lp, old, advantages, mask, importance_weights=w, **kwargs)
+
+    (plain, plain_metrics), plain_grad = jax.value_and_grad(run, has_aux=True)(logp)
+    ones = jnp.where(mask == 1, 1.0, jnp.nan)  # garbage off the mask is ignored
+    (loss, _), grad = jax.value_and_grad(run, has_aux=True)(logp, ones)
+    np.testing.assert_allclose(loss, plain, **TOL)
+    np.testing.assert_allclose(grad, plain_grad, **TOL)
+    # A constant weight c scales the policy term only (not the KL term).
+    (loss, metrics), weight_grad = jax.value_and_grad(lambda w: run(logp, w), has_aux=True)(jnp.full(4, 0.5))
+    np.testing.assert_allclose(metrics["pg_loss"], 0.5 * plain_metrics["pg_loss"], **TOL)
+    np.testing.assert_allclose(metrics["kl_loss"], plain_metrics["kl_loss"], **TOL)
+    assert np.all(np.asarray(weight_grad) == 0.0)  # weights carry no gradient
+    # Per-sequence [B] weights equal the same weights broadcast over tokens.
+    per_seq = jnp.array([0.3, 1.7, 0.9, 2.0])
+    broadcast = jnp.broadcast_to(per_seq[:, None], logp.shape)
+    np.testing.assert_allclose(run(logp, per_seq)[0], run(logp, broadcast)[0], **TOL)

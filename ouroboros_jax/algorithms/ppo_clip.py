@@ -39,6 +39,9 @@ class SurrogateTerms(NamedTuple):
       clipped_low: token sits in the lower clipped region.
       clipped_high: token sits in the upper clipped region.
       clipped_dual: token is capped by dual-clip.
+      gate_weight: for soft-gated variants (SAPO), the factor by which the
+        token's gradient is scaled relative to the unclipped surrogate; None
+        for the hard-clipped ones, whose clip indicators say the same.
     """
 
     loss: Float[Array, "B T"]
@@ -46,6 +49,7 @@ class SurrogateTerms(NamedTuple):
     clipped_low: Bool[Array, "B T"]
     clipped_high: Bool[Array, "B T"]
     clipped_dual: Bool[Array, "B T"]
+    gate_weight: Float[Array, "B T"] | None = None
 
 
 def clipped_surrogate(
