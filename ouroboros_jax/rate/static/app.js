@@ -161,8 +161,9 @@
         : `Saved rating ${data.rating.id} of item ${data.rating.item_id}.`;
       await loadNext();
     } catch (error) {
-      showError(`The rating was not saved: ${error.message}`);
+      // Already rated (elsewhere) or gone: move on, then say why this one was not saved.
       if (error.status === 409 || error.status === 404) await loadNext();
+      showError(`The rating was not saved: ${error.message}`);
     } finally {
       state.busy = false;
     }
