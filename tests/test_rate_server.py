@@ -129,6 +129,12 @@ def test_routes_and_static_files(server, store):
     assert call(server, "GET", "/api/items/12")[2]["field"] == "item_id"
     assert call(server, "GET", "/api/next")[2]["field"] == "rater"
     assert call(server, "GET", "/static/../store.py")[0] == 404  # only the three files are served
+    for method in ("PUT", "DELETE", "OPTIONS"):
+        code, headers, payload = call(server, method, "/api/ratings")
+        assert (code, payload["field"], headers["Allow"]) == (405, "method", "GET, HEAD, POST")
+        assert headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    code, headers, body = call(server, "HEAD", "/")
+    assert code == 200 and body == b"" and int(headers["Content-Length"]) > 0
     code, headers, page = call(server, "GET", "/")
     assert code == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
     assert b'<script src="/static/app.js" defer></script>' in page
@@ -253,6 +259,17 @@ def start_server_process(run_dir: Path, token: str) -> tuple[subprocess.Popen, i
             assert url.endswith(f"/?token={token}")
             return process, int(url.split(":")[2].split("/")[0])
     raise AssertionError(f"the server exited ({process.wait()}) without printing its URL")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{run}/missing"], "no such run directory"),
+    (["{run}", "--host", "0.0.0.0", "--no-token"], "without a token"),
+])
+def test_command_line_errors(tmp_path, args, message):
+    command = [sys.executable, "-m", "ouroboros_jax.rate", *[a.format(run=tmp_path) for a in args]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and message in done.stderr
 
 
 def test_sigkill_after_response_loses_nothing(tmp_path):

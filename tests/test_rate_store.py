@@ -21,6 +21,7 @@ from ouroboros_jax.rate import (
     preference_pairs,
     wait_for_ratings,
 )
+from ouroboros_jax.rate.store import NEXT_ITEM_SQL
 from ouroboros_jax.selfplay.preference import PreferencePair
 
 
@@ -324,3 +325,10 @@ def test_package_imports_no_jax(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import json; " + code, str(tmp_path)], capture_output=True,
                          text=True, check=True, timeout=60).stdout.split()
     assert out[:2] == ["1", "True"] and json.loads(out[2]) == []
+
+
+def test_next_item_query_uses_the_open_items_index(store):
+    # Rated items leave the partial index, so a long run's rated history does not slow serving.
+    with sqlite3.connect(store.path) as db:
+        plan = " ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + NEXT_ITEM_SQL, ("ann",)))
+    assert "USING INDEX items_open" in plan and "TEMP B-TREE" not in plan

@@ -12,7 +12,8 @@ Routes (every one needs the token unless the server was started without one):
 
 Errors are JSON ``{"error": message, "field": name or null}`` with a 4xx status:
 400 malformed, 401 no or wrong token, 403 foreign Host or Origin, 404 unknown
-item or route, 409 duplicate rating, 411/413/415 missing, too large or non-JSON body.
+item or route, 405 another method, 409 duplicate rating, 411/413/415 missing,
+too large or non-JSON body.
 
 Security. The server binds to 127.0.0.1 by default. A random token (printed on
 start, or taken from ``OUROBOROS_RATE_TOKEN``) is required on every request, in
@@ -108,6 +109,18 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._dispatch(self.server.app.handle_post)
 
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._dispatch(self.server.app.handle_get)
+
+    def _not_allowed(self) -> None:
+        # Answered here, with the security headers and a JSON error, not by http.server's HTML page.
+        def refuse(request: _Handler) -> tuple[int, dict[str, str], bytes]:
+            raise HTTPError(405, f"method {request.command} not allowed (GET, HEAD, POST)", "method")
+
+        self._dispatch(refuse)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
     def _dispatch(self, handle) -> None:
         try:
             status, headers, body = handle(self)
@@ -120,6 +133,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers, body = 500, {}, _json_bytes({"error": "internal server error", "field": None})
         self.send_response(status)
         headers = {"Content-Type": "application/json; charset=utf-8", **headers}
+        if status == 405:
+            headers["Allow"] = "GET, HEAD, POST"
         for name, value in {**SECURITY_HEADERS, **headers, "Content-Length": str(len(body))}.items():
             self.send_header(name, value)
         self.end_headers()
@@ -153,8 +168,8 @@ class RatingServer:
       store: the queue and ratings.
       host: the address to bind; anything but a loopback address needs the token.
       port: the TCP port.
-      token: the secret every request must carry; None draws a random one (or reads
-        ``OUROBOROS_RATE_TOKEN``).
+      token: the secret every request must carry (16 characters or more); None draws a
+        random one (the command line passes ``OUROBOROS_RATE_TOKEN`` here when set).
       require_token: False serves without a token; allowed on a loopback host only.
       quiet: no request log.
       log: where the request log and server errors go.
