@@ -182,6 +182,16 @@ class RatingStore:
                 raise
             db.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """Several reads from one snapshot (a rating stored meanwhile is in all of them or none)."""
+        with self._connect() as db:
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.execute("COMMIT")
+
     # -- producers -----------------------------------------------------------
 
     def enqueue(self, prompt: str, completions: Iterable[str], **fields: Any) -> int:
@@ -273,7 +283,7 @@ class RatingStore:
 
     def counts(self, rater: str | None = None) -> QueueCounts:
         """Items, open items, ratings, skips and raters; with `rater`, also what is left for them."""
-        with self._connect() as db:
+        with self._read() as db:
             items = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             open_ = db.execute("SELECT COUNT(*) FROM items WHERE n_ratings < ratings_wanted").fetchone()[0]
             ratings, skipped, raters = db.execute(
@@ -303,7 +313,7 @@ class RatingStore:
     def rated(self, *, since: int = 0, until: int | None = None,
               mode: str | None = None) -> list[tuple[Rating, Item]]:
         """Ratings that are not skips, each with its item, `since < id <= until`, optionally of one mode."""
-        with self._connect() as db:
+        with self._read() as db:
             rows = db.execute(
                 f"SELECT {_RATING_COLUMNS} FROM ratings WHERE id > ? AND id <= ? AND NOT skipped ORDER BY id",
                 (since, _upper(until))).fetchall()
@@ -315,7 +325,7 @@ class RatingStore:
 
     def count_ratings(self, *, since: int = 0, mode: str | None = None) -> tuple[int, int]:
         """(number of ratings that are not skips with id > since, the last rating id, 0 if none)."""
-        with self._connect() as db:
+        with self._read() as db:
             count = db.execute(
                 "SELECT COUNT(*) FROM ratings AS r JOIN items AS i ON i.id = r.item_id "
                 "WHERE r.id > ? AND NOT r.skipped AND (? IS NULL OR i.mode = ?)",
