@@ -26,6 +26,7 @@ from ouroboros_jax.config import ModelConfig, OverlongMode
 from ouroboros_jax.metrics import PhaseTimer
 from ouroboros_jax.rewards.base import Completions, RewardSource, checked
 from ouroboros_jax.sampling import DEFAULT_PROMPT_LEN_BUCKETS, SampleOutput, generate
+from verifiers import verdict_metrics
 
 
 def overlong_penalty(lengths: np.ndarray, max_len: int, buffer: int, penalty: float = 1.0) -> np.ndarray:
@@ -188,15 +189,6 @@ def sample_and_score(
                    groups_drawn=B, metrics=dict(scored.metrics))
 
 
-VERIFIER_ERRORS = ("verifier raised", "verifier process died", "verdict cannot be pickled",
-                   "example cannot be pickled")
-
-
-def is_verifier_error(verdict: Any) -> bool:
-    """A verdict that records a crashed or raising verifier (scored 0, counted, never fatal)."""
-    return str(getattr(verdict, "reason", "")).startswith(VERIFIER_ERRORS)
-
-
 def strip_stop(tokens: np.ndarray, stop_token_ids: Sequence[int]) -> np.ndarray:
     """A completion without its final stop token (the verifier sees text only)."""
     if len(tokens) and int(tokens[-1]) in stop_token_ids:
@@ -264,6 +256,6 @@ def rollout_metrics(r: Rollout) -> dict[str, float]:
         "truncated/frac": float(np.mean(r.sample.truncated)),
         "groups/informative_frac": float(informative_groups(r.rewards).mean()),
         "groups/drawn": float(r.groups_drawn),
-        "verifier/timeouts": float(sum(bool(getattr(v, "timed_out", False)) for v in r.verdicts)),
-        "verifier/errors": float(sum(1 for v in r.verdicts if is_verifier_error(v))),
+        # Verdict.error says why a row could not be judged (timeout, crashed, invalid, unavailable).
+        **verdict_metrics(r.verdicts),
     } | r.metrics

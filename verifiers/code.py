@@ -403,7 +403,7 @@ def verify(
     )
     if result.service_error:
         # Not the program's fault: scored 0, with the reason, so that the run can count such rows.
-        return Verdict(0.0, False, extracted=code, reason=result.service_error,
+        return Verdict(0.0, False, extracted=code, reason=result.service_error, error="unavailable",
                        info={"service_error": result.service_error, "layers": list(result.layers)})
     score = result.pass_fraction if partial_credit else float(result.passed)
     return Verdict(
