@@ -27,13 +27,13 @@ from typing import Any
 
 import jax
 
-from ouroboros_jax.config import ConfigError, ExperimentConfig, ModelConfig, VerifierConfig
+from ouroboros_jax.config import ConfigError, ExperimentConfig, ModelConfig
 from ouroboros_jax.data import PromptSource, make_prompt_encoder
 from ouroboros_jax.metrics import plot_run
 from ouroboros_jax.models import Tokenizer, load_hf_checkpoint
 from ouroboros_jax.models.transformer import Params
 from ouroboros_jax.sharding import batch_shards, initialize_distributed, make_mesh
-from ouroboros_jax.trainer import Task, TrainResult, train
+from ouroboros_jax.trainer import Task, TrainResult, train, verifier_spec
 
 # Tokens that close a chat turn in common templates (ChatML, Llama 3, Phi, Gemma). A model prompted
 # through its chat template ends its answer with one of them, which its EOS id may not be.
@@ -83,13 +83,6 @@ def stop_token_ids(path: str | Path, tokenizer: Tokenizer, *, chat: bool) -> tup
     if chat:
         ids.update(tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS)
     return tuple(sorted(i for i in ids if i is not None))
-
-
-def verifier_spec(cfg: VerifierConfig) -> str | dict[str, float]:
-    """The verifier pool's spec: one registered name, or {name: weight} for a weighted sum."""
-    if len(cfg.names) == 1 and cfg.weights[0] == 1.0:
-        return cfg.names[0]
-    return dict(zip(cfg.names, cfg.weights, strict=True))
 
 
 def make_task(

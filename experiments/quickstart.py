@@ -46,11 +46,11 @@ from ouroboros_jax.config import (
 )
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.evaluation import evaluate
-from ouroboros_jax.metrics import MetricsLogger, plot_run
+from ouroboros_jax.metrics import plot_run
 from ouroboros_jax.models import Tokenizer, init_sharded
 from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
-from ouroboros_jax.trainer import Task, train, use_compilation_cache
+from ouroboros_jax.trainer import Task, prepare_run_dir, train, use_compilation_cache, verifier_spec
 
 TOKENIZER = Tokenizer.char_level("0123456789+-*=? .Whatis")
 
@@ -88,7 +88,7 @@ def warm_start(cfg: ExperimentConfig, params, mesh, *, verbose: bool = True):
     problems = dict(digits=cfg.data.digits, operations=cfg.data.operations, fixed_width=cfg.data.fixed_width)
     warm_source = arithmetic_source(seed=cfg.data.seed + 1, **problems)
     check = arithmetic_source(seed=cfg.data.seed + 2, **problems).take(128)  # training split, not held-out
-    grade = verifiers.resolve(cfg.verifier.names[0])
+    grade = verifiers.resolve(verifier_spec(cfg.verifier))
     eos = TOKENIZER.eos_id
 
     def skilled_enough(params, step: int) -> bool:
@@ -127,14 +127,17 @@ def main() -> None:
     heldout = arithmetic_source(seed=cfg.data.seed, heldout=True, **problems)
     eval_examples = heldout.take(cfg.train.eval_size)
     eos = TOKENIZER.eos_id
-    task = Task(train_source=train_source, encode=encode, decode=decode, verifier=cfg.verifier.names[0],
+    task = Task(train_source=train_source, encode=encode, decode=decode, verifier=verifier_spec(cfg.verifier),
                 stop_token_ids=(eos,), eval_examples=eval_examples)
 
-    print(f"quickstart: {cfg.model.num_params():,} parameters, warm-start up to {cfg.warmstart.steps} steps")
-    params = warm_start(cfg, params, mesh)
+    size = f"quickstart: {cfg.model.num_params():,} parameters"
+    if prepare_run_dir(cfg):  # a checkpoint to resume from: the warm-started weights are in it
+        print(f"{size}; the warm-start is skipped (resuming)")
+    else:
+        print(f"{size}, warm-start up to {cfg.warmstart.steps} steps")
+        params = warm_start(cfg, params, mesh)
 
-    logger = MetricsLogger.from_config(cfg.logging)
-    result = train(cfg, model_config=cfg.model, params=params, task=task, mesh=mesh, logger=logger)
+    result = train(cfg, model_config=cfg.model, params=params, task=task, mesh=mesh)
     before, after = result.evals[0], result.evals[-1]
     k = cfg.sampling.eval_num_samples
     plot_run(result.run_dir)

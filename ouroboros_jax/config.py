@@ -420,6 +420,8 @@ class LoggingConfig:
     console: bool = True
     jsonl: bool = True
     tensorboard: bool = True
+    # A run directory holding another config is refused; True deletes that run first (`--overwrite`).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         _positive(self.log_every, "logging.log_every")

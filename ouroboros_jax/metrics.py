@@ -199,11 +199,33 @@ class JsonlWriter:
         self.path.write_text("".join(self._lines))
         self._flushed_at = time.monotonic()
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (a resumed run logs them again, once)."""
+        if self.remote:
+            self._lines = [x for x in self._lines if _record_step(x) <= step]
+            self._rewrite()
+            return
+        self._file.flush()
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [x for x in lines if _record_step(x) <= step]
+        if len(kept) != len(lines):
+            self.path.write_text("".join(kept))  # the append handle writes on at the new end
+
+
     def close(self) -> None:
         if self.remote:
             self._rewrite()
         else:
             self._file.close()
+
+
+def _record_step(line: str) -> float:
+    """The step of one metrics.jsonl line (inf for a line cut short, which is dropped)."""
+    try:
+        record = json.loads(line)
+        return int(record["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return math.inf
 
 
 class TensorBoardWriter:
@@ -277,6 +299,13 @@ class MetricsLogger:
         for writer in self.writers:
             writer.write(int(step), scalars)
         return scalars
+
+    def truncate_after(self, step: int) -> None:
+        """Forget the steps after `step` in the writers that keep a history (metrics.jsonl):
+        a run resumed from checkpoint `step` logs the later steps again (-1: drop all)."""
+        for writer in self.writers:
+            if hasattr(writer, "truncate_after"):
+                writer.truncate_after(step)
 
     def close(self) -> None:
         """Flush and close every writer."""

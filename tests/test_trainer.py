@@ -7,7 +7,9 @@ import json
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ouroboros_jax.config import (
@@ -60,14 +62,35 @@ def _params(cfg):
     return init_params(cfg.model, jax.random.key(0))
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+class _Preempted(Exception):
+    pass
+
+
+def _preempted_after(calls: int) -> Task:
+    """A task whose prompt source dies on its call number `calls + 1` (a preempted machine)."""
+    task = _task()
+    take, seen = task.train_source.take, []
+
+    def dying_take(n):
+        seen.append(n)
+        if len(seen) > calls:
+            raise _Preempted
+        return take(n)
+
+    task.train_source.take = dying_take
+    return task
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, capsys):
     full = train(_config(tmp_path / "full", 2), model_config=_config(tmp_path, 2).model,
                  params=_params(_config(tmp_path, 2)), task=_task(), mesh=_mesh())
-    cfg1 = _config(tmp_path / "split", 1)
-    train(cfg1, model_config=cfg1.model, params=_params(cfg1), task=_task(), mesh=_mesh())
     cfg2 = _config(tmp_path / "split", 2)
+    with pytest.raises(_Preempted):  # step 1 is checkpointed, then the machine goes away
+        train(cfg2, model_config=cfg2.model, params=_params(cfg2), task=_preempted_after(1), mesh=_mesh())
     # fresh params and a fresh data source: both must come back from the checkpoint
     resumed = train(cfg2, model_config=cfg2.model, params=_params(cfg2), task=_task(), mesh=_mesh())
+    assert f"resuming from step 1 of {tmp_path / 'split'}" in capsys.readouterr().out
+    assert resumed.resumed_from == 1
     assert len(resumed.history) == 1  # only step 2 ran
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
                  full.state.params, resumed.state.params)
@@ -87,11 +110,43 @@ def test_non_finite_update_stops_with_a_clear_error(tmp_path):
     cfg = _config(tmp_path / "nan", 2)
     params = _params(cfg)
     params["final_norm_D"] = params["final_norm_D"].at[0].set(np.nan)
-    with pytest.raises(TrainingDiverged, match=r"step 1: the loss or gradient is not finite"):
+    with pytest.raises(TrainingDiverged, match=r"step 1: the update is not finite.*no checkpoint was saved"):
         train(cfg, model_config=cfg.model, params=params, task=_task(), mesh=_mesh())
     # nothing non-finite was saved: no checkpoint step exists
     ckpts = tmp_path / "nan" / "checkpoints"
     assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
+
+
+def _inf_updates_from(count: int) -> optax.GradientTransformation:
+    """Updates multiplied by inf from the optimizer's update number `count` on: finite loss and
+    gradient, non-finite new parameters (what learning_rate=1e39 does)."""
+    def update(updates, state, params=None):
+        scale = jnp.where(state >= count, jnp.inf, 1.0)
+        return jax.tree.map(lambda u: u * scale, updates), state + 1
+
+    return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
+
+
+def test_a_poisoned_update_is_never_saved_and_the_error_names_a_finite_checkpoint(tmp_path, monkeypatch):
+    import ouroboros_jax.trainer as trainer_mod
+    from ouroboros_jax.checkpoint import Checkpointer
+
+    real = trainer_mod.optimizer_from_config
+    poisoned = lambda cfg, total_steps=None: optax.chain(real(cfg, total_steps), _inf_updates_from(1))
+    monkeypatch.setattr(trainer_mod, "optimizer_from_config", poisoned)
+    cfg = dataclasses.replace(_config(tmp_path / "poison", 3),
+                              train=dataclasses.replace(_config(tmp_path, 3).train, mini_batch_size=16,
+                                                        micro_batch_size=0))  # one update per step
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg, model_config=cfg.model, params=_params(cfg), task=_task(), mesh=_mesh())
+    ckpts = tmp_path / "poison" / "checkpoints"
+    assert "step 2: the update is not finite" in str(err.value)
+    assert f"the last good checkpoint is step 1 in {ckpts}" in str(err.value)
+    with Checkpointer(str(ckpts), async_save=False) as c:
+        assert c.all_steps() == [1]
+        restored = c.restore(1)
+    leaves = jax.tree.leaves(restored.state["params"])
+    assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
 def test_batch_sizes_the_mesh_cannot_split_are_rejected_before_any_compile(tmp_path, monkeypatch):
