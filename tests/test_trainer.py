@@ -176,3 +176,55 @@ def test_sampled_evaluation_uses_eval_temperature_when_set(tmp_path, monkeypatch
         run = trainer_mod._evaluator(cfg, cfg.model, task, types.SimpleNamespace(score=None), None, ())
         run(None, 0)
         assert seen[-1] == expected
+
+
+def test_resume_keeps_the_step_0_evaluation_and_one_record_per_step(tmp_path, capsys):
+    cfg = _config(tmp_path / "run", 4)
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, save_every=2),
+                              train=dataclasses.replace(cfg.train, eval_every=4, eval_size=2))
+    heldout = arithmetic_source(seed=0, digits=1, heldout=True).take(2)
+    task = dataclasses.replace(_preempted_after(3), eval_examples=heldout)
+    with pytest.raises(_Preempted):  # steps 1-3 logged, step 2 checkpointed, killed in step 4
+        train(cfg, model_config=cfg.model, params=_params(cfg), task=task, mesh=_mesh())
+    first = json.loads((tmp_path / "run" / "eval_step0.json").read_text())
+    resumed = train(cfg, model_config=cfg.model, params=_params(cfg),
+                    task=dataclasses.replace(_task(), eval_examples=heldout), mesh=_mesh())
+    assert "resuming from step 2 of" in capsys.readouterr().out
+    assert resumed.evals[0] == first and len(resumed.evals) == 2  # step 0 read back, step 4 evaluated
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
+
+
+def test_a_run_directory_of_another_config_is_refused_with_the_diff(tmp_path):
+    from ouroboros_jax.config import ConfigError
+    from ouroboros_jax.trainer import prepare_run_dir
+
+    cfg = _config(tmp_path / "run", 2)
+    assert prepare_run_dir(cfg) == 0
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    other = dataclasses.replace(cfg, seed=4, train=dataclasses.replace(cfg.train, steps=5))
+    diff = r"(?s)another config.*seed: 3 -> 4.*train.steps: 2 -> 5.*--overwrite"
+    with pytest.raises(ConfigError, match=diff):
+        prepare_run_dir(other)
+    assert load_json(tmp_path / "run" / "config.json") == cfg  # the first run's config is untouched
+    # the same config again is a resume; watching flags may change
+    watched = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, console=True))
+    assert prepare_run_dir(watched) == 0
+    forced = dataclasses.replace(other, logging=dataclasses.replace(other.logging, overwrite=True))
+    prepare_run_dir(forced)
+    assert load_json(tmp_path / "run" / "config.json") == forced
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_checkpoint_paths_keep_urls_and_save_every_0_saves_the_last_step(tmp_path):
+    from ouroboros_jax.trainer import checkpoint_directory
+
+    cfg = _config("gs://bucket/run", 1)
+    assert checkpoint_directory(cfg) == "gs://bucket/run/checkpoints"
+    off = dataclasses.replace(cfg, checkpoint=CheckpointConfig(save_every=0))
+    assert checkpoint_directory(off) == ""
+    cfg = _config(tmp_path / "run", 2)
+    cfg = dataclasses.replace(cfg, checkpoint=CheckpointConfig(directory=str(tmp_path / "ck"), save_every=0,
+                                                               async_save=False))
+    train(cfg, model_config=cfg.model, params=_params(cfg), task=_task(), mesh=_mesh())
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == ["2"]
