@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import types
@@ -79,6 +80,21 @@ def _positive(value: float, field_name: str) -> None:
     _require(value > 0, field_name, "must be positive", value)
 
 
+def _finite(value: float, field_name: str, rule: str = "must be a finite number") -> None:
+    _require(value is None or math.isfinite(value), field_name, rule, value)
+
+
+# AdamW moves every weight by about the learning rate per update: a rate above this is a typo
+# (1e39 for 1e-3 turns every weight into inf after one update).
+MAX_LEARNING_RATE = 1.0
+
+
+def _learning_rate(value: float, field_name: str) -> None:
+    _require(math.isfinite(value) and 0 < value <= MAX_LEARNING_RATE, field_name,
+             f"must be in (0, {MAX_LEARNING_RATE}] (AdamW moves each weight by about the learning rate "
+             "per update)", value)
+
+
 def check_micro_batch(micro_batch_size: int, batch_size: int, field_name: str, batch_name: str) -> None:
     """The one meaning of `micro_batch_size` in every config: rows per micro-batch, dividing the
     batch it splits; 0 means the whole batch (no accumulation)."""
@@ -132,6 +148,10 @@ class ModelConfig:
                  self.n_kv_heads)
         _one_of(self.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
         _positive(self.rope_scaling_factor, "model.rope_scaling_factor")
+        _require(math.isfinite(self.norm_eps) and self.norm_eps > 0, "model.norm_eps",
+                 "must be a positive finite number (it keeps RMSNorm from dividing by 0)", self.norm_eps)
+        _require(math.isfinite(self.rope_theta) and self.rope_theta > 0, "model.rope_theta",
+                 "must be a positive finite number", self.rope_theta)
         _one_of(self.dtype, DTYPES, "model.dtype")
         _one_of(self.compute_dtype, DTYPES, "model.compute_dtype")
         _positive(self.max_seq_len, "model.max_seq_len")
@@ -203,8 +223,11 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         _positive(self.group_size, "sampling.group_size")
         _positive(self.max_new_tokens, "sampling.max_new_tokens")
-        _require(self.temperature >= 0, "sampling.temperature", "must be >= 0 (0 is greedy)",
-                 self.temperature)
+        _require(math.isfinite(self.temperature) and self.temperature >= 0, "sampling.temperature",
+                 "must be finite and >= 0 (0 is greedy)", self.temperature)
+        _require(math.isfinite(self.eval_temperature) and self.eval_temperature >= 0,
+                 "sampling.eval_temperature", "must be finite and >= 0 (0: the rollout temperature)",
+                 self.eval_temperature)
         _require(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]", self.top_p)
         _require(self.top_k >= 0, "sampling.top_k", "must be >= 0 (0 is off)", self.top_k)
         _require(len(self.prompt_len_buckets) > 0
@@ -247,14 +270,20 @@ class LossConfig:
         _require(self.clip_high >= 0, "loss.clip_high", "must be >= 0", self.clip_high)
         _require(self.dual_clip is None or self.dual_clip > 1, "loss.dual_clip",
                  "must be > 1 (the constant c of dual-clip PPO) or None", self.dual_clip)
+        for name in ("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "overlong_penalty"):
+            _finite(getattr(self, name), f"loss.{name}")
         _require(self.kl_coef >= 0, "loss.kl_coef", "must be >= 0", self.kl_coef)
         _require(self.max_len is None or self.max_len > 0, "loss.max_len",
                  "must be positive or None", self.max_len)
         _positive(self.max_sampling_rounds, "loss.max_sampling_rounds")
         _require(self.overlong_buffer >= 0, "loss.overlong_buffer", "must be >= 0",
                  self.overlong_buffer)
-        _require(self.overlong != "shape" or self.overlong_buffer > 0, "loss.overlong_buffer",
-                 "must be positive when loss.overlong is 'shape'", self.overlong_buffer)
+
+
+def overlong_buffer(loss: LossConfig, max_new_tokens: int) -> int:
+    """The overlong buffer in tokens: `loss.overlong_buffer`, or when it is 0 a fifth of the
+    completion length (DAPO's 4096 of 20480 tokens), at least 1."""
+    return loss.overlong_buffer or max(1, max_new_tokens // 5)
 
 
 LOSS_PRESETS: dict[str, LossConfig] = {
@@ -267,9 +296,10 @@ LOSS_PRESETS: dict[str, LossConfig] = {
     "dr_grpo": LossConfig(advantage="dr_grpo", aggregation="seq_mean_token_sum_norm", kl_coef=0.0),
     # DAPO, Yu et al. 2025 (arXiv:2503.14476): clip-higher (0.2 / 0.28), token-mean
     # loss, no KL, dynamic sampling and overlong reward shaping in the trainer.
+    # The overlong buffer is 0: a fifth of sampling.max_new_tokens, as the paper's 4096 of 20480.
     "dapo": LossConfig(clip_low=0.2, clip_high=0.28,
                        aggregation="token_mean", kl_coef=0.0, dynamic_sampling=True,
-                       overlong="shape", overlong_buffer=16, overlong_penalty=1.0),
+                       overlong="shape", overlong_buffer=0, overlong_penalty=1.0),
     # GSPO, Zheng et al. 2025, "Group Sequence Policy Optimization" (arXiv:2507.18071):
     # length-normalised sequence ratio clipped at 3e-4 / 4e-4, no KL.
     "gspo": LossConfig(variant="gspo", clip_low=3e-4, clip_high=4e-4,
@@ -291,12 +321,17 @@ class OptimizerConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive(self.learning_rate, "optimizer.learning_rate")
+        _learning_rate(self.learning_rate, "optimizer.learning_rate")
         _require(0 <= self.b1 < 1, "optimizer.b1", "must be in [0, 1)", self.b1)
         _require(0 <= self.b2 < 1, "optimizer.b2", "must be in [0, 1)", self.b2)
+        _require(math.isfinite(self.eps) and self.eps > 0, "optimizer.eps",
+                 "must be a positive finite number (it keeps Adam from dividing by 0)", self.eps)
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay",
+                 "must be finite and >= 0", self.weight_decay)
         _require(self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
         _one_of(self.schedule, SCHEDULES, "optimizer.schedule")
-        _require(self.max_grad_norm >= 0, "optimizer.max_grad_norm", "must be >= 0 (0: off)")
+        _require(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "optimizer.max_grad_norm",
+                 "must be finite and >= 0 (0: off)", self.max_grad_norm)
 
 
 @dataclass(frozen=True)
@@ -349,7 +384,7 @@ class WarmStartConfig:
                  self.target_accuracy)
         _positive(self.check_every, "warmstart.check_every")
         _positive(self.batch_size, "warmstart.batch_size")
-        _positive(self.learning_rate, "warmstart.learning_rate")
+        _learning_rate(self.learning_rate, "warmstart.learning_rate")
 
 
 @dataclass(frozen=True)
@@ -441,7 +476,19 @@ class VerifierConfig:
         _require(len(self.weights) == len(self.names), "verifier.weights",
                  f"must have one weight per name ({len(self.names)})", self.weights)
         _positive(self.num_workers, "verifier.num_workers")
-        _positive(self.timeout_s, "verifier.timeout_s")
+        _require(math.isfinite(self.timeout_s) and self.timeout_s > 0, "verifier.timeout_s",
+                 "must be a positive finite number of seconds (a hung verifier would stall the run)",
+                 self.timeout_s)
+        for i, weight in enumerate(self.weights):
+            _finite(weight, f"verifier.weights[{i}]", f"must be a finite number (the weight of "
+                    f"{self.names[i] if i < len(self.names) else 'a verifier'!r})")
+        import verifiers  # imports no JAX
+
+        known = verifiers.names()
+        for name in self.names:
+            _require(name in known or ":" in name, "verifier.names",
+                     f"{name!r} is not a registered verifier; known: {', '.join(known)} "
+                     "(or 'pkg.module:function', or verifiers.register(NAME, fn) before the config is built)")
 
 
 @dataclass(frozen=True)
@@ -466,10 +513,20 @@ class ExperimentConfig:
     compilation_cache_dir: str = ""
 
     def __post_init__(self) -> None:
+        _require(self.sampling.group_size >= 2 or self.loss.variant == "sft", "sampling.group_size",
+                 f"must be >= 2: loss.advantage={self.loss.advantage!r} compares each completion with the "
+                 "others of its prompt, so a group of 1 gives every advantage exactly 0 (nothing is learned)",
+                 self.sampling.group_size)
         batch = self.rollout_batch_size
         _require(batch % self.train.mini_batch_size == 0, "train.mini_batch_size",
                  f"must divide the rollout batch train.prompts_per_step * "
                  f"sampling.group_size = {batch}", self.train.mini_batch_size)
+        new = self.sampling.max_new_tokens
+        shaped = self.loss.overlong == "shape"
+        _require(not shaped or overlong_buffer(self.loss, new) < new, "loss.overlong_buffer",
+                 f"must be below sampling.max_new_tokens={new}, or every completion is shaped as overlong "
+                 f"(penalised whatever its length); set --loss.overlong_buffer to at most {new - 1}, or 0 "
+                 f"for a fifth of the completion length ({max(1, new // 5)})", self.loss.overlong_buffer)
         total = self.sampling.max_new_tokens + self.sampling.prompt_len_buckets[-1]
         _require(total <= self.model.max_seq_len, "sampling.max_new_tokens",
                  f"the longest prompt bucket plus max_new_tokens ({total}) exceeds "

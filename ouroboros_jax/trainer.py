@@ -40,6 +40,7 @@ from ouroboros_jax.config import (
     SamplingConfig,
     VerifierConfig,
     from_dict,
+    overlong_buffer,
     to_dict,
 )
 from ouroboros_jax.evaluation import evaluate
@@ -174,8 +175,8 @@ def rollout_settings(
         top_k=s.top_k, stop_token_ids=tuple(s.stop_token_ids), prompt_len_buckets=tuple(s.prompt_len_buckets))
     if loss is not None:
         settings = dataclasses.replace(
-            settings, advantage=loss.advantage, overlong=loss.overlong, overlong_buffer=loss.overlong_buffer,
-            overlong_penalty=loss.overlong_penalty)
+            settings, advantage=loss.advantage, overlong=loss.overlong,
+            overlong_buffer=overlong_buffer(loss, s.max_new_tokens), overlong_penalty=loss.overlong_penalty)
     return dataclasses.replace(settings, **overrides)
 
 
