@@ -113,6 +113,15 @@ def warm_start(cfg: ExperimentConfig, params, mesh, *, verbose: bool = True):
         check_every=cfg.warmstart.check_every)
 
 
+def make_task(cfg: ExperimentConfig) -> Task:
+    """The arithmetic task: training and held-out problems, and every named verifier with its weight."""
+    problems = dict(digits=cfg.data.digits, operations=cfg.data.operations, fixed_width=cfg.data.fixed_width)
+    train_source = arithmetic_source(seed=cfg.data.seed, **problems)
+    heldout = arithmetic_source(seed=cfg.data.seed, heldout=True, **problems)
+    return Task(train_source=train_source, encode=encode, decode=decode, verifier=verifier_spec(cfg.verifier),
+                stop_token_ids=(TOKENIZER.eos_id,), eval_examples=heldout.take(cfg.train.eval_size))
+
+
 def main() -> None:
     cfg = parse_cli(DEFAULT, description=__doc__)
     if cfg.train.eval_every <= 0 or cfg.train.eval_size <= 0:
@@ -122,13 +131,7 @@ def main() -> None:
     use_compilation_cache(cfg.compilation_cache_dir)  # before the warm-start compiles anything
     mesh = make_mesh(cfg.mesh)
     params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
-    problems = dict(digits=cfg.data.digits, operations=cfg.data.operations, fixed_width=cfg.data.fixed_width)
-    train_source = arithmetic_source(seed=cfg.data.seed, **problems)
-    heldout = arithmetic_source(seed=cfg.data.seed, heldout=True, **problems)
-    eval_examples = heldout.take(cfg.train.eval_size)
-    eos = TOKENIZER.eos_id
-    task = Task(train_source=train_source, encode=encode, decode=decode, verifier=verifier_spec(cfg.verifier),
-                stop_token_ids=(eos,), eval_examples=eval_examples)
+    task = make_task(cfg)
 
     size = f"quickstart: {cfg.model.num_params():,} parameters"
     if prepare_run_dir(cfg):  # a checkpoint to resume from: the warm-started weights are in it

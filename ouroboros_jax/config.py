@@ -15,6 +15,7 @@ verifiers take the explicit values they need.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
@@ -95,9 +96,22 @@ def _learning_rate(value: float, field_name: str) -> None:
              "per update)", value)
 
 
+# The dotted fields set on the command line while `parse_cli` builds a config: a rule that ties two
+# fields blames the one the user set, and says where the other's value came from.
+_USER_FLAGS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("user_flags",
+                                                                            default=frozenset())
+
+
 def check_micro_batch(micro_batch_size: int, batch_size: int, field_name: str, batch_name: str) -> None:
     """The one meaning of `micro_batch_size` in every config: rows per micro-batch, dividing the
     batch it splits; 0 means the whole batch (no accumulation)."""
+    fits = micro_batch_size >= 0 and (micro_batch_size == 0 or batch_size % micro_batch_size == 0)
+    user = _USER_FLAGS.get()
+    if not fits and batch_name in user and field_name not in user:
+        raise ConfigError(
+            f"{batch_name}: {batch_size} (set by --{batch_name}) conflicts with {field_name}="
+            f"{micro_batch_size} (not set, from the defaults): a micro-batch must divide the batch it "
+            f"splits; also set --{field_name} to a divisor of {batch_size}, or 0 for no accumulation")
     _require(micro_batch_size >= 0 and (micro_batch_size == 0 or batch_size % micro_batch_size == 0),
              field_name, f"must divide {batch_name}={batch_size}", micro_batch_size)
 
@@ -618,6 +632,33 @@ def load_json(path: str | os.PathLike[str], cls: type[T] = ExperimentConfig) -> 
 # Command line
 
 
+def preset_help(indent: str = "") -> str:
+    """What `--preset NAME` sets, per preset: its KL coefficient and the loss fields that differ
+    from LossConfig()."""
+    base = to_dict(LossConfig())
+    lines = []
+    for name, preset in LOSS_PRESETS.items():
+        fields = to_dict(preset)
+        shaped = preset.overlong == "shape"
+        changed = {k: v for k, v in fields.items()
+                   if v != base[k] or k == "kl_coef" or (k == "overlong_buffer" and shaped)}
+        shown = ", ".join(f"loss.{k}={v!r}" for k, v in changed.items())
+        notes = [" (KL to the reference on)" if preset.kl_coef else "",
+                 " (overlong_buffer 0: a fifth of sampling.max_new_tokens)" if shaped else ""]
+        lines.append(f"{indent}{name}: {shown}{''.join(notes)}")
+    return "\n".join(lines)
+
+
+CLI_HELP = """Options read before the fields below:
+  --config PATH     start from a saved config.json (e.g. RUN_DIR/config.json); flags apply on top
+  --preset NAME     replace the loss section with a named recipe, before the other flags:
+{presets}
+  --overwrite       a run directory holding another config is refused; this deletes that run
+                    first (same as --logging.overwrite)
+
+Booleans take --section.flag / --section.no_flag (or --section.flag True|False)."""
+
+
 def parse_cli(
     default: ExperimentConfig | None = None,
     args: Sequence[str] | None = None,
@@ -626,36 +667,80 @@ def parse_cli(
     """Parse `--section.field value` overrides on top of `default`.
 
     `--preset NAME` (one of LOSS_PRESETS) swaps the loss section for that preset
-    before the other overrides apply; `--config PATH` starts from a saved JSON config.
+    before the other overrides apply; `--config PATH` starts from a saved JSON config;
+    `--overwrite` sets `logging.overwrite`. A bad value, preset or config file prints a usage
+    error naming it and exits with status 2 (no traceback).
     """
     import tyro
 
     argv = list(sys.argv[1:] if args is None else args)
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "script"
     base = default or ExperimentConfig()
-    argv, config_path = _pop_option(argv, "--config")
+    argv, config_path = _pop_option(argv, "--config", prog)
     if config_path:
-        base = load_json(config_path)
-    argv, preset = _pop_option(argv, "--preset")
+        try:
+            base = load_json(config_path)
+        except OSError as e:
+            _usage_error(prog, f"--config: cannot read {config_path!r}: {e.strerror or e}")
+        except ConfigError as e:
+            _usage_error(prog, f"--config {config_path}: {e}")
+    argv, preset = _pop_option(argv, "--preset", prog)
     if preset:
         if preset not in LOSS_PRESETS:
-            raise ConfigError(f"--preset: must be one of {sorted(LOSS_PRESETS)} (got {preset!r})")
+            _usage_error(prog, f"--preset: must be one of {sorted(LOSS_PRESETS)} (got {preset!r})")
         base = dataclasses.replace(base, loss=LOSS_PRESETS[preset])
-    return tyro.cli(
-        ExperimentConfig,
-        default=base,
-        args=argv,
-        description=description,
-        use_underscores=True,
-        config=(tyro.conf.FlagConversionOff,),
-    )
+    if "--overwrite" in argv:
+        argv = [a for a in argv if a != "--overwrite"] + ["--logging.overwrite"]
+    argv = _bool_flags(argv)
+    text = (description or "").rstrip() + "\n\n" + CLI_HELP.format(presets=preset_help(" " * 20))
+    token = _USER_FLAGS.set(frozenset(a[2:].split("=", 1)[0] for a in argv if a.startswith("--")))
+    try:
+        return tyro.cli(ExperimentConfig, default=base, args=argv, description=text, use_underscores=True)
+    finally:
+        _USER_FLAGS.reset(token)
 
 
-def _pop_option(argv: list[str], name: str) -> tuple[list[str], str]:
+def _usage_error(prog: str, message: str) -> typing.NoReturn:
+    print(f"{prog}: error: {message}\nFor full helptext, run {prog} --help", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _bool_fields(cls: Any = None, prefix: str = "") -> set[str]:
+    cls = cls or ExperimentConfig
+    out: set[str] = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out |= _bool_fields(tp, f"{prefix}{name}.")
+        elif tp is bool:
+            out.add(prefix + name)
+    return out
+
+
+def _bool_flags(argv: list[str]) -> list[str]:
+    """`--a.flag True|False` (and `=True`) as tyro's `--a.flag` / `--a.no_flag`."""
+    fields, out, i = _bool_fields(), [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in fields and not eq and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false"):
+            value, i = argv[i + 1], i + 1
+        if name in fields and value.lower() in ("true", "false"):
+            section, _, leaf = name.rpartition(".")
+            arg = "--" + (name if value.lower() == "true" else f"{section}.no_{leaf}".lstrip("."))
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _pop_option(argv: list[str], name: str, prog: str = "script") -> tuple[list[str], str]:
     out, value = [], ""
     it = iter(range(len(argv)))
     for i in it:
         arg = argv[i]
-        if arg == name and i + 1 < len(argv):
+        if arg == name:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                choices = f": one of {sorted(LOSS_PRESETS)}" if name == "--preset" else ""
+                _usage_error(prog, f"{name} needs a value{choices}")
             value = argv[i + 1]
             next(it, None)
         elif arg.startswith(name + "="):
