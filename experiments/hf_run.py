@@ -38,6 +38,9 @@ from ouroboros_jax.trainer import Task, TrainResult, train, verifier_spec
 # Tokens that close a chat turn in common templates (ChatML, Llama 3, Phi, Gemma). A model prompted
 # through its chat template ends its answer with one of them, which its EOS id may not be.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+# Flags every checkpoint script asks for before it loads data (`parse_cli(required=...)`).
+REQUIRED = {"model.path": "a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json), "
+                          "e.g. --model.path /ckpt/Qwen2.5-1.5B-Instruct"}
 
 
 def load_policy(cfg: ExperimentConfig, mesh: Any) -> tuple[ModelConfig, Params, Tokenizer]:

@@ -663,8 +663,12 @@ def parse_cli(
     default: ExperimentConfig | None = None,
     args: Sequence[str] | None = None,
     description: str | None = None,
+    required: dict[str, str] | None = None,
 ) -> ExperimentConfig:
     """Parse `--section.field value` overrides on top of `default`.
+
+    `required` maps dotted fields that must be set (non-empty) to what they are: a run
+    without one stops with a usage error asking for it, before any data or model is loaded.
 
     `--preset NAME` (one of LOSS_PRESETS) swaps the loss section for that preset
     before the other overrides apply; `--config PATH` starts from a saved JSON config;
@@ -695,9 +699,16 @@ def parse_cli(
     text = (description or "").rstrip() + "\n\n" + CLI_HELP.format(presets=preset_help(" " * 20))
     token = _USER_FLAGS.set(frozenset(a[2:].split("=", 1)[0] for a in argv if a.startswith("--")))
     try:
-        return tyro.cli(ExperimentConfig, default=base, args=argv, description=text, use_underscores=True)
+        cfg = tyro.cli(ExperimentConfig, default=base, args=argv, description=text, use_underscores=True)
     finally:
         _USER_FLAGS.reset(token)
+    for name, what in (required or {}).items():
+        value: Any = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        if not value:
+            _usage_error(prog, f"--{name} is required: {what}")
+    return cfg
 
 
 def _usage_error(prog: str, message: str) -> typing.NoReturn:

@@ -80,3 +80,30 @@ def test_every_named_verifier_is_used_with_its_weight():
     # a right bare answer: math_any says 1, the format verifier's score is added at weight 0.5
     verdict = combined("132", {"answer": "132"})
     assert verdict.score == pytest.approx(0.5 * verdict.info["scores"]["format"] + 1.0)
+
+
+def test_a_prompt_too_long_names_the_flags_that_fix_it():
+    from ouroboros_jax.data import Example, PromptEncoder, PromptTooLongError
+
+    class Words:
+        def encode_batch(self, texts, add_special_tokens=True):
+            return [[len(w) for w in t.split()] for t in texts]
+
+    encoder = PromptEncoder(Words(), max_len=3)
+    with pytest.raises(PromptTooLongError) as err:
+        encoder.encode_batch([Example(id="q1", prompt="What is 12 + 34?", gold={})])
+    for flag in ("--sampling.prompt_len_buckets", "--data.system_prompt", "--data.prompt_overflow truncate"):
+        assert flag in str(err.value)
+
+
+def test_checkpoint_scripts_ask_for_model_path_before_loading_data(capsys):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    for name in ("gsm8k_grpo", "math_dapo", "code_gspo", "countdown_dr_grpo"):
+        spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "experiments" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with pytest.raises(SystemExit) as exit_info:
+            module.main([])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "error: --model.path is required: a Hugging Face checkpoint directory" in err
