@@ -213,7 +213,7 @@ def test_load_policy_names_bad_settings(qwen_ckpt):
     module = load_script("gsm8k_grpo")
     common = importlib.import_module("hf_run")
     with pytest.raises(ConfigError, match="model.path: name a Hugging Face checkpoint directory"):
-        module.main(["--data.source", "countdown"])
+        common.load_policy(module.parse_cli(module.DEFAULT, ["--data.source", "countdown"]), mesh=None)
     cfg = module.parse_cli(module.DEFAULT, ["--model.path", str(qwen_ckpt),
                                             "--sampling.max_new_tokens", "300"])
     with pytest.raises(ConfigError, match=r"sampling.max_new_tokens: .* \(812\) exceeds the checkpoint's "
