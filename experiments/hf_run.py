@@ -38,6 +38,14 @@ from ouroboros_jax.trainer import Task, TrainResult, train, verifier_spec
 # Tokens that close a chat turn in common templates (ChatML, Llama 3, Phi, Gemma). A model prompted
 # through its chat template ends its answer with one of them, which its EOS id may not be.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+# The smoke test: every checkpoint script end to end in seconds on a CPU, with a tiny random
+# checkpoint (`python -m ouroboros_jax.models.tiny DIR`): 2 steps of 4 prompts x 2 samples, 8 new
+# tokens, an evaluation of 4 problems at steps 0 and 2, a checkpoint at the end (README "Smoke test").
+SMOKE_FLAGS = ("--train.steps", "2", "--train.prompts_per_step", "4", "--sampling.group_size", "2",
+               "--train.mini_batch_size", "8", "--train.micro_batch_size", "0",
+               "--sampling.max_new_tokens", "8", "--sampling.prompt_len_buckets", "512",
+               "--train.eval_every", "2", "--train.eval_size", "4", "--sampling.eval_num_samples", "2",
+               "--verifier.num_workers", "1", "--optimizer.warmup_steps", "0")
 # Flags every checkpoint script asks for before it loads data (`parse_cli(required=...)`).
 REQUIRED = {"model.path": "a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json), "
                           "e.g. --model.path /ckpt/Qwen2.5-1.5B-Instruct"}
