@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -191,8 +193,12 @@ def test_resume_keeps_the_step_0_evaluation_and_one_record_per_step(tmp_path, ca
                     task=dataclasses.replace(_task(), eval_examples=heldout), mesh=_mesh())
     assert "resuming from step 2 of" in capsys.readouterr().out
     assert resumed.evals[0] == first and len(resumed.evals) == 2  # step 0 read back, step 4 evaluated
-    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3, 4]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    # docs/metrics.md explains every key the run logged
+    glossary = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    keys = {re.sub(r"@\d+$", "@k", k) for r in records for k in r}
+    assert not [k for k in sorted(keys) if f"`{k}`" not in glossary]
 
 
 def test_a_run_directory_of_another_config_is_refused_with_the_diff(tmp_path):
