@@ -474,6 +474,12 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         _positive(self.log_every, "logging.log_every")
+        from ouroboros_jax import paths  # imports no JAX
+
+        try:
+            paths.check(self.run_dir)
+        except ValueError as e:
+            raise ConfigError(f"logging.run_dir: {e}") from e
 
 
 @dataclass(frozen=True)

@@ -71,3 +71,11 @@ def test_reasonable_values_still_build():
     sft = ExperimentConfig(sampling=SamplingConfig(group_size=1), loss=LossConfig(variant="sft"),
                            train=TrainConfig(mini_batch_size=8, micro_batch_size=0))
     assert sft.sampling.group_size == 1
+
+
+def test_a_collapsed_url_run_dir_is_refused_and_a_url_is_kept():
+    from ouroboros_jax.config import LoggingConfig
+
+    with pytest.raises(ConfigError, match=r"logging\.run_dir: gs:/bucket/run: looks like the URL gs://bucket/run"):
+        LoggingConfig(run_dir="gs:/bucket/run")
+    assert LoggingConfig(run_dir="gs://bucket/run").run_dir == "gs://bucket/run"
