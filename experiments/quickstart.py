@@ -30,6 +30,7 @@ import time
 import jax
 
 import verifiers
+from ouroboros_jax import paths
 from ouroboros_jax.config import (
     LOSS_PRESETS,
     ConfigError,
@@ -46,8 +47,9 @@ from ouroboros_jax.config import (
 )
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.evaluation import evaluate
-from ouroboros_jax.metrics import plot_run
+from ouroboros_jax.metrics import MetricsLogger, plot_run
 from ouroboros_jax.models import Tokenizer, init_sharded
+from ouroboros_jax.plots import WARMSTART_DIR
 from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
 from ouroboros_jax.trainer import Task, prepare_run_dir, train, use_compilation_cache, verifier_spec
@@ -81,10 +83,15 @@ def decode(ids) -> str:
     return TOKENIZER.decode(list(ids))
 
 
-def warm_start(cfg: ExperimentConfig, params, mesh, *, verbose: bool = True):
+def warm_start(cfg: ExperimentConfig, params, mesh, *, verbose: bool = True, log: bool = True):
     """Supervised warm-start on clean demonstrations until greedy accuracy on training problems
     reaches `cfg.warmstart.target_accuracy` (checked every `check_every` steps; 0: run all
-    `cfg.warmstart.steps`)."""
+    `cfg.warmstart.steps`). With `log`, each check goes to RUN_DIR/warmstart/metrics.jsonl
+    (plotted as the warm-start panel)."""
+    logger = MetricsLogger(paths.join(cfg.logging.run_dir, WARMSTART_DIR), console=False,
+                           tensorboard=False) if log else None
+    if logger is not None:
+        logger.truncate_after(-1)  # a fresh warm-start: the checks of an earlier one are gone
     problems = dict(digits=cfg.data.digits, operations=cfg.data.operations, fixed_width=cfg.data.fixed_width)
     warm_source = arithmetic_source(seed=cfg.data.seed + 1, **problems)
     check = arithmetic_source(seed=cfg.data.seed + 2, **problems).take(128)  # training split, not held-out
@@ -99,18 +106,24 @@ def warm_start(cfg: ExperimentConfig, params, mesh, *, verbose: bool = True):
                           rng=jax.random.key(cfg.seed + step), mesh=mesh,
                           prompt_len_buckets=cfg.sampling.prompt_len_buckets)
         greedy, sampled = scores["eval/greedy_acc"], scores["eval/pass@1"]
+        if logger is not None:
+            logger.log(step, {"warmstart/greedy_acc": greedy, "warmstart/pass@1": sampled})
         if verbose:
             print(f"quickstart: warm-start step {step}: greedy {greedy:.2f} sampled {sampled:.2f}",
                   flush=True)
         return greedy >= cfg.warmstart.target_accuracy
 
-    return supervised_warmstart(
-        params, cfg.model, warm_source, encode=encode,
-        answer_ids=lambda ex: TOKENIZER.encode(str(ex.gold["answer"])) + [eos],
-        steps=cfg.warmstart.steps, batch_size=cfg.warmstart.batch_size,
-        learning_rate=cfg.warmstart.learning_rate, seed=cfg.seed, mesh=mesh,
-        until=skilled_enough if cfg.warmstart.target_accuracy > 0 else None,
-        check_every=cfg.warmstart.check_every)
+    try:
+        return supervised_warmstart(
+            params, cfg.model, warm_source, encode=encode,
+            answer_ids=lambda ex: TOKENIZER.encode(str(ex.gold["answer"])) + [eos],
+            steps=cfg.warmstart.steps, batch_size=cfg.warmstart.batch_size,
+            learning_rate=cfg.warmstart.learning_rate, seed=cfg.seed, mesh=mesh,
+            until=skilled_enough if cfg.warmstart.target_accuracy > 0 else None,
+            check_every=cfg.warmstart.check_every)
+    finally:
+        if logger is not None:
+            logger.close()
 
 
 def make_task(cfg: ExperimentConfig) -> Task:

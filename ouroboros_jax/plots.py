@@ -14,6 +14,7 @@ and legend names in words (`metric_label`; docs/metrics.md explains every key):
     clip        the fraction of tokens whose probability ratio was clipped
     ratio       the probability ratio new / sampling policy (min, mean, max)
     time        seconds per step and per phase
+    warmstart   a supervised warm-start's checks, from RUN_DIR/warmstart/metrics.jsonl
 
 A key goes to the panel one of whose aliases matches one of its "/"-separated parts
 (the part equals the alias, starts with alias + "_", ends with "_" + alias, or, for an
@@ -45,7 +46,10 @@ PANELS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "clip": (("clip_frac",), "Clipped tokens", "fraction of tokens"),
     "ratio": (("ratio",), "Probability ratio new / sampling policy", "ratio"),
     "time": (("time",), "Time", "seconds"),
+    "warmstart": (("warmstart",), "Supervised warm-start (before RL)", "fraction correct"),
 }
+# A warm-start logs its checks here, beside the run's own metrics.jsonl (its steps are its own).
+WARMSTART_DIR = "warmstart"
 _SCOPE = {"accuracy": "train", "eval": "eval"}  # panels that take only (or no) eval/ keys
 
 _LABELS = {
@@ -64,6 +68,8 @@ _LABELS = {
     "train/ratio_mean": "mean ratio", "train/ratio_min": "smallest ratio", "train/ratio_max": "largest ratio",
     "time/step": "whole step", "time/sample": "sampling", "time/verify": "verifiers",
     "time/update": "update", "time/reward_model": "reward model",
+    "warmstart/greedy_acc": "greedy accuracy (training problems)",
+    "warmstart/pass@1": "sampled pass@1 (training problems)",
 }
 
 
@@ -141,7 +147,7 @@ def draw_panel(ax: Any, records: Sequence[Mapping[str, Any]], panel: str, keys: 
             ax.plot(steps, values, marker="." if len(values) < 50 else None, label=metric_label(key))
     _, title, ylabel = PANELS[panel]
     ax.set_title(title)
-    ax.set_xlabel("training step")
+    ax.set_xlabel("warm-start step" if panel == "warmstart" else "training step")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -174,8 +180,15 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
     out.mkdir(parents=True, exist_ok=True)
     records = read_metrics(os.fspath(source))
     keys = sorted({k for r in records for k in r} - {"step", "wall_time"})
-    panels = {p: [k for k in panel_keys(keys, p) if _drawn(records, k)] for p in PANELS}
-    panels = {p: ks for p, ks in panels.items() if ks}
+    panels = {p: (records, [k for k in panel_keys(keys, p) if _drawn(records, k)])
+              for p in PANELS if p != "warmstart"}
+    warm = source.parent / WARMSTART_DIR / METRICS_FILE
+    if warm.exists():
+        warm_records = read_metrics(os.fspath(warm))
+        warm_keys = sorted({k for r in warm_records for k in r} - {"step", "wall_time"})
+        panels = {"warmstart": (warm_records, [k for k in panel_keys(warm_keys, "warmstart")
+                                               if _drawn(warm_records, k)])} | panels
+    panels = {p: (recs, ks) for p, (recs, ks) in panels.items() if ks}
 
     def save(fig: Any, name: str) -> None:
         with (out / name).open("wb") as f:
@@ -183,11 +196,11 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
         written.append(out / name)
 
     written: list[Any] = []
-    for panel, panel_ks in panels.items():
+    for panel, (recs, panel_ks) in panels.items():
         fig = Figure(figsize=(6.4, 4.0), dpi=100)
         FigureCanvasAgg(fig)
         fig.subplots_adjust(left=0.13, right=0.97, top=0.92, bottom=0.13)
-        draw_panel(fig.add_subplot(), records, panel, panel_ks)
+        draw_panel(fig.add_subplot(), recs, panel, panel_ks)
         save(fig, f"{panel}.png")
     if panels:
         cols = min(3, len(panels))
@@ -196,7 +209,7 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
         FigureCanvasAgg(fig)
         # Fixed margins: a tight layout would draw every figure twice.
         fig.subplots_adjust(left=0.06, right=0.98, top=0.94, bottom=0.1, hspace=0.5, wspace=0.25)
-        for i, (panel, panel_ks) in enumerate(panels.items()):
-            draw_panel(fig.add_subplot(rows, cols, i + 1), records, panel, panel_ks)
+        for i, (panel, (recs, panel_ks)) in enumerate(panels.items()):
+            draw_panel(fig.add_subplot(rows, cols, i + 1), recs, panel, panel_ks)
         save(fig, "curves.png")
     return written

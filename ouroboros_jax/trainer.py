@@ -48,6 +48,7 @@ from ouroboros_jax.metrics import METRICS_FILE, MetricsLogger, PhaseTimer
 from ouroboros_jax.models.logprobs import DEFAULT_CHUNK
 from ouroboros_jax.models.transformer import Params, param_specs
 from ouroboros_jax.objectives import Objective, policy_gradient
+from ouroboros_jax.plots import WARMSTART_DIR
 from ouroboros_jax.rewards import RewardSource, VerifierReward, WeightedRewards
 from ouroboros_jax.rollout import Rollout, RolloutSettings, collect, rollout_metrics
 from ouroboros_jax.sharding import batch_shards, make_mesh
@@ -400,8 +401,10 @@ def _clear_run(root: Any, ckpt_dir: str) -> None:
     if not root.exists():
         return
     for p in root.iterdir():
-        if p.name in (CONFIG_FILE, BASELINE_FILE, METRICS_FILE) or p.name.startswith("events.out.tfevents") \
-                or p.name.endswith(".png"):
+        if p.name == WARMSTART_DIR and p.is_dir():
+            p.rmtree()
+        elif (p.name in (CONFIG_FILE, BASELINE_FILE, METRICS_FILE) or p.name.endswith(".png")
+              or p.name.startswith("events.out.tfevents")):
             p.unlink()
 
 

@@ -206,3 +206,13 @@ def test_plot_command(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "png" / "curves.png").stat().st_size > 0
     assert str(tmp_path / "png" / "reward.png") in capsys.readouterr().out.splitlines()
     assert M.main(["plot", str(tmp_path / "missing")]) == 1
+
+
+def test_the_warm_start_gets_its_own_panel(tmp_path):
+    _fake_run(tmp_path, steps=5)
+    with M.MetricsLogger(tmp_path / "warmstart", console=False, tensorboard=False) as logger:
+        for step in (50, 100, 150):
+            logger.log(step, {"warmstart/greedy_acc": step / 200, "warmstart/pass@1": step / 300})
+    names = [p.name for p in M.plot_run(tmp_path)]
+    assert names[0] == "warmstart.png" and names[-1] == "curves.png"
+    assert "warmstart/greedy_acc" not in M.read_metrics(tmp_path)[0]  # the RL metrics stay apart
