@@ -135,8 +135,8 @@ def make_task(cfg: ExperimentConfig) -> Task:
                 stop_token_ids=(TOKENIZER.eos_id,), eval_examples=heldout.take(cfg.train.eval_size))
 
 
-def main() -> None:
-    cfg = parse_cli(DEFAULT, description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(DEFAULT, args=argv, description=__doc__)
     if cfg.train.eval_every <= 0 or cfg.train.eval_size <= 0:
         raise ConfigError("train.eval_every and train.eval_size must be > 0: the quickstart reports held-out "
                           "accuracy before and after RL")

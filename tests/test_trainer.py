@@ -180,6 +180,7 @@ def test_sampled_evaluation_uses_eval_temperature_when_set(tmp_path, monkeypatch
         assert seen[-1] == expected
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_step_0_evaluation_and_one_record_per_step(tmp_path, capsys):
     cfg = _config(tmp_path / "run", 4)
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, save_every=2),
@@ -222,13 +223,19 @@ def test_a_run_directory_of_another_config_is_refused_with_the_diff(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_checkpoint_paths_keep_urls_and_save_every_0_saves_the_last_step(tmp_path):
+def test_checkpoint_paths_keep_urls():
     from ouroboros_jax.trainer import checkpoint_directory
 
     cfg = _config("gs://bucket/run", 1)
     assert checkpoint_directory(cfg) == "gs://bucket/run/checkpoints"
     off = dataclasses.replace(cfg, checkpoint=CheckpointConfig(save_every=0))
     assert checkpoint_directory(off) == ""
+    elsewhere = dataclasses.replace(cfg, checkpoint=CheckpointConfig(directory="s3://b/ck", save_every=0))
+    assert checkpoint_directory(elsewhere) == "s3://b/ck"
+
+
+@pytest.mark.slow
+def test_save_every_0_with_a_checkpoint_directory_saves_the_last_step(tmp_path):
     cfg = _config(tmp_path / "run", 2)
     cfg = dataclasses.replace(cfg, checkpoint=CheckpointConfig(directory=str(tmp_path / "ck"), save_every=0,
                                                                async_save=False))
