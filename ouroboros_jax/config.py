@@ -486,6 +486,8 @@ class LoggingConfig:
 class VerifierConfig:
     """Which verifiers score completions, their weights, and the worker pool."""
 
+    # Registered names: math, math_any, math_verify, code, code_partial, format, countdown (and any
+    # verifiers.register(NAME, fn)), or "pkg.module:function". Every name is used, with its weight.
     names: tuple[str, ...] = ("math",)
     weights: tuple[float, ...] = (1.0,)
     num_workers: int = 2

@@ -61,6 +61,11 @@ def test_help_lists_preset_config_and_what_each_preset_sets():
     assert "--preset NAME" in out and "--config PATH" in out and "--overwrite" in out
     assert "grpo: loss.kl_coef=0.04 (KL to the reference on)" in out
     assert "dr_grpo: loss.advantage='dr_grpo'" in out and "--logging.console, --logging.no_console" in out
+    from verifiers.base import _BUILTIN
+
+    after = out[out.index("--verifier.names"):].split("--verifier.weights")[0]
+    help_of_names = " ".join(after.replace("│", " ").split())
+    assert all(name in help_of_names for name in _BUILTIN), help_of_names
 
 
 def test_every_named_verifier_is_used_with_its_weight():
