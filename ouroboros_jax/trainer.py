@@ -357,13 +357,17 @@ def config_diff(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
             if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)]
 
 
+_CLEARED: set[tuple[str, ExperimentConfig]] = set()
+
+
 def prepare_run_dir(cfg: ExperimentConfig) -> int:
     """Make the run directory ready for `cfg`, before anything is computed; returns the step a
     resume will start from (the newest checkpoint, 0 for a fresh run).
 
     A directory that holds the config of another run (another seed, preset, step count...)
     is refused with the fields that differ, unless `logging.overwrite` (`--overwrite`) is set:
-    then that run's config, metrics, plots, events and checkpoints are deleted first. Scripts
+    then that run's config, metrics, plots, events and checkpoints are deleted first (once per
+    process and config: `train` calling it again keeps what the script wrote meanwhile). Scripts
     call this before their own work (a warm-start) so that a resume can skip that work.
 
     Raises:
@@ -373,8 +377,9 @@ def prepare_run_dir(cfg: ExperimentConfig) -> int:
     root = paths.as_path(run_dir)
     saved = root / CONFIG_FILE
     ckpt_dir = checkpoint_directory(cfg)
-    if cfg.logging.overwrite:
+    if cfg.logging.overwrite and (run_dir, cfg) not in _CLEARED:
         _clear_run(root, ckpt_dir)
+        _CLEARED.add((run_dir, cfg))  # once per process: train() after a script's own call keeps its work
     elif saved.exists():
         try:
             old = from_dict(ExperimentConfig, json.loads(saved.read_text()))

@@ -221,6 +221,9 @@ def test_a_run_directory_of_another_config_is_refused_with_the_diff(tmp_path):
     prepare_run_dir(forced)
     assert load_json(tmp_path / "run" / "config.json") == forced
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0}\n')  # written after the clearing
+    prepare_run_dir(forced)  # train() calls it again: what the script wrote since is kept
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_checkpoint_paths_keep_urls():
