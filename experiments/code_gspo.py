@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hf_run import run
+from hf_run import REQUIRED, run
 
 from ouroboros_jax.config import (
     LOSS_PRESETS,
@@ -97,7 +97,7 @@ def code_source(source: PromptSource) -> PromptSource:
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     """Parse the command line (`argv`, default sys.argv) on top of DEFAULT and run."""
-    cfg = parse_cli(DEFAULT, args=argv, description=__doc__)
+    cfg = parse_cli(DEFAULT, args=argv, description=__doc__, required=REQUIRED)
     train_source = make_source(cfg.data, split="train")
     eval_source = make_source(cfg.data, split="eval") if cfg.train.eval_every else None
     if cfg.data.source != "humaneval":  # HumanEval records carry their tests already

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hf_run import run
+from hf_run import REQUIRED, run
 
 from ouroboros_jax.config import (
     LOSS_PRESETS,
@@ -72,7 +72,7 @@ DEFAULT = ExperimentConfig(
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     """Parse the command line (`argv`, default sys.argv) on top of DEFAULT and run."""
-    cfg = parse_cli(DEFAULT, args=argv, description=__doc__)
+    cfg = parse_cli(DEFAULT, args=argv, description=__doc__, required=REQUIRED)
     train_source = make_source(cfg.data, split="train")
     eval_source = make_source(cfg.data, split="eval") if cfg.train.eval_every else None
     return run(cfg, train_source, eval_source)

@@ -27,17 +27,28 @@ from typing import Any
 
 import jax
 
-from ouroboros_jax.config import ConfigError, ExperimentConfig, ModelConfig, VerifierConfig
+from ouroboros_jax.config import ConfigError, ExperimentConfig, ModelConfig
 from ouroboros_jax.data import PromptSource, make_prompt_encoder
 from ouroboros_jax.metrics import plot_run
 from ouroboros_jax.models import Tokenizer, load_hf_checkpoint
 from ouroboros_jax.models.transformer import Params
 from ouroboros_jax.sharding import batch_shards, initialize_distributed, make_mesh
-from ouroboros_jax.trainer import Task, TrainResult, train
+from ouroboros_jax.trainer import Task, TrainResult, train, verifier_spec
 
 # Tokens that close a chat turn in common templates (ChatML, Llama 3, Phi, Gemma). A model prompted
 # through its chat template ends its answer with one of them, which its EOS id may not be.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+# The smoke test: every checkpoint script end to end in seconds on a CPU, with a tiny random
+# checkpoint (`python -m ouroboros_jax.models.tiny DIR`): 2 steps of 4 prompts x 2 samples, 8 new
+# tokens, an evaluation of 4 problems at steps 0 and 2, a checkpoint at the end (README "Smoke test").
+SMOKE_FLAGS = ("--train.steps", "2", "--train.prompts_per_step", "4", "--sampling.group_size", "2",
+               "--train.mini_batch_size", "8", "--train.micro_batch_size", "0",
+               "--sampling.max_new_tokens", "8", "--sampling.prompt_len_buckets", "512",
+               "--train.eval_every", "2", "--train.eval_size", "4", "--sampling.eval_num_samples", "2",
+               "--verifier.num_workers", "1", "--optimizer.warmup_steps", "0")
+# Flags every checkpoint script asks for before it loads data (`parse_cli(required=...)`).
+REQUIRED = {"model.path": "a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json), "
+                          "e.g. --model.path /ckpt/Qwen2.5-1.5B-Instruct"}
 
 
 def load_policy(cfg: ExperimentConfig, mesh: Any) -> tuple[ModelConfig, Params, Tokenizer]:
@@ -83,13 +94,6 @@ def stop_token_ids(path: str | Path, tokenizer: Tokenizer, *, chat: bool) -> tup
     if chat:
         ids.update(tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS)
     return tuple(sorted(i for i in ids if i is not None))
-
-
-def verifier_spec(cfg: VerifierConfig) -> str | dict[str, float]:
-    """The verifier pool's spec: one registered name, or {name: weight} for a weighted sum."""
-    if len(cfg.names) == 1 and cfg.weights[0] == 1.0:
-        return cfg.names[0]
-    return dict(zip(cfg.names, cfg.weights, strict=True))
 
 
 def make_task(

@@ -30,6 +30,7 @@ import time
 import jax
 
 import verifiers
+from ouroboros_jax import paths
 from ouroboros_jax.config import (
     LOSS_PRESETS,
     ConfigError,
@@ -48,9 +49,10 @@ from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.evaluation import evaluate
 from ouroboros_jax.metrics import MetricsLogger, plot_run
 from ouroboros_jax.models import Tokenizer, init_sharded
+from ouroboros_jax.plots import WARMSTART_DIR
 from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
-from ouroboros_jax.trainer import Task, train, use_compilation_cache
+from ouroboros_jax.trainer import Task, prepare_run_dir, train, use_compilation_cache, verifier_spec
 
 TOKENIZER = Tokenizer.char_level("0123456789+-*=? .Whatis")
 
@@ -81,14 +83,19 @@ def decode(ids) -> str:
     return TOKENIZER.decode(list(ids))
 
 
-def warm_start(cfg: ExperimentConfig, params, mesh, *, verbose: bool = True):
+def warm_start(cfg: ExperimentConfig, params, mesh, *, verbose: bool = True, log: bool = True):
     """Supervised warm-start on clean demonstrations until greedy accuracy on training problems
     reaches `cfg.warmstart.target_accuracy` (checked every `check_every` steps; 0: run all
-    `cfg.warmstart.steps`)."""
+    `cfg.warmstart.steps`). With `log`, each check goes to RUN_DIR/warmstart/metrics.jsonl
+    (plotted as the warm-start panel)."""
+    logger = MetricsLogger(paths.join(cfg.logging.run_dir, WARMSTART_DIR), console=False,
+                           tensorboard=False) if log else None
+    if logger is not None:
+        logger.truncate_after(-1)  # a fresh warm-start: the checks of an earlier one are gone
     problems = dict(digits=cfg.data.digits, operations=cfg.data.operations, fixed_width=cfg.data.fixed_width)
     warm_source = arithmetic_source(seed=cfg.data.seed + 1, **problems)
     check = arithmetic_source(seed=cfg.data.seed + 2, **problems).take(128)  # training split, not held-out
-    grade = verifiers.resolve(cfg.verifier.names[0])
+    grade = verifiers.resolve(verifier_spec(cfg.verifier))
     eos = TOKENIZER.eos_id
 
     def skilled_enough(params, step: int) -> bool:
@@ -99,22 +106,37 @@ def warm_start(cfg: ExperimentConfig, params, mesh, *, verbose: bool = True):
                           rng=jax.random.key(cfg.seed + step), mesh=mesh,
                           prompt_len_buckets=cfg.sampling.prompt_len_buckets)
         greedy, sampled = scores["eval/greedy_acc"], scores["eval/pass@1"]
+        if logger is not None:
+            logger.log(step, {"warmstart/greedy_acc": greedy, "warmstart/pass@1": sampled})
         if verbose:
             print(f"quickstart: warm-start step {step}: greedy {greedy:.2f} sampled {sampled:.2f}",
                   flush=True)
         return greedy >= cfg.warmstart.target_accuracy
 
-    return supervised_warmstart(
-        params, cfg.model, warm_source, encode=encode,
-        answer_ids=lambda ex: TOKENIZER.encode(str(ex.gold["answer"])) + [eos],
-        steps=cfg.warmstart.steps, batch_size=cfg.warmstart.batch_size,
-        learning_rate=cfg.warmstart.learning_rate, seed=cfg.seed, mesh=mesh,
-        until=skilled_enough if cfg.warmstart.target_accuracy > 0 else None,
-        check_every=cfg.warmstart.check_every)
+    try:
+        return supervised_warmstart(
+            params, cfg.model, warm_source, encode=encode,
+            answer_ids=lambda ex: TOKENIZER.encode(str(ex.gold["answer"])) + [eos],
+            steps=cfg.warmstart.steps, batch_size=cfg.warmstart.batch_size,
+            learning_rate=cfg.warmstart.learning_rate, seed=cfg.seed, mesh=mesh,
+            until=skilled_enough if cfg.warmstart.target_accuracy > 0 else None,
+            check_every=cfg.warmstart.check_every)
+    finally:
+        if logger is not None:
+            logger.close()
 
 
-def main() -> None:
-    cfg = parse_cli(DEFAULT, description=__doc__)
+def make_task(cfg: ExperimentConfig) -> Task:
+    """The arithmetic task: training and held-out problems, and every named verifier with its weight."""
+    problems = dict(digits=cfg.data.digits, operations=cfg.data.operations, fixed_width=cfg.data.fixed_width)
+    train_source = arithmetic_source(seed=cfg.data.seed, **problems)
+    heldout = arithmetic_source(seed=cfg.data.seed, heldout=True, **problems)
+    return Task(train_source=train_source, encode=encode, decode=decode, verifier=verifier_spec(cfg.verifier),
+                stop_token_ids=(TOKENIZER.eos_id,), eval_examples=heldout.take(cfg.train.eval_size))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(DEFAULT, args=argv, description=__doc__)
     if cfg.train.eval_every <= 0 or cfg.train.eval_size <= 0:
         raise ConfigError("train.eval_every and train.eval_size must be > 0: the quickstart reports held-out "
                           "accuracy before and after RL")
@@ -122,19 +144,16 @@ def main() -> None:
     use_compilation_cache(cfg.compilation_cache_dir)  # before the warm-start compiles anything
     mesh = make_mesh(cfg.mesh)
     params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
-    problems = dict(digits=cfg.data.digits, operations=cfg.data.operations, fixed_width=cfg.data.fixed_width)
-    train_source = arithmetic_source(seed=cfg.data.seed, **problems)
-    heldout = arithmetic_source(seed=cfg.data.seed, heldout=True, **problems)
-    eval_examples = heldout.take(cfg.train.eval_size)
-    eos = TOKENIZER.eos_id
-    task = Task(train_source=train_source, encode=encode, decode=decode, verifier=cfg.verifier.names[0],
-                stop_token_ids=(eos,), eval_examples=eval_examples)
+    task = make_task(cfg)
 
-    print(f"quickstart: {cfg.model.num_params():,} parameters, warm-start up to {cfg.warmstart.steps} steps")
-    params = warm_start(cfg, params, mesh)
+    size = f"quickstart: {cfg.model.num_params():,} parameters"
+    if prepare_run_dir(cfg):  # a checkpoint to resume from: the warm-started weights are in it
+        print(f"{size}; the warm-start is skipped (resuming)")
+    else:
+        print(f"{size}, warm-start up to {cfg.warmstart.steps} steps")
+        params = warm_start(cfg, params, mesh)
 
-    logger = MetricsLogger.from_config(cfg.logging)
-    result = train(cfg, model_config=cfg.model, params=params, task=task, mesh=mesh, logger=logger)
+    result = train(cfg, model_config=cfg.model, params=params, task=task, mesh=mesh)
     before, after = result.evals[0], result.evals[-1]
     k = cfg.sampling.eval_num_samples
     plot_run(result.run_dir)

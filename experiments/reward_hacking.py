@@ -98,7 +98,8 @@ DEFAULT = ExperimentConfig(
                       eval_size=100),
     data=DataConfig(source="arithmetic"),
     warmstart=WarmStartConfig(steps=500, batch_size=64, learning_rate=1e-3),
-    verifier=VerifierConfig(names=("exact",), weights=(1.0,), num_workers=1, timeout_s=10.0),
+    verifier=VerifierConfig(names=("reward_hacking:exact_answer",), weights=(1.0,), num_workers=1,
+                            timeout_s=10.0),
     logging=LoggingConfig(run_dir="runs/reward_hacking", console=False, tensorboard=False),
 )
 

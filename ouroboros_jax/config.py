@@ -15,8 +15,10 @@ verifiers take the explicit values they need.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
+import math
 import os
 import sys
 import types
@@ -79,9 +81,37 @@ def _positive(value: float, field_name: str) -> None:
     _require(value > 0, field_name, "must be positive", value)
 
 
+def _finite(value: float, field_name: str, rule: str = "must be a finite number") -> None:
+    _require(value is None or math.isfinite(value), field_name, rule, value)
+
+
+# AdamW moves every weight by about the learning rate per update: a rate above this is a typo
+# (1e39 for 1e-3 turns every weight into inf after one update).
+MAX_LEARNING_RATE = 1.0
+
+
+def _learning_rate(value: float, field_name: str) -> None:
+    _require(math.isfinite(value) and 0 < value <= MAX_LEARNING_RATE, field_name,
+             f"must be in (0, {MAX_LEARNING_RATE}] (AdamW moves each weight by about the learning rate "
+             "per update)", value)
+
+
+# The dotted fields set on the command line while `parse_cli` builds a config: a rule that ties two
+# fields blames the one the user set, and says where the other's value came from.
+_USER_FLAGS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("user_flags",
+                                                                            default=frozenset())
+
+
 def check_micro_batch(micro_batch_size: int, batch_size: int, field_name: str, batch_name: str) -> None:
     """The one meaning of `micro_batch_size` in every config: rows per micro-batch, dividing the
     batch it splits; 0 means the whole batch (no accumulation)."""
+    fits = micro_batch_size >= 0 and (micro_batch_size == 0 or batch_size % micro_batch_size == 0)
+    user = _USER_FLAGS.get()
+    if not fits and batch_name in user and field_name not in user:
+        raise ConfigError(
+            f"{batch_name}: {batch_size} (set by --{batch_name}) conflicts with {field_name}="
+            f"{micro_batch_size} (not set, from the defaults): a micro-batch must divide the batch it "
+            f"splits; also set --{field_name} to a divisor of {batch_size}, or 0 for no accumulation")
     _require(micro_batch_size >= 0 and (micro_batch_size == 0 or batch_size % micro_batch_size == 0),
              field_name, f"must divide {batch_name}={batch_size}", micro_batch_size)
 
@@ -132,6 +162,10 @@ class ModelConfig:
                  self.n_kv_heads)
         _one_of(self.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
         _positive(self.rope_scaling_factor, "model.rope_scaling_factor")
+        _require(math.isfinite(self.norm_eps) and self.norm_eps > 0, "model.norm_eps",
+                 "must be a positive finite number (it keeps RMSNorm from dividing by 0)", self.norm_eps)
+        _require(math.isfinite(self.rope_theta) and self.rope_theta > 0, "model.rope_theta",
+                 "must be a positive finite number", self.rope_theta)
         _one_of(self.dtype, DTYPES, "model.dtype")
         _one_of(self.compute_dtype, DTYPES, "model.compute_dtype")
         _positive(self.max_seq_len, "model.max_seq_len")
@@ -203,8 +237,11 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         _positive(self.group_size, "sampling.group_size")
         _positive(self.max_new_tokens, "sampling.max_new_tokens")
-        _require(self.temperature >= 0, "sampling.temperature", "must be >= 0 (0 is greedy)",
-                 self.temperature)
+        _require(math.isfinite(self.temperature) and self.temperature >= 0, "sampling.temperature",
+                 "must be finite and >= 0 (0 is greedy)", self.temperature)
+        _require(math.isfinite(self.eval_temperature) and self.eval_temperature >= 0,
+                 "sampling.eval_temperature", "must be finite and >= 0 (0: the rollout temperature)",
+                 self.eval_temperature)
         _require(0 < self.top_p <= 1, "sampling.top_p", "must be in (0, 1]", self.top_p)
         _require(self.top_k >= 0, "sampling.top_k", "must be >= 0 (0 is off)", self.top_k)
         _require(len(self.prompt_len_buckets) > 0
@@ -247,14 +284,20 @@ class LossConfig:
         _require(self.clip_high >= 0, "loss.clip_high", "must be >= 0", self.clip_high)
         _require(self.dual_clip is None or self.dual_clip > 1, "loss.dual_clip",
                  "must be > 1 (the constant c of dual-clip PPO) or None", self.dual_clip)
+        for name in ("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "overlong_penalty"):
+            _finite(getattr(self, name), f"loss.{name}")
         _require(self.kl_coef >= 0, "loss.kl_coef", "must be >= 0", self.kl_coef)
         _require(self.max_len is None or self.max_len > 0, "loss.max_len",
                  "must be positive or None", self.max_len)
         _positive(self.max_sampling_rounds, "loss.max_sampling_rounds")
         _require(self.overlong_buffer >= 0, "loss.overlong_buffer", "must be >= 0",
                  self.overlong_buffer)
-        _require(self.overlong != "shape" or self.overlong_buffer > 0, "loss.overlong_buffer",
-                 "must be positive when loss.overlong is 'shape'", self.overlong_buffer)
+
+
+def overlong_buffer(loss: LossConfig, max_new_tokens: int) -> int:
+    """The overlong buffer in tokens: `loss.overlong_buffer`, or when it is 0 a fifth of the
+    completion length (DAPO's 4096 of 20480 tokens), at least 1."""
+    return loss.overlong_buffer or max(1, max_new_tokens // 5)
 
 
 LOSS_PRESETS: dict[str, LossConfig] = {
@@ -267,9 +310,10 @@ LOSS_PRESETS: dict[str, LossConfig] = {
     "dr_grpo": LossConfig(advantage="dr_grpo", aggregation="seq_mean_token_sum_norm", kl_coef=0.0),
     # DAPO, Yu et al. 2025 (arXiv:2503.14476): clip-higher (0.2 / 0.28), token-mean
     # loss, no KL, dynamic sampling and overlong reward shaping in the trainer.
+    # The overlong buffer is 0: a fifth of sampling.max_new_tokens, as the paper's 4096 of 20480.
     "dapo": LossConfig(clip_low=0.2, clip_high=0.28,
                        aggregation="token_mean", kl_coef=0.0, dynamic_sampling=True,
-                       overlong="shape", overlong_buffer=16, overlong_penalty=1.0),
+                       overlong="shape", overlong_buffer=0, overlong_penalty=1.0),
     # GSPO, Zheng et al. 2025, "Group Sequence Policy Optimization" (arXiv:2507.18071):
     # length-normalised sequence ratio clipped at 3e-4 / 4e-4, no KL.
     "gspo": LossConfig(variant="gspo", clip_low=3e-4, clip_high=4e-4,
@@ -291,12 +335,17 @@ class OptimizerConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive(self.learning_rate, "optimizer.learning_rate")
+        _learning_rate(self.learning_rate, "optimizer.learning_rate")
         _require(0 <= self.b1 < 1, "optimizer.b1", "must be in [0, 1)", self.b1)
         _require(0 <= self.b2 < 1, "optimizer.b2", "must be in [0, 1)", self.b2)
+        _require(math.isfinite(self.eps) and self.eps > 0, "optimizer.eps",
+                 "must be a positive finite number (it keeps Adam from dividing by 0)", self.eps)
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay",
+                 "must be finite and >= 0", self.weight_decay)
         _require(self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
         _one_of(self.schedule, SCHEDULES, "optimizer.schedule")
-        _require(self.max_grad_norm >= 0, "optimizer.max_grad_norm", "must be >= 0 (0: off)")
+        _require(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "optimizer.max_grad_norm",
+                 "must be finite and >= 0 (0: off)", self.max_grad_norm)
 
 
 @dataclass(frozen=True)
@@ -349,7 +398,7 @@ class WarmStartConfig:
                  self.target_accuracy)
         _positive(self.check_every, "warmstart.check_every")
         _positive(self.batch_size, "warmstart.batch_size")
-        _positive(self.learning_rate, "warmstart.learning_rate")
+        _learning_rate(self.learning_rate, "warmstart.learning_rate")
 
 
 @dataclass(frozen=True)
@@ -420,15 +469,25 @@ class LoggingConfig:
     console: bool = True
     jsonl: bool = True
     tensorboard: bool = True
+    # A run directory holding another config is refused; True deletes that run first (`--overwrite`).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         _positive(self.log_every, "logging.log_every")
+        from ouroboros_jax import paths  # imports no JAX
+
+        try:
+            paths.check(self.run_dir)
+        except ValueError as e:
+            raise ConfigError(f"logging.run_dir: {e}") from e
 
 
 @dataclass(frozen=True)
 class VerifierConfig:
     """Which verifiers score completions, their weights, and the worker pool."""
 
+    # Registered names: math, math_any, math_verify, code, code_partial, format, countdown (and any
+    # verifiers.register(NAME, fn)), or "pkg.module:function". Every name is used, with its weight.
     names: tuple[str, ...] = ("math",)
     weights: tuple[float, ...] = (1.0,)
     num_workers: int = 2
@@ -439,7 +498,19 @@ class VerifierConfig:
         _require(len(self.weights) == len(self.names), "verifier.weights",
                  f"must have one weight per name ({len(self.names)})", self.weights)
         _positive(self.num_workers, "verifier.num_workers")
-        _positive(self.timeout_s, "verifier.timeout_s")
+        _require(math.isfinite(self.timeout_s) and self.timeout_s > 0, "verifier.timeout_s",
+                 "must be a positive finite number of seconds (a hung verifier would stall the run)",
+                 self.timeout_s)
+        for i, weight in enumerate(self.weights):
+            _finite(weight, f"verifier.weights[{i}]", f"must be a finite number (the weight of "
+                    f"{self.names[i] if i < len(self.names) else 'a verifier'!r})")
+        import verifiers  # imports no JAX
+
+        known = verifiers.names()
+        for name in self.names:
+            _require(name in known or ":" in name, "verifier.names",
+                     f"{name!r} is not a registered verifier; known: {', '.join(known)} "
+                     "(or 'pkg.module:function', or verifiers.register(NAME, fn) before the config is built)")
 
 
 @dataclass(frozen=True)
@@ -464,10 +535,20 @@ class ExperimentConfig:
     compilation_cache_dir: str = ""
 
     def __post_init__(self) -> None:
+        _require(self.sampling.group_size >= 2 or self.loss.variant == "sft", "sampling.group_size",
+                 f"must be >= 2: loss.advantage={self.loss.advantage!r} compares each completion with the "
+                 "others of its prompt, so a group of 1 gives every advantage exactly 0 (nothing is learned)",
+                 self.sampling.group_size)
         batch = self.rollout_batch_size
         _require(batch % self.train.mini_batch_size == 0, "train.mini_batch_size",
                  f"must divide the rollout batch train.prompts_per_step * "
                  f"sampling.group_size = {batch}", self.train.mini_batch_size)
+        new = self.sampling.max_new_tokens
+        shaped = self.loss.overlong == "shape"
+        _require(not shaped or overlong_buffer(self.loss, new) < new, "loss.overlong_buffer",
+                 f"must be below sampling.max_new_tokens={new}, or every completion is shaped as overlong "
+                 f"(penalised whatever its length); set --loss.overlong_buffer to at most {new - 1}, or 0 "
+                 f"for a fifth of the completion length ({max(1, new // 5)})", self.loss.overlong_buffer)
         total = self.sampling.max_new_tokens + self.sampling.prompt_len_buckets[-1]
         _require(total <= self.model.max_seq_len, "sampling.max_new_tokens",
                  f"the longest prompt bucket plus max_new_tokens ({total}) exceeds "
@@ -559,44 +640,126 @@ def load_json(path: str | os.PathLike[str], cls: type[T] = ExperimentConfig) -> 
 # Command line
 
 
+def preset_help(indent: str = "") -> str:
+    """What `--preset NAME` sets, per preset: its KL coefficient and the loss fields that differ
+    from LossConfig()."""
+    base = to_dict(LossConfig())
+    lines = []
+    for name, preset in LOSS_PRESETS.items():
+        fields = to_dict(preset)
+        shaped = preset.overlong == "shape"
+        changed = {k: v for k, v in fields.items()
+                   if v != base[k] or k == "kl_coef" or (k == "overlong_buffer" and shaped)}
+        shown = ", ".join(f"loss.{k}={v!r}" for k, v in changed.items())
+        notes = [" (KL to the reference on)" if preset.kl_coef else "",
+                 " (overlong_buffer 0: a fifth of sampling.max_new_tokens)" if shaped else ""]
+        lines.append(f"{indent}{name}: {shown}{''.join(notes)}")
+    return "\n".join(lines)
+
+
+CLI_HELP = """Options read before the fields below:
+  --config PATH     start from a saved config.json (e.g. RUN_DIR/config.json); flags apply on top
+  --preset NAME     replace the loss section with a named recipe, before the other flags:
+{presets}
+  --overwrite       a run directory holding another config is refused; this deletes that run
+                    first (same as --logging.overwrite)
+
+Booleans take --section.flag / --section.no_flag (or --section.flag True|False)."""
+
+
 def parse_cli(
     default: ExperimentConfig | None = None,
     args: Sequence[str] | None = None,
     description: str | None = None,
+    required: dict[str, str] | None = None,
 ) -> ExperimentConfig:
     """Parse `--section.field value` overrides on top of `default`.
 
+    `required` maps dotted fields that must be set (non-empty) to what they are: a run
+    without one stops with a usage error asking for it, before any data or model is loaded.
+
     `--preset NAME` (one of LOSS_PRESETS) swaps the loss section for that preset
-    before the other overrides apply; `--config PATH` starts from a saved JSON config.
+    before the other overrides apply; `--config PATH` starts from a saved JSON config;
+    `--overwrite` sets `logging.overwrite`. A bad value, preset or config file prints a usage
+    error naming it and exits with status 2 (no traceback).
     """
     import tyro
 
     argv = list(sys.argv[1:] if args is None else args)
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "script"
     base = default or ExperimentConfig()
-    argv, config_path = _pop_option(argv, "--config")
+    argv, config_path = _pop_option(argv, "--config", prog)
     if config_path:
-        base = load_json(config_path)
-    argv, preset = _pop_option(argv, "--preset")
+        try:
+            base = load_json(config_path)
+        except OSError as e:
+            _usage_error(prog, f"--config: cannot read {config_path!r}: {e.strerror or e}")
+        except ConfigError as e:
+            _usage_error(prog, f"--config {config_path}: {e}")
+    argv, preset = _pop_option(argv, "--preset", prog)
     if preset:
         if preset not in LOSS_PRESETS:
-            raise ConfigError(f"--preset: must be one of {sorted(LOSS_PRESETS)} (got {preset!r})")
+            _usage_error(prog, f"--preset: must be one of {sorted(LOSS_PRESETS)} (got {preset!r})")
         base = dataclasses.replace(base, loss=LOSS_PRESETS[preset])
-    return tyro.cli(
-        ExperimentConfig,
-        default=base,
-        args=argv,
-        description=description,
-        use_underscores=True,
-        config=(tyro.conf.FlagConversionOff,),
-    )
+    if "--overwrite" in argv:
+        argv = [a for a in argv if a != "--overwrite"] + ["--logging.overwrite"]
+    argv = _bool_flags(argv)
+    text = (description or "").rstrip() + "\n\n" + CLI_HELP.format(presets=preset_help(" " * 20))
+    token = _USER_FLAGS.set(frozenset(a[2:].split("=", 1)[0] for a in argv if a.startswith("--")))
+    try:
+        cfg = tyro.cli(ExperimentConfig, default=base, args=argv, description=text, use_underscores=True)
+    finally:
+        _USER_FLAGS.reset(token)
+    for name, what in (required or {}).items():
+        value: Any = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        if not value:
+            _usage_error(prog, f"--{name} is required: {what}")
+    return cfg
 
 
-def _pop_option(argv: list[str], name: str) -> tuple[list[str], str]:
+def _usage_error(prog: str, message: str) -> typing.NoReturn:
+    print(f"{prog}: error: {message}\nFor full helptext, run {prog} --help", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _bool_fields(cls: Any = None, prefix: str = "") -> set[str]:
+    cls = cls or ExperimentConfig
+    out: set[str] = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out |= _bool_fields(tp, f"{prefix}{name}.")
+        elif tp is bool:
+            out.add(prefix + name)
+    return out
+
+
+def _bool_flags(argv: list[str]) -> list[str]:
+    """`--a.flag True|False` (and `=True`) as tyro's `--a.flag` / `--a.no_flag`."""
+    fields, out, i = _bool_fields(), [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in fields and not eq and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false"):
+            value, i = argv[i + 1], i + 1
+        if name in fields and value.lower() in ("true", "false"):
+            section, _, leaf = name.rpartition(".")
+            arg = "--" + (name if value.lower() == "true" else f"{section}.no_{leaf}".lstrip("."))
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _pop_option(argv: list[str], name: str, prog: str = "script") -> tuple[list[str], str]:
     out, value = [], ""
     it = iter(range(len(argv)))
     for i in it:
         arg = argv[i]
-        if arg == name and i + 1 < len(argv):
+        if arg == name:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                choices = f": one of {sorted(LOSS_PRESETS)}" if name == "--preset" else ""
+                _usage_error(prog, f"{name} needs a value{choices}")
             value = argv[i + 1]
             next(it, None)
         elif arg.startswith(name + "="):

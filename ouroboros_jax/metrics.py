@@ -11,8 +11,8 @@ shows the first key present of each of CONSOLE_FIELDS:
     eval acc   eval/accuracy, eval/pass@1, eval/greedy_acc
     s/step     time/step                    (time/sample, time/verify, time/update: PhaseTimer)
 
-and a plot panel draws every key that one of its aliases matches (PANELS,
-`panel_keys`): reward, accuracy, length, entropy, kl, loss, time.
+and `plot_run` draws the curves (`ouroboros_jax.plots`: one panel per question, legend
+names in words; docs/metrics.md says what every key means).
 
 On disk, in the run directory: `metrics.jsonl` (one JSON object per logged
 step: "step", "wall_time" and the metrics; NaN and inf are written as null)
@@ -32,25 +32,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from ouroboros_jax import paths
 from ouroboros_jax.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
-# Plot panels and the aliases that put a key in them: a key belongs to a panel when one
-# of its "/"-separated parts is an alias, starts with alias + "_" ("kl_ref"), ends with
-# "_" + alias ("greedy_acc", "pg_loss"), or starts with an alias ending in "@" ("pass@8").
-PANELS: dict[str, tuple[str, ...]] = {
-    "reward": ("reward",),
-    "accuracy": ("accuracy", "acc", "pass@", "maj@"),
-    "length": ("length",),
-    "entropy": ("entropy",),
-    "kl": ("kl",),
-    "loss": ("loss",),
-    "time": ("time",),
-}
 # Console fields: (label, candidate keys (the first present is shown), format).
 CONSOLE_FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("reward", ("reward", "reward/mean"), ".3f"),
@@ -199,11 +186,33 @@ class JsonlWriter:
         self.path.write_text("".join(self._lines))
         self._flushed_at = time.monotonic()
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (a resumed run logs them again, once)."""
+        if self.remote:
+            self._lines = [x for x in self._lines if _record_step(x) <= step]
+            self._rewrite()
+            return
+        self._file.flush()
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [x for x in lines if _record_step(x) <= step]
+        if len(kept) != len(lines):
+            self.path.write_text("".join(kept))  # the append handle writes on at the new end
+
+
     def close(self) -> None:
         if self.remote:
             self._rewrite()
         else:
             self._file.close()
+
+
+def _record_step(line: str) -> float:
+    """The step of one metrics.jsonl line (inf for a line cut short, which is dropped)."""
+    try:
+        record = json.loads(line)
+        return int(record["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return math.inf
 
 
 class TensorBoardWriter:
@@ -277,6 +286,13 @@ class MetricsLogger:
         for writer in self.writers:
             writer.write(int(step), scalars)
         return scalars
+
+    def truncate_after(self, step: int) -> None:
+        """Forget the steps after `step` in the writers that keep a history (metrics.jsonl):
+        a run resumed from checkpoint `step` logs the later steps again (-1: drop all)."""
+        for writer in self.writers:
+            if hasattr(writer, "truncate_after"):
+                writer.truncate_after(step)
 
     def close(self) -> None:
         """Flush and close every writer."""
@@ -365,101 +381,18 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> list[Any]:
+    """PNG curves of a run's metrics.jsonl (see `ouroboros_jax.plots.plot_run`)."""
+    from ouroboros_jax.plots import plot_run as plot
+
+    return plot(run_dir, out_dir)
+
+
 def panel_keys(keys: Sequence[str], panel: str) -> list[str]:
-    """The keys drawn in `panel` (see PANELS for the matching rule), sorted.
+    """The keys a plot panel draws (see `ouroboros_jax.plots.panel_keys`)."""
+    from ouroboros_jax.plots import panel_keys as keys_of
 
-    Args:
-        keys: metric names.
-        panel: a key of PANELS.
-
-    Returns:
-        e.g. for "accuracy": ["accuracy", "eval/greedy_acc", "eval/pass@1"].
-    """
-    def matches(part: str, alias: str) -> bool:
-        if alias.endswith("@"):
-            return part.startswith(alias)
-        return part == alias or part.startswith(alias + "_") or part.endswith("_" + alias)
-
-    aliases = PANELS[panel]
-    return sorted(k for k in keys if any(matches(p, a) for p in k.split("/") for a in aliases))
-
-
-def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    steps, values = [], []
-    for record in records:
-        value = record.get(key)
-        if isinstance(value, int | float) and math.isfinite(value):
-            steps.append(record["step"])
-            values.append(float(value))
-    return steps, values
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def _draw_panel(ax: Any, records: Sequence[Mapping[str, Any]], panel: str, keys: list[str]) -> None:
-    for key in keys:
-        steps, values = _series(records, key)
-        window = max(1, len(values) // 20)
-        if window > 1:  # noisy RL curves: the raw line faint, a moving average on top
-            line, = ax.plot(steps, values, alpha=0.3, linewidth=1)
-            ax.plot(steps, _smooth(values, window), color=line.get_color(), label=key)
-        else:
-            ax.plot(steps, values, marker="." if len(values) < 50 else None, label=key)
-    ax.set_title(panel)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-
-
-def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """PNG curves of a run's metrics.jsonl: one file per panel with data, and curves.png.
-
-    Panels (PANELS) whose keys have no finite value are left out.
-
-    Args:
-        run_dir: the run directory (or its metrics.jsonl).
-        out_dir: where the PNGs go; default: next to metrics.jsonl.
-
-    Returns:
-        The written files, panels first, then curves.png (the overview of all panels).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
-
-    source = Path(run_dir)
-    source = source / METRICS_FILE if source.is_dir() else source
-    out = Path(out_dir) if out_dir is not None else source.parent
-    out.mkdir(parents=True, exist_ok=True)
-    records = read_metrics(source)
-    keys = sorted({k for r in records for k in r} - {"step", "wall_time"})
-    panels = {p: [k for k in panel_keys(keys, p) if _series(records, k)[0]] for p in PANELS}
-    panels = {p: ks for p, ks in panels.items() if ks}
-    written = []
-    for panel, panel_ks in panels.items():
-        fig = Figure(figsize=(6.4, 4.0), dpi=100)
-        FigureCanvasAgg(fig)
-        fig.subplots_adjust(left=0.12, right=0.97, top=0.92, bottom=0.12)
-        _draw_panel(fig.add_subplot(), records, panel, panel_ks)
-        fig.savefig(out / f"{panel}.png")
-        written.append(out / f"{panel}.png")
-    if panels:
-        cols = min(3, len(panels))
-        rows = math.ceil(len(panels) / cols)
-        fig = Figure(figsize=(4.8 * cols, 3.4 * rows), dpi=100)
-        FigureCanvasAgg(fig)
-        # Fixed margins: a tight layout would draw every figure twice.
-        fig.subplots_adjust(left=0.06, right=0.98, top=0.94, bottom=0.1, hspace=0.45, wspace=0.22)
-        for i, (panel, panel_ks) in enumerate(panels.items()):
-            _draw_panel(fig.add_subplot(rows, cols, i + 1), records, panel, panel_ks)
-        fig.savefig(out / "curves.png")
-        written.append(out / "curves.png")
-    return written
+    return keys_of(keys, panel)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -484,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plot: no metrics to read: {err}", file=sys.stderr)
         return 1
     if not written:
+        from ouroboros_jax.plots import PANELS
+
         print(f"plot: no plottable metrics ({', '.join(PANELS)}) in {args.run_dir}", file=sys.stderr)
         return 1
     for path in written:

@@ -17,6 +17,8 @@ steps equals a run of k steps resumed for k more.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import optax
 from jax.experimental.compilation_cache.compilation_cache import reset_cache, set_cache_dir
 
 from ouroboros_jax import checkpoint as ckpt
+from ouroboros_jax import paths
 from ouroboros_jax.batch import Batch
 from ouroboros_jax.config import (
     ConfigError,
@@ -35,17 +38,23 @@ from ouroboros_jax.config import (
     ModelConfig,
     OptimizerConfig,
     SamplingConfig,
-    save_json,
+    VerifierConfig,
+    from_dict,
+    overlong_buffer,
+    to_dict,
 )
 from ouroboros_jax.evaluation import evaluate
-from ouroboros_jax.metrics import MetricsLogger, PhaseTimer
+from ouroboros_jax.metrics import METRICS_FILE, MetricsLogger, PhaseTimer
 from ouroboros_jax.models.logprobs import DEFAULT_CHUNK
 from ouroboros_jax.models.transformer import Params, param_specs
 from ouroboros_jax.objectives import Objective, policy_gradient
+from ouroboros_jax.plots import WARMSTART_DIR
 from ouroboros_jax.rewards import RewardSource, VerifierReward, WeightedRewards
 from ouroboros_jax.rollout import Rollout, RolloutSettings, collect, rollout_metrics
 from ouroboros_jax.sharding import batch_shards, make_mesh
 from ouroboros_jax.step import TrainState, init_train_state, make_optimizer, make_train_step
+
+log = logging.getLogger(__name__)
 
 
 def use_compilation_cache(directory: str) -> Path | None:
@@ -69,7 +78,8 @@ def use_compilation_cache(directory: str) -> Path | None:
 
 
 class TrainingDiverged(FloatingPointError):
-    """The update produced NaN or inf; the last good checkpoint is kept on disk."""
+    """The update produced NaN or inf; it was not applied, and the message names the newest
+    checkpoint on disk (only finite state is ever saved)."""
 
 
 @dataclasses.dataclass
@@ -111,7 +121,8 @@ class TrainResult:
     state: TrainState
     history: list[dict[str, float]]
     evals: list[dict[str, float]]
-    run_dir: Path
+    run_dir: str  # a string: a URL (gs://bucket/run) stays one (see `paths`)
+    resumed_from: int = 0  # the checkpoint step this run resumed from (0: a fresh start)
 
 
 # ---------------------------------------------------------------------------
@@ -165,8 +176,8 @@ def rollout_settings(
         top_k=s.top_k, stop_token_ids=tuple(s.stop_token_ids), prompt_len_buckets=tuple(s.prompt_len_buckets))
     if loss is not None:
         settings = dataclasses.replace(
-            settings, advantage=loss.advantage, overlong=loss.overlong, overlong_buffer=loss.overlong_buffer,
-            overlong_penalty=loss.overlong_penalty)
+            settings, advantage=loss.advantage, overlong=loss.overlong,
+            overlong_buffer=overlong_buffer(loss, s.max_new_tokens), overlong_penalty=loss.overlong_penalty)
     return dataclasses.replace(settings, **overrides)
 
 
@@ -207,36 +218,41 @@ def train(
       params: the initial policy (also the reference when `loss.kl_coef` > 0).
       task: data, tokenisation and verifier (see `Task`).
       mesh: the device mesh; default: built from `cfg.mesh`.
-      logger: metric writers; default: built from `cfg.logging`.
+      logger: metric writers; default: built from `cfg.logging` (a logger passed in should be
+        built after `prepare_run_dir`, which may clear the run directory).
 
     Returns:
-      The final state, per-step metrics, evaluations and the run directory.
+      The final state, per-step metrics, evaluations (the first is always the step-0
+      evaluation, read back from the run directory after a resume) and the run directory.
 
     Raises:
-      TrainingDiverged: a non-finite loss or gradient; the update was skipped,
-        and the last good checkpoint on disk is intact.
+      ConfigError: the run directory holds a run of another config (see `prepare_run_dir`).
+      TrainingDiverged: a non-finite loss, gradient or new state; the update was not
+        applied, and the message names the newest (finite) checkpoint on disk.
     """
     from verifiers import VerifierPool
 
     use_compilation_cache(cfg.compilation_cache_dir)
-    run_dir = Path(cfg.logging.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(cfg, run_dir / "config.json")
+    run_dir = paths.check(cfg.logging.run_dir)
+    prepare_run_dir(cfg)
     mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
     check_batch_fits_mesh(cfg, mesh)
     step_fn, state = _compile_step(cfg, model_config, params, mesh)
-    checkpointer = ckpt.Checkpointer.from_config(
-        cfg.checkpoint, str(run_dir / "checkpoints") if cfg.checkpoint.save_every else "")
+    checkpointer = ckpt.Checkpointer.from_config(cfg.checkpoint, checkpoint_directory(cfg))
     start = 0
     if checkpointer is not None and cfg.checkpoint.resume:
         restored = checkpointer.restore_latest(ckpt.abstract_state(state))
         if restored is not None:
+            for line in restored.rejected:
+                _say(f"{cfg.name}: rejected checkpoint {line}")
             state, start = restored.state, int(restored.metadata["step"])
             task.train_source.seek(int(restored.metadata["data_position"]))
+            _say(f"{cfg.name}: resuming from step {start} of {run_dir}")
     logger = logger or MetricsLogger.from_config(cfg.logging)
+    logger.truncate_after(start if start else -1)  # steps after the checkpoint run again: one record each
     stops = tuple(sorted({*cfg.sampling.stop_token_ids, *task.stop_token_ids}))
     settings = rollout_settings(cfg.sampling, cfg.loss, stop_token_ids=stops)
-    result = TrainResult(state, [], [], run_dir)
+    result = TrainResult(state, [], [], run_dir, resumed_from=start)
     pool = VerifierPool(task.verifier, workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s)
     timer = PhaseTimer()
     terms = {"verify": (VerifierReward(pool.score), task.verifier_weight)}
@@ -245,9 +261,14 @@ def train(
     reward = WeightedRewards(terms, timer=timer)
     try:
         run_eval = _evaluator(cfg, model_config, task, pool, mesh, stops)
-        if start == 0 and task.eval_examples and cfg.train.eval_every:
-            result.evals.append(run_eval(state.params, 0))
-            logger.log(0, result.evals[-1])
+        if task.eval_examples and cfg.train.eval_every:
+            baseline = _baseline_eval(run_dir) if start else None
+            if baseline is None and start == 0:
+                baseline = run_eval(state.params, 0)
+                logger.log(0, baseline)
+                _write_json(paths.join(run_dir, BASELINE_FILE), baseline)
+            if baseline is not None:
+                result.evals.append(baseline)
         for step in range(start, cfg.train.steps):
             state, metrics = _rl_step(cfg, model_config, step_fn, state, task, settings, reward, timer, mesh,
                                       step)
@@ -255,11 +276,7 @@ def train(
             done = step + 1
             if metrics["train/finite"] < 1:
                 logger.log(done, metrics)
-                where = "" if checkpointer is None else f" in {checkpointer.directory}"
-                raise TrainingDiverged(
-                    f"step {done}: the loss or gradient is not finite (loss={metrics['train/loss']}, "
-                    f"grad_norm={metrics['train/grad_norm']}); the update was skipped and the last "
-                    f"good checkpoint is kept{where}")
+                raise TrainingDiverged(_diverged_message(done, metrics, checkpointer))
             last = done == cfg.train.steps
             if cfg.train.ref_update_every and done % cfg.train.ref_update_every == 0:
                 state = _refresh_reference(state)
@@ -268,7 +285,8 @@ def train(
                 metrics |= result.evals[-1]
             if done % cfg.logging.log_every == 0 or last:
                 logger.log(done, metrics)
-            if checkpointer is not None and (done % cfg.checkpoint.save_every == 0 or last):
+            every = cfg.checkpoint.save_every
+            if checkpointer is not None and ((every and done % every == 0) or last):
                 meta = {"step": done, "data_position": task.train_source.position}
                 checkpointer.save(done, state, meta, metrics=metrics)
     finally:
@@ -279,6 +297,138 @@ def train(
         logger.close()
     result.state = state
     return result
+
+
+def _diverged_message(done: int, metrics: dict[str, float], checkpointer: ckpt.Checkpointer | None) -> str:
+    """What a non-finite update says: its loss and gradient norm, and the checkpoint to go back to."""
+    head = (f"step {done}: the update is not finite (loss={metrics['train/loss']}, "
+            f"grad_norm={metrics['train/grad_norm']}, or NaN/inf in the new parameters or optimizer "
+            "state); it was not applied")
+    if checkpointer is None:
+        return head + "; no checkpoints are written (set checkpoint.save_every or checkpoint.directory)"
+    checkpointer.wait()
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return head + f"; no checkpoint was saved yet in {checkpointer.directory}"
+    return (head + f"; the last good checkpoint is step {latest} in {checkpointer.directory} "
+            "(only finite state is saved): lower optimizer.learning_rate, or check the rewards, and resume")
+
+
+def _say(line: str) -> None:
+    """A line for the console and the log: what the run did that the user did not ask for by name."""
+    print(line, flush=True)
+    log.info(line)
+
+
+# ---------------------------------------------------------------------------
+# The run directory: one run per directory, refused when the config changed
+
+
+CONFIG_FILE = "config.json"
+BASELINE_FILE = "eval_step0.json"  # the step-0 evaluation, read back by a resumed run's summary
+# Fields that may differ between a run directory's saved config and the one resuming it: they
+# change how a run is watched or paced, never what it computes.
+RESUMABLE_FIELDS = frozenset({
+    "logging.console", "logging.tensorboard", "logging.jsonl", "logging.log_every", "logging.overwrite",
+    "verifier.num_workers", "checkpoint.async_save", "compilation_cache_dir",
+})
+
+
+def checkpoint_directory(cfg: ExperimentConfig) -> str:
+    """Where the run's checkpoints go: `checkpoint.directory`, else RUN_DIR/checkpoints when
+    `checkpoint.save_every` is set, else "" (none). URLs stay URLs (`paths.join`)."""
+    if cfg.checkpoint.directory:
+        return paths.check(cfg.checkpoint.directory)
+    if cfg.checkpoint.save_every:
+        return paths.join(cfg.logging.run_dir, "checkpoints")
+    return ""
+
+
+def config_diff(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """The fields that differ, as "field: old -> new" lines (RESUMABLE_FIELDS left out)."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+        return out
+
+    a, b = flat(to_dict(old)), flat(to_dict(new))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)]
+
+
+_CLEARED: set[tuple[str, ExperimentConfig]] = set()
+
+
+def prepare_run_dir(cfg: ExperimentConfig) -> int:
+    """Make the run directory ready for `cfg`, before anything is computed; returns the step a
+    resume will start from (the newest checkpoint, 0 for a fresh run).
+
+    A directory that holds the config of another run (another seed, preset, step count...)
+    is refused with the fields that differ, unless `logging.overwrite` (`--overwrite`) is set:
+    then that run's config, metrics, plots, events and checkpoints are deleted first (once per
+    process and config: `train` calling it again keeps what the script wrote meanwhile). Scripts
+    call this before their own work (a warm-start) so that a resume can skip that work.
+
+    Raises:
+      ConfigError: the directory holds another run's config (the diff is in the message).
+    """
+    run_dir = paths.check(cfg.logging.run_dir)
+    root = paths.as_path(run_dir)
+    saved = root / CONFIG_FILE
+    ckpt_dir = checkpoint_directory(cfg)
+    if cfg.logging.overwrite and (run_dir, cfg) not in _CLEARED:
+        _clear_run(root, ckpt_dir)
+        _CLEARED.add((run_dir, cfg))  # once per process: train() after a script's own call keeps its work
+    elif saved.exists():
+        try:
+            old = from_dict(ExperimentConfig, json.loads(saved.read_text()))
+        except (ConfigError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{saved}: the run directory's config does not load ({err}); pass --overwrite "
+                              "to start this run over, or choose another --logging.run_dir") from err
+        diff = config_diff(old, cfg)
+        if diff:
+            raise ConfigError(
+                f"logging.run_dir: {run_dir} holds a run with another config; changed fields:\n  "
+                + "\n  ".join(diff)
+                + "\npass --overwrite to delete that run and start over, or --logging.run_dir NEW_DIR "
+                  "for a fresh directory (resuming needs the same config)")
+    root.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    if not ckpt_dir or not cfg.checkpoint.resume or not paths.as_path(ckpt_dir).exists():
+        return 0
+    return max((int(p.name) for p in paths.as_path(ckpt_dir).iterdir() if p.name.isdigit()), default=0)
+
+
+def _clear_run(root: Any, ckpt_dir: str) -> None:
+    if ckpt_dir and paths.as_path(ckpt_dir).exists():
+        paths.as_path(ckpt_dir).rmtree()
+    if not root.exists():
+        return
+    for p in root.iterdir():
+        if p.name == WARMSTART_DIR and p.is_dir():
+            p.rmtree()
+        elif (p.name in (CONFIG_FILE, BASELINE_FILE, METRICS_FILE) or p.name.endswith(".png")
+              or p.name.startswith("events.out.tfevents")):
+            p.unlink()
+
+
+def _baseline_eval(run_dir: str) -> dict[str, float] | None:
+    path = paths.as_path(paths.join(run_dir, BASELINE_FILE))
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_json(path: str, value: dict[str, float]) -> None:
+    paths.as_path(path).write_text(json.dumps({k: float(v) for k, v in value.items()}, indent=2) + "\n")
+
+
+def verifier_spec(cfg: VerifierConfig) -> str | dict[str, float]:
+    """The verifier spec of a VerifierConfig, the same in every script: the one name when it is
+    alone with weight 1, else `{name: weight}` for the weighted sum of every named verifier
+    (`verifiers.combine`; the first is the one `accuracy` reports)."""
+    if len(cfg.names) == 1 and cfg.weights[0] == 1.0:
+        return cfg.names[0]
+    return dict(zip(cfg.names, cfg.weights, strict=True))
 
 
 def check_batch_fits_mesh(cfg: ExperimentConfig, mesh: Any) -> None:

@@ -30,44 +30,14 @@ from hf_fixtures import make_checkpoint  # noqa: E402
 from ouroboros_jax.config import LOSS_PRESETS, ConfigError, load_json  # noqa: E402
 from ouroboros_jax.data import DataError, Example, make_source  # noqa: E402
 from ouroboros_jax.models import Tokenizer  # noqa: E402
+from ouroboros_jax.models.tiny import VOCAB, write_tokenizer  # noqa: E402  (the public tiny-checkpoint helper)
 from ouroboros_jax.sharding import make_mesh  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
 SCRIPTS = ("gsm8k_grpo", "math_dapo", "code_gspo", "countdown_dr_grpo")
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-          "{{ m['content'] }}<|eot_id|>{% endfor %}"
-          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-# family -> (special tokens, tokenizer_config.json)
-TOKENIZERS = {
-    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-              {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}),
-    "llama": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-               "<|eot_id|>"],
-              {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "chat_template": LLAMA3}),
-}
-VOCAB = 320  # > 256 bytes + specials: like real checkpoints, the embedding has rows no token uses
 MAX_NEW = 8
-
-
-def write_tokenizer(path: Path, family: str, *, chat: bool = True) -> None:
-    """A byte-level BPE tokenizer without merges (one token per byte) plus the family's special tokens."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    specials, config = TOKENIZERS[family]
-    tok.add_special_tokens(specials)
-    tok.save(str(path / "tokenizer.json"))
-    if not chat:
-        config = {k: v for k, v in config.items() if k != "chat_template"}
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def make_hf_dir(path: Path, family: str, *, chat: bool = True) -> Path:
@@ -213,7 +183,7 @@ def test_load_policy_names_bad_settings(qwen_ckpt):
     module = load_script("gsm8k_grpo")
     common = importlib.import_module("hf_run")
     with pytest.raises(ConfigError, match="model.path: name a Hugging Face checkpoint directory"):
-        module.main(["--data.source", "countdown"])
+        common.load_policy(module.parse_cli(module.DEFAULT, ["--data.source", "countdown"]), mesh=None)
     cfg = module.parse_cli(module.DEFAULT, ["--model.path", str(qwen_ckpt),
                                             "--sampling.max_new_tokens", "300"])
     with pytest.raises(ConfigError, match=r"sampling.max_new_tokens: .* \(812\) exceeds the checkpoint's "

@@ -153,20 +153,45 @@ def test_plot_run_writes_pngs(tmp_path):
     _fake_run(tmp_path)
     written = M.plot_run(tmp_path)
     names = [p.name for p in written]
-    # loss has no finite value: no panel for it
-    assert names == ["reward.png", "accuracy.png", "length.png", "entropy.png", "kl.png", "time.png",
-                     "curves.png"]
+    # loss has no finite value: no panel for it; rollout accuracy and held-out evaluation apart
+    assert names == ["reward.png", "accuracy.png", "eval.png", "length.png", "entropy.png", "kl.png",
+                     "time.png", "curves.png"]
     for path in written:
         assert path.parent == tmp_path and path.stat().st_size > 5_000
     assert matplotlib.image.imread(tmp_path / "reward.png").shape[:2] == (400, 640)
-    assert matplotlib.image.imread(tmp_path / "curves.png").shape[:2] == (680, 1440)
+    assert matplotlib.image.imread(tmp_path / "curves.png").shape[:2] == (1020, 1440)
     keys = ["accuracy", "eval/greedy_acc", "eval/pass@8", "eval/maj@8", "reward/mean", "train/kl_ref",
-            "train/kl_loss", "train/pg_loss", "train/clip_frac", "length/max", "eval/length"]
-    assert M.panel_keys(keys, "accuracy") == ["accuracy", "eval/greedy_acc", "eval/maj@8", "eval/pass@8"]
-    assert M.panel_keys(keys, "kl") == ["train/kl_loss", "train/kl_ref"]
+            "train/kl_loss", "train/pg_loss", "train/clip_frac", "length/max", "eval/length",
+            "train/grad_norm",
+            "train/ratio_max", "train/kl_old_k3"]
+    assert M.panel_keys(keys, "accuracy") == ["accuracy"]
+    assert M.panel_keys(keys, "eval") == ["eval/greedy_acc", "eval/maj@8", "eval/pass@8"]
+    assert M.panel_keys(keys, "kl") == ["train/kl_loss", "train/kl_old_k3", "train/kl_ref"]
     assert M.panel_keys(keys, "loss") == ["train/kl_loss", "train/pg_loss"]
     assert M.panel_keys(keys, "length") == ["eval/length", "length/max"]
     assert M.panel_keys(keys, "reward") == ["reward/mean"]
+    assert M.panel_keys(keys, "grad_norm") == ["train/grad_norm"]
+    assert M.panel_keys(keys, "clip") == ["train/clip_frac"]
+    assert M.panel_keys(keys, "ratio") == ["train/ratio_max"]
+
+
+def test_plots_have_labels_words_integer_steps_and_no_flat_zero_lines(tmp_path):
+    from matplotlib.figure import Figure
+
+    from ouroboros_jax import plots
+
+    records = [{"step": s, "train/kl_ref": 0.0, "train/kl_old_k3": 1e-3 * s, "eval/pass@8": s / 10,
+                "accuracy": s / 10} for s in range(1, 4)]
+    keys = [k for k in plots.panel_keys(list(records[0]), "kl") if plots._drawn(records, k)]
+    assert keys == ["train/kl_old_k3"]  # the switched-off KL to the reference is not drawn as a flat 0
+    ax = Figure().add_subplot()
+    plots.draw_panel(ax, records, "kl", keys)
+    assert ax.get_xlabel() == "training step" and ax.get_ylabel() == "nats per token"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["KL to the sampling policy (k3)"]
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert plots.metric_label("eval/pass@8") == "pass@8 (sampled)"
+    assert plots.metric_label("train/kl_ref") == "KL to the reference"
+    assert plots.metric_label("eval/maj@4") == "majority vote of 4"
 
 
 def test_plot_command(tmp_path, monkeypatch, capsys):
@@ -181,3 +206,13 @@ def test_plot_command(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "png" / "curves.png").stat().st_size > 0
     assert str(tmp_path / "png" / "reward.png") in capsys.readouterr().out.splitlines()
     assert M.main(["plot", str(tmp_path / "missing")]) == 1
+
+
+def test_the_warm_start_gets_its_own_panel(tmp_path):
+    _fake_run(tmp_path, steps=5)
+    with M.MetricsLogger(tmp_path / "warmstart", console=False, tensorboard=False) as logger:
+        for step in (50, 100, 150):
+            logger.log(step, {"warmstart/greedy_acc": step / 200, "warmstart/pass@1": step / 300})
+    names = [p.name for p in M.plot_run(tmp_path)]
+    assert names[0] == "warmstart.png" and names[-1] == "curves.png"
+    assert "warmstart/greedy_acc" not in M.read_metrics(tmp_path)[0]  # the RL metrics stay apart

@@ -123,7 +123,9 @@ class PromptEncoder:
                 if self.overflow == "error":
                     raise PromptTooLongError(
                         f"example {ex.id!r}: prompt has {len(tokens)} tokens, more than the cap "
-                        f"{self.max_len} (raise the cap, shorten the template, or truncate)")
+                        f"{self.max_len}: add a longer bucket to --sampling.prompt_len_buckets (its "
+                        "largest is the cap), shorten --data.system_prompt or --data.template, or keep "
+                        "the prompt's end with --data.prompt_overflow truncate")
                 tokens = tokens[-self.max_len:]
             out.append(tokens)
         return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -24,6 +25,8 @@ import numpy as np
 from jaxtyping import Bool, Float
 
 from ouroboros_jax.sampling import SampleOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,14 @@ class RewardSource(Protocol):
 
 
 def checked(out: Rewards, rows: int, name: str) -> Rewards:
-    """`out` with float64 rewards, after checking it has one reward (and verdict) per row."""
+    """`out` with float64 rewards, after checking it has one reward (and verdict) per row.
+
+    A non-finite reward (NaN, inf) is a failure of the source, never an input: inf would count
+    as right and NaN would poison every advantage of its group. Such a row gets reward 0 and
+    `correct` False, its detail becomes a verdict with `error="invalid"` and the reason (so the
+    rollout counts it among the verifier errors), and the metrics count the rows as
+    `{name}/non_finite` and in the total `reward/non_finite`.
+    """
     rewards = np.asarray(out.rewards, np.float64)
     if rewards.shape != (rows,):
         raise ValueError(f"reward source {name!r} returned shape {rewards.shape}; expected ({rows},), "
@@ -87,7 +97,21 @@ def checked(out: Rewards, rows: int, name: str) -> Rewards:
     if out.correct is not None and np.shape(out.correct) != (rows,):
         raise ValueError(f"reward source {name!r}: `correct` has shape {np.shape(out.correct)}; "
                          f"expected ({rows},)")
-    return dataclasses.replace(out, rewards=rewards)
+    bad = ~np.isfinite(rewards)
+    if not bad.any():
+        return dataclasses.replace(out, rewards=rewards)
+    from verifiers import Verdict  # imports no JAX
+
+    details = list(out.details) if out.details is not None else [None] * rows
+    for i in np.flatnonzero(bad):
+        details[i] = Verdict.fail(f"reward source {name!r} returned {rewards[i]}, not a finite reward; "
+                                  "scored 0", error="invalid")
+    log.warning("reward source %r returned %d non-finite reward(s) of %d; scored 0", name, bad.sum(), rows)
+    metrics = dict(out.metrics)
+    metrics[f"{name}/non_finite"] = metrics.get(f"{name}/non_finite", 0.0) + float(bad.sum())
+    metrics["reward/non_finite"] = metrics.get("reward/non_finite", 0.0) + float(bad.sum())
+    correct = None if out.correct is None else np.where(bad, False, np.asarray(out.correct, bool))
+    return Rewards(np.where(bad, 0.0, rewards), correct, details, metrics)
 
 
 @dataclasses.dataclass
@@ -128,6 +152,7 @@ class WeightedRewards:
             total = total + weight * out.rewards
             if correct is None and out.correct is not None:
                 correct, details = np.asarray(out.correct, bool), out.details
-            metrics |= out.metrics
+            non_finite = metrics.get("reward/non_finite", 0.0) + out.metrics.get("reward/non_finite", 0.0)
+            metrics |= out.metrics | ({"reward/non_finite": non_finite} if non_finite else {})
         return Rewards(total, correct, details, metrics)
 
