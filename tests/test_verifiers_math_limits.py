@@ -155,9 +155,10 @@ def test_cap_holds_in_the_grading_process():
 )
 def test_extraction_is_linear(make):
     text = make(40_000)[:200_000]
-    start = time.monotonic()
+    # CPU time of this process, not wall time: other work on a shared machine must not fail the test.
+    start = time.process_time()
     extract_answer(text, "any")
     extract_answer(text, "anchored")
     gold_answer(text)
     # A quadratic scan of 200 KB takes minutes; a linear one well under a second.
-    assert time.monotonic() - start < 2.0
+    assert time.process_time() - start < 5.0
