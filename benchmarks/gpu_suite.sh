@@ -18,7 +18,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 PARTS=${PARTS:-"env correctness mfu decode fullstep"}
 TINY=${TINY:-0}
 SUMMARY="$OUT/summary.txt"
-echo "gpu suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo none)" \
+echo "gpu suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit ${SUITE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
     | tee "$SUMMARY"
 
 part() {  # part NAME SECONDS COMMAND...
@@ -67,7 +67,7 @@ fi
 
 for p in $PARTS; do
     case $p in
-        env) part env 60 env_info ;;
+        env) export -f env_info; part env 60 bash -c env_info ;;
         correctness) part correctness "${T_CORRECTNESS:-90}" python3 benchmarks/gpu_correctness.py ;;
         mfu) part mfu "${T_MFU:-150}" python3 benchmarks/bench_mfu_gpu.py "${MFU_ARGS[@]}" \
                  --profile /tmp/mfu_profile ;;
