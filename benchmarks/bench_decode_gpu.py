@@ -134,8 +134,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     repeats = 1 if args.tiny and args.repeats == 3 else args.repeats
     params = random_params(cfg)
     bandwidth, source = bandwidth_gbs(args.bandwidth_gbs, 16 if args.tiny else 256)
-    rows = [run_batch(params, cfg, b, prompt_len, new_tokens, repeats, bandwidth, loop)
-            for b in batches for loop in args.layer_loop]
+    rows = []
+    for b in batches:
+        for loop in args.layer_loop:
+            rows.append(run_batch(params, cfg, b, prompt_len, new_tokens, repeats, bandwidth, loop))
+            r = rows[-1]
+            print(f"batch {b} {loop}: {r['decode tok/s']:,.0f} tok/s, {r['step ms']:.3f} ms/step, "
+                  f"{r['of bound']:.2f} of the bound {r['bound tok/s']:,.0f}", flush=True)
     print_table(rows, title=(f"decode vs bandwidth bound: {cfg.num_params() / 1e6:.2f}M params "
                              f"{cfg.dtype}, bandwidth {bandwidth:,.0f} GB/s ({source}); {machine()}"),
                 floatfmt={"step ms": ".3f", "weights MB": ",.2f", "KV MB/step": ",.2f", "of bound": ".2f"})

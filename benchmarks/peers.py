@@ -128,6 +128,7 @@ def measure(libraries: Mapping[str, str], settings: Settings, *, repeats: int, w
         fns = {name: step_of(wk) for name, wk in workers.items()}
         for name, fn in fns.items():  # the first step: compilation for the JAX libraries
             first[name] = time_call(fn)
+            print(f"  {name}: first step {first[name]:.1f} s", flush=True)
         first_info = dict(infos)
         times = interleaved_times(fns, repeats=repeats, warmup=warmup)
         rows = []
