@@ -60,9 +60,14 @@ if [ "$TINY" = 1 ]; then
 else
     MFU_ARGS=(--models qwen2.5-1.5b qwen2.5-0.5b --seqs 1024 4096 --steps 3)
     DECODE_ARGS=(--batch 64 256 --repeats 2)
-    # Qwen2.5-1.5B's shape: 151,936 vocab, d_model 1536, 28 layers, 12/2 heads, d_ff 8960.
-    FULL_ARGS=(--sections step --repeats 2 --warmup 0 --vocab 151936 --d-model 1536 --layers 28 --heads 12
-               --kv-heads 2 --d-ff 8960)
+    # FULL_MODEL=1.5b (default): Qwen2.5-1.5B's shape, 151,936 vocab, d_model 1536, 28 layers, 12/2 heads,
+    # d_ff 8960; FULL_MODEL=0.5b: Qwen2.5-0.5B's, d_model 896, 24 layers, 14/2 heads, d_ff 4864.
+    if [ "${FULL_MODEL:-1.5b}" = 0.5b ]; then
+        SHAPE=(--vocab 151936 --d-model 896 --layers 24 --heads 14 --kv-heads 2 --d-ff 4864)
+    else
+        SHAPE=(--vocab 151936 --d-model 1536 --layers 28 --heads 12 --kv-heads 2 --d-ff 8960)
+    fi
+    FULL_ARGS=(--sections step --repeats 2 --warmup 0 "${SHAPE[@]}")
 fi
 
 for p in $PARTS; do
