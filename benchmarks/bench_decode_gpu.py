@@ -96,11 +96,11 @@ def bytes_per_step(cfg: ModelConfig, batch: int, context: float) -> tuple[float,
 
 
 def run_batch(params, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-              bandwidth: float) -> dict:
+              bandwidth: float, layer_loop: str = "auto") -> dict:
     """Time one batch size: prefill alone, and prefill + decode; the difference is decode."""
     prompts = np.random.RandomState(batch).randint(1, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
     kw = dict(temperature=1.0, rng=jax.random.key(0), prompt_len_buckets=(prompt_len,),
-              batch_buckets=(batch,))
+              batch_buckets=(batch,), layer_loop=layer_loop)
     times = interleaved_times({
         "full": lambda: generate(params, cfg, prompts, max_new_tokens=new_tokens, **kw).tokens,
         "prefill": lambda: generate(params, cfg, prompts, max_new_tokens=1, **kw).tokens,
@@ -109,7 +109,7 @@ def run_batch(params, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens:
     step_s = max(full - prefill, 1e-9) / (new_tokens - 1)
     weights, kv = bytes_per_step(cfg, batch, prompt_len + new_tokens / 2)
     bound = batch * bandwidth * 1e9 / (weights + kv)
-    return {"batch": batch, "prompt": prompt_len, "new": new_tokens,
+    return {"layer loop": layer_loop, "batch": batch, "prompt": prompt_len, "new": new_tokens,
             "prefill tok/s": batch * prompt_len / prefill, "step ms": step_s * 1e3,
             "decode tok/s": batch / step_s, "weights MB": weights / 1e6, "KV MB/step": kv / 1e6,
             "bound tok/s": bound, "of bound": batch / step_s / bound,
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="override the bandwidth")
+    p.add_argument("--layer-loop", nargs="+", default=["scan", "unroll"], choices=["auto", "scan", "unroll"],
+                   help="the sampler's layer loops to compare")
     args = p.parse_args(argv)
     cfg = TINY if args.tiny else QWEN25_05B
     batches = args.batch or ([4, 8] if args.tiny else [64, 256])
@@ -132,7 +134,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     repeats = 1 if args.tiny and args.repeats == 3 else args.repeats
     params = random_params(cfg)
     bandwidth, source = bandwidth_gbs(args.bandwidth_gbs, 16 if args.tiny else 256)
-    rows = [run_batch(params, cfg, b, prompt_len, new_tokens, repeats, bandwidth) for b in batches]
+    rows = []
+    for b in batches:
+        for loop in args.layer_loop:
+            rows.append(run_batch(params, cfg, b, prompt_len, new_tokens, repeats, bandwidth, loop))
+            r = rows[-1]
+            print(f"batch {b} {loop}: {r['decode tok/s']:,.0f} tok/s, {r['step ms']:.3f} ms/step, "
+                  f"{r['of bound']:.2f} of the bound {r['bound tok/s']:,.0f}", flush=True)
     print_table(rows, title=(f"decode vs bandwidth bound: {cfg.num_params() / 1e6:.2f}M params "
                              f"{cfg.dtype}, bandwidth {bandwidth:,.0f} GB/s ({source}); {machine()}"),
                 floatfmt={"step ms": ".3f", "weights MB": ",.2f", "KV MB/step": ",.2f", "of bound": ".2f"})

@@ -19,12 +19,21 @@ measured large matmul stands in for the peak).
 
     python benchmarks/bench_mfu_gpu.py                  # on a GPU
     python benchmarks/bench_mfu_gpu.py --tiny           # a tiny model on CPU in seconds (tested)
+    python benchmarks/bench_mfu_gpu.py --profile DIR    # also trace one step of the first configuration
+
+With --profile, one more step of the first configuration runs under
+`jax.profiler.trace`; the device ops of its trace are summed by name (and by
+kind: matmuls, attention, elementwise fusions, copies, collectives) and printed
+as a table, so what limits the MFU is read from where the step's time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import gzip
+import json
 import sys
 import time
 from pathlib import Path
@@ -69,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed updates per configuration")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device")
     p.add_argument("--tiny", action="store_true", help="a tiny model on CPU: a smoke run in seconds")
+    p.add_argument("--profile", default="", help="trace one step of the first configuration into this folder")
+    p.add_argument("--top", type=int, default=25, help="rows of the profile's table of ops")
     a = p.parse_args(argv)
     if a.tiny:
         a.seqs, a.tokens, a.micro_tokens, a.steps, a.logprob_chunk = [64], 1024, 512, 2, 32
@@ -148,11 +159,98 @@ def run_one(cfg: ModelConfig, seq_len: int, a: argparse.Namespace, mesh) -> dict
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_s = median(times)
+    if a.profile and not getattr(a, "_profiled", False):
+        a._profiled = True
+        try:
+            with jax.profiler.trace(a.profile, create_perfetto_trace=True):
+                state, metrics = step(state, batch)
+                jax.block_until_ready(metrics)
+            print_profile(a.profile, a.top, step_s)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:  # the timings stand without a profile
+            print(f"profile failed: {type(e).__name__}: {e}", flush=True)
     tokens = batch_size * seq_len
     flops = model_flops(cfg, seq_len, seq_len - prompt) * batch_size
     return {"T": seq_len, "batch": batch_size, "micro": micro, "step s": step_s, "tokens/s": tokens / step_s,
             "TFLOP/s": flops / step_s / 1e12, "first step s": compile_s,
             "loss finite": bool(metrics["finite"]), "peak mem MiB": peak_device_memory_mb()}
+
+
+# Kinds of op, matched in order against the lower-cased op name of the trace.
+OP_KINDS = (("matmul", ("gemm", "cublas", "nvjet", "cutlass", "dot", "matmul", "wgmma", "sm90_xmma")),
+            ("attention", ("flash", "fmha", "attention", "cudnn")),
+            ("collective", ("all-reduce", "all-gather", "reduce-scatter", "nccl", "all_reduce")),
+            ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "dynamic-update-slice",
+                                "dynamic_update_slice")),
+            ("reduction", ("reduce",)),
+            ("fusion (elementwise)", ("fusion", "loop_", "input_", "triton")))
+
+
+def op_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in OP_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def trace_events(trace_dir: str) -> tuple[list[dict], dict[int, str]]:
+    """The complete events of the newest perfetto trace under `trace_dir`, and process id -> name."""
+    files = sorted(Path(trace_dir).rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"--profile: no *.trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    complete = [e | {"thread": threads.get((e["pid"], e.get("tid")), "")} for e in events
+                if e.get("ph") == "X" and "dur" in e]
+    return complete, names
+
+
+def device_op_table(trace_dir: str) -> tuple[list[dict], list[dict], float, str]:
+    """Device time by op name and by op kind (ms), their total, and which processes were counted.
+
+    On a GPU the device processes are those named like "/device:GPU:0"; their
+    stream threads hold the kernels (the lines derived from them, such as
+    "XLA Ops", are left out so that no time counts twice). Without one (CPU) the XLA ops of the host
+    threads stand in, named by the op (events whose name starts with a
+    framework prefix such as "$" or "Thunk" are left out).
+    """
+    events, names = trace_events(trace_dir)
+    gpu = {pid for pid, n in names.items() if "/device:GPU" in n or "/device:TPU" in n}
+    if gpu:
+        ops = [e for e in events if e["pid"] in gpu]
+        streams = [e for e in ops if e["thread"].startswith("Stream")]
+        ops = streams or ops
+        source = ", ".join(sorted(names[p] for p in gpu)) + (" streams" if streams else "")
+    else:
+        ops = [e for e in events if not e["name"].startswith(("$", "Thunk", "Py", "<"))]
+        source = "host threads (no device processes in the trace)"
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in ops:
+        by_name[e["name"]][0] += e["dur"] / 1e3
+        by_name[e["name"]][1] += 1
+    total = sum(v[0] for v in by_name.values()) or 1.0
+    rows = sorted(({"op": n[:90], "kind": op_kind(n), "ms": v[0], "%": 100 * v[0] / total, "calls": v[1]}
+                   for n, v in by_name.items()), key=lambda r: -r["ms"])
+    kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for r in rows:
+        kinds[r["kind"]][0] += r["ms"]
+        kinds[r["kind"]][1] += r["calls"]
+    kind_rows = sorted(({"kind": k, "ms": v[0], "%": 100 * v[0] / total, "calls": v[1]}
+                        for k, v in kinds.items()), key=lambda r: -r["ms"])
+    return rows, kind_rows, total, source
+
+
+def print_profile(trace_dir: str, top: int, step_s: float) -> None:
+    rows, kinds, total, source = device_op_table(trace_dir)
+    print(f"profile of one step ({source}): {total:,.1f} ms of op time summed over streams "
+          f"against a {step_s * 1e3:,.1f} ms step (median of the timed steps)")
+    print_table(kinds, floatfmt=",.2f", title="device time by kind of op")
+    print_table(rows[:top], floatfmt=",.2f", title=f"top {top} ops by device time")
 
 
 def main(argv=None) -> list[dict]:

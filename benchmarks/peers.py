@@ -73,7 +73,9 @@ def worker_env(name: str) -> dict[str, str]:
     """The environment of library `name`'s worker.
 
     JAX workers see one CPU device, whatever the caller's XLA_FLAGS (the tests
-    set 8). torch's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE,
+    set 8), unless the caller's JAX_PLATFORMS names another platform (on a GPU
+    machine: JAX_PLATFORMS=cuda runs every JAX worker on the first GPU).
+    torch's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE,
     unless the caller set it): with the default spin-waiting, each parallel
     region on a shared 2-core machine waits for a descheduled sibling thread,
     and transformers `generate` ran 10-20x slower at load average 6-7 than
@@ -82,7 +84,7 @@ def worker_env(name: str) -> dict[str, str]:
     contention from dominating its figures.
     """
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    env = {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    env = {"XLA_FLAGS": flags, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS") or "cpu"}
     if name == "trl":
         env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     return env
@@ -126,6 +128,7 @@ def measure(libraries: Mapping[str, str], settings: Settings, *, repeats: int, w
         fns = {name: step_of(wk) for name, wk in workers.items()}
         for name, fn in fns.items():  # the first step: compilation for the JAX libraries
             first[name] = time_call(fn)
+            print(f"  {name}: first step {first[name]:.1f} s", flush=True)
         first_info = dict(infos)
         times = interleaved_times(fns, repeats=repeats, warmup=warmup)
         rows = []

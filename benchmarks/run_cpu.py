@@ -43,6 +43,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -205,7 +206,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         directory, log_dir = root / "model", root / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         longest = max([a.work.seq_len] + [a.prompt_len + c for c in a.scale_completion_lens])
+        start = time.perf_counter()
         make_checkpoint(directory, a.shape, max_seq_len=longest, seed=a.seed)
+        print(f"checkpoint written in {time.perf_counter() - start:.1f} s", flush=True)
         for section in a.sections:
             if section == "scale":
                 results[section] = run_scale(a, libraries, directory, log_dir, results.get("step"))

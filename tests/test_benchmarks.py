@@ -195,3 +195,29 @@ def test_profile_update_cpu_reports_temp_memory_faults_and_matmuls():
     # The tiny model's matmuls show up as operations with their shapes.
     assert any(("dot" in r[0] or "ynn_fusion" in r[0]) and r[3].startswith("f32[") for r in ops[1:])
     assert 0 < sum(float(r[2]) for r in kinds[1:]) <= 1.0 + 1e-3
+
+
+def test_profile_table_counts_gpu_stream_kernels_once(tmp_path):
+    """The MFU profile sums kernels on the device's streams only, by name and by kind."""
+    import gzip
+    import json
+
+    import bench_mfu_gpu
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}}]
+    kernels = [("nvjet_sm90_tst_128x160", 3000), ("nvjet_sm90_tst_128x160", 1000),
+               ("loop_multiply_fusion", 500), ("memcpy128", 250), ("input_reduce_fusion", 250)]
+    events = meta + [{"ph": "X", "pid": 1, "tid": 7, "name": n, "ts": 0, "dur": d} for n, d in kernels]
+    events += [{"ph": "X", "pid": 1, "tid": 8, "name": "dot.1", "ts": 0, "dur": 4000},  # derived line
+               {"ph": "X", "pid": 2, "tid": 1, "name": "PjitFunction(step)", "ts": 0, "dur": 9000}]
+    (tmp_path / "plugins").mkdir()
+    with gzip.open(tmp_path / "plugins" / "x.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    rows, kinds, total, source = bench_mfu_gpu.device_op_table(str(tmp_path))
+    assert total == 5.0 and "streams" in source
+    assert rows[0] == {"op": "nvjet_sm90_tst_128x160", "kind": "matmul", "ms": 4.0, "%": 80.0, "calls": 2}
+    assert {k["kind"]: k["ms"] for k in kinds} == {"matmul": 4.0, "fusion (elementwise)": 0.5,
+                                                   "copy/transpose": 0.25, "reduction": 0.25}

@@ -378,5 +378,6 @@ def test_decode_benchmark_runs_tiny(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--tiny", "--batch", "4"])
-    assert len(rows) == 1 and all(r["decode tok/s"] > 0 for r in rows)
+    assert len(rows) == 2 and all(r["decode tok/s"] > 0 for r in rows)
+    assert [r["layer loop"] for r in rows] == ["scan", "unroll"]
     assert "of bound" in capsys.readouterr().out
