@@ -41,3 +41,14 @@ def test_rrm_script_tiny_run_with_the_rating_queue(tmp_path, capsys):
     assert re.fullmatch(pattern.format(0), lines[-2]) and re.fullmatch(pattern.format(1), lines[-1])
     assert len(runs["checked"]) == 2 and runs["unchecked"][1].labels == 64
     assert (tmp_path / "ratings.sqlite").exists()
+
+
+def test_weak_to_strong_script_tiny_run(capsys):
+    w2s = load_script("weak_to_strong")
+    results = w2s.main(["--seeds", "1", "--gold-size", "64", "--pool-size", "128", "--test-size", "64",
+                        "--steps", "10"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    number = r"-?\d+\.\d\d|nan"
+    assert re.fullmatch(rf"weak_to_strong: weak=\d\.\d\d strong_gold=\d\.\d\d strong_on_weak=\d\.\d\d "
+                        rf"pgr=({number}) pgr_confidence=({number})", last), last
+    assert len(results) == 1 and f"weak={results[0].weak:.2f}" in last
