@@ -167,6 +167,11 @@ class HumanPreferenceReward:
         self._seen = 0  # the last rating id trained on
         self._pairs: list[Any] = []
 
+    @property
+    def num_pairs(self) -> int:
+        """Preference pairs the reward model has been trained on so far."""
+        return len(self._pairs)
+
     def scores(self, completions: Completions) -> np.ndarray:
         """The current reward model's score of every row [R]."""
         return self._score(self.params, *completions.sample.sequences())
