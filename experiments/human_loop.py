@@ -67,8 +67,8 @@ DEFAULT = ExperimentConfig(
                       n_kv_heads=4, head_dim=16, d_ff=128, max_seq_len=32, tie_embeddings=True),
     sampling=SamplingConfig(group_size=8, max_new_tokens=4, temperature=1.0, prompt_len_buckets=(16,),
                             eval_num_samples=1),
-    loss=dataclasses.replace(LOSS_PRESETS["grpo"], advantage="dr_grpo", kl_coef=0.05),
-    optimizer=OptimizerConfig(learning_rate=5e-4, b2=0.99, max_grad_norm=1.0),
+    loss=dataclasses.replace(LOSS_PRESETS["grpo"], advantage="dr_grpo", kl_coef=0.1),
+    optimizer=OptimizerConfig(learning_rate=2e-4, b2=0.99, max_grad_norm=1.0),
     train=TrainConfig(steps=20, prompts_per_step=8, mini_batch_size=64, micro_batch_size=64, eval_every=5,
                       eval_size=100),
     data=DataConfig(source="arithmetic"),
@@ -78,7 +78,7 @@ DEFAULT = ExperimentConfig(
 )
 NOISE = 0.1  # the simulated rater's chance of picking the other completion
 PAIRS_PER_STEP, MIN_RATINGS, WAIT_S = 8, 4, 20.0
-RM_STEPS, RM_BATCH, RM_LR = 30, 16, 2e-3
+RM_STEPS, RM_BATCH, RM_LR = 60, 16, 2e-3
 
 
 def exact_answer(completion: str, example) -> Verdict:

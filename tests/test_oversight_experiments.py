@@ -5,6 +5,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
@@ -52,3 +54,27 @@ def test_weak_to_strong_script_tiny_run(capsys):
     assert re.fullmatch(rf"weak_to_strong: weak=\d\.\d\d strong_gold=\d\.\d\d strong_on_weak=\d\.\d\d "
                         rf"pgr=({number}) pgr_confidence=({number})", last), last
     assert len(results) == 1 and f"weak={results[0].weak:.2f}" in last
+
+
+@pytest.mark.slow  # a warm-start, a reward model retrained per step and two GRPO steps: ~1 min on 2 cores
+def test_human_loop_tiny_run(tmp_path, capsys):
+    loop = load_script("human_loop")
+    result = loop.main(["--train.steps", "2", "--train.eval-every", "1", "--train.eval-size", "8",
+                        "--warmstart.steps", "5", "--logging.run-dir", str(tmp_path / "run"), "--noise", "0"])
+    out = capsys.readouterr()
+    assert re.fullmatch(r"human_loop: ratings=\d+ pairs=\d+ retrainings=\d+ heldout_accuracy first=\d\.\d\d "
+                        r"last=\d\.\d\d", out.out.strip().splitlines()[-1])
+    assert result["ratings"] > 0 and result["retrainings"] >= 1
+    assert "ratings: waiting for" in out.err
+    assert (tmp_path / "run" / "ratings.sqlite").exists()
+
+
+def test_simulated_rater_prefers_the_nearer_answer():
+    from types import SimpleNamespace
+
+    loop = load_script("human_loop")
+    decide = loop.simulated_rater(0.0, seed=0)
+    item = lambda completions: SimpleNamespace(completions=tuple(completions), metadata={"answer": "7"})
+    assert decide(item(["5", "7"])) == {"choice": 1}
+    assert decide(item(["8", "x"])) == {"choice": 0}
+    assert decide(item(["6", "8"])) == {"skip": True}
