@@ -77,8 +77,8 @@ DEFAULT = ExperimentConfig(
     logging=LoggingConfig(run_dir="runs/human_loop", console=False, tensorboard=False),
 )
 NOISE = 0.1  # the simulated rater's chance of picking the other completion
-PAIRS_PER_STEP, MIN_RATINGS, WAIT_S = 8, 4, 20.0
-RM_STEPS, RM_BATCH, RM_LR = 60, 16, 2e-3
+PAIRS_PER_STEP, MIN_RATINGS, WAIT_S = 64, 32, 20.0
+RM_STEPS, RM_BATCH, RM_LR = 100, 32, 2e-3
 
 
 def exact_answer(completion: str, example) -> Verdict:

@@ -8,11 +8,11 @@ Two sources, both called by the rollout like any other (`RewardSource`):
   (`rate.completion_scores`); a row nobody rated in time gets `missing_reward`.
 - `HumanPreferenceReward`: a Bradley-Terry reward model on people's
   preferences. Each call puts the most uncertain pairs of the current samples
-  on the queue (the pair of each prompt the reward model separates least
-  goes first), waits for ratings, and when new ones have arrived retrains the
-  reward model on every preference pair so far (`rate.preference_pairs`,
-  `selfplay.reward_model.train_reward_model`) and reloads it before scoring
-  the rows. Training therefore always scores with a reward model that has
+  on the queue (pairs of one prompt's distinct completions, those the reward
+  model separates least first), waits for ratings, and when new ones have
+  arrived retrains the reward model on every preference pair so far
+  (`rate.preference_pairs`, `selfplay.reward_model.train_reward_model`) and
+  reloads it before scoring the rows. Training therefore always scores with a reward model that has
   seen every rating up to that step.
 
 While waiting, `rate.wait_for_ratings` says on the console how many ratings
@@ -177,24 +177,24 @@ class HumanPreferenceReward:
         return self._score(self.params, *completions.sample.sequences())
 
     def uncertain_pairs(self, completions: Completions, scores: np.ndarray) -> list[NewItem]:
-        """Per prompt, the two distinct completions the reward model separates least; the closest first."""
+        """Pairs of distinct completions of the same prompt, those the reward model separates least first."""
         texts, G = _texts(completions), completions.group_size
         candidates = []
-        for b, ex in enumerate(completions.examples):
-            rows = {}
+        for b in range(len(completions.examples)):
+            rows: dict[str, int] = {}
             for r in range(b * G, (b + 1) * G):
                 rows.setdefault(texts[r], r)
             distinct = list(rows.values())
-            if len(distinct) < 2:
-                continue
-            gap, i, j = min((abs(scores[i] - scores[j]), i, j) for n, i in enumerate(distinct)
-                            for j in distinct[n + 1:])
-            candidates.append((gap, NewItem(
-                prompt=self.prompt_text(ex), completions=[texts[i], texts[j]], step=self.calls,
-                judge_confidence=float(sigmoid(gap)), key=f"pair:{self.calls}:{b}",
-                metadata=dict(self.metadata_of(ex)) if self.metadata_of else {})))
-        candidates.sort(key=lambda c: c[0])
-        return [item for _, item in candidates[:self.pairs_per_step]]
+            for n, i in enumerate(distinct):
+                for j in distinct[n + 1:]:
+                    candidates.append((abs(float(scores[i]) - float(scores[j])), b, i, j))
+        candidates.sort()
+        examples = completions.examples
+        return [NewItem(prompt=self.prompt_text(examples[b]), completions=[texts[i], texts[j]],
+                        step=self.calls, judge_confidence=float(sigmoid(gap)),
+                        key=f"pair:{self.calls}:{i}:{j}",
+                        metadata=dict(self.metadata_of(examples[b])) if self.metadata_of else {})
+                for gap, b, i, j in candidates[:self.pairs_per_step]]
 
     def refresh(self) -> int:
         """Retrain on every pair when ratings arrived since the last retraining; returns the new pairs."""
