@@ -33,6 +33,7 @@ def test_rrm_tasks_are_half_right_and_split_into_halves():
     assert rrm.describe(tasks[:1, :1], 0)[0] == "{} + {} = {}".format(*tasks[0, 0])
 
 
+@pytest.mark.slow  # trains 4 small MLPs: ~10 s on 2 cores
 def test_rrm_script_tiny_run_with_the_rating_queue(tmp_path, capsys):
     rrm = load_script("recursive_reward_modeling")
     runs = rrm.main(["--levels", "2", "--gold-size", "40", "--train-size", "64", "--anchor-size", "32",
@@ -45,6 +46,7 @@ def test_rrm_script_tiny_run_with_the_rating_queue(tmp_path, capsys):
     assert (tmp_path / "ratings.sqlite").exists()
 
 
+@pytest.mark.slow  # trains 4 small MLPs: ~10 s on 2 cores
 def test_weak_to_strong_script_tiny_run(capsys):
     w2s = load_script("weak_to_strong")
     results = w2s.main(["--seeds", "1", "--gold-size", "64", "--pool-size", "128", "--test-size", "64",

@@ -29,6 +29,7 @@ def test_split_names_mismatched_shapes():
         Split(np.zeros((3, 2)), np.zeros(4))
 
 
+@pytest.mark.slow  # trains 4 small MLPs: ~10 s on 2 cores
 def test_a_linear_weak_model_cannot_do_xor_and_the_strong_one_can_on_gold():
     rng = np.random.default_rng(0)
 
