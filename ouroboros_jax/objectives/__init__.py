@@ -8,10 +8,13 @@ a pure loss of `ouroboros_jax.algorithms`:
 - `policy_gradient`: the GRPO family on token rows (`batch.Batch`), `sft` its
   likelihood variant;
 - `preference`: DPO / IPO and SPIN on pairs (`batch.PairBatch`);
-- `bradley_terry`: a reward model on pairs.
+- `bradley_terry`: a reward model on pairs;
+- `binary_classification`: a classifier on soft labels (`LabelBatch`), with the
+  weak-to-strong confidence loss as an option.
 """
 
 from ouroboros_jax.objectives.base import SUMMED, Metrics, Objective, combine_metrics
+from ouroboros_jax.objectives.classification import LabelBatch, binary_classification, label_batch
 from ouroboros_jax.objectives.policy import loss_tokens, policy_gradient, sft
 from ouroboros_jax.objectives.preference import (
     PREFERENCE_KINDS,
@@ -23,6 +26,7 @@ from ouroboros_jax.objectives.preference import (
 from ouroboros_jax.objectives.reward_model import bradley_terry
 
 __all__ = [
-    "PREFERENCE_KINDS", "SUMMED", "Metrics", "Objective", "PreferenceKind", "bradley_terry",
+    "LabelBatch", "PREFERENCE_KINDS", "SUMMED", "Metrics", "Objective", "PreferenceKind",
+    "binary_classification", "bradley_terry", "label_batch",
     "combine_metrics", "loss_tokens", "pair_count", "policy_gradient", "preference", "sequence_logps", "sft",
 ]

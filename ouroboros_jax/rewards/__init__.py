@@ -6,6 +6,8 @@ A source is any callable `source(completions) -> Rewards` (`base.RewardSource`):
 - `ModelReward`: a learned reward model, or an ensemble with its disagreement;
 - `PARReward`: Preference As Reward around any source, centred on references;
 - `FnReward`: a plain function of the completions;
+- `HumanScoreReward`, `HumanPreferenceReward`: people's ratings from the rating
+  page, as direct scores or through a reward model retrained between steps;
 - `WeightedRewards`: a weighted sum of named sources (what the trainer runs).
 
 The trainer's loop and the self-play loops call sources through
@@ -13,6 +15,7 @@ The trainer's loop and the self-play loops call sources through
 """
 
 from ouroboros_jax.rewards.base import Completions, FnReward, Rewards, RewardSource, WeightedRewards, checked
+from ouroboros_jax.rewards.human import HumanPreferenceReward, HumanScoreReward
 from ouroboros_jax.rewards.model import ModelReward, ensemble_penalty, ensemble_stats, make_reward_scorer
 from ouroboros_jax.rewards.par import (
     PARReward,
@@ -25,7 +28,8 @@ from ouroboros_jax.rewards.par import (
 from ouroboros_jax.rewards.verifier import ScoreFn, VerifierReward
 
 __all__ = [
-    "Completions", "FnReward", "ModelReward", "PARReward", "RewardSource", "Rewards", "ScoreFn",
+    "Completions", "FnReward", "HumanPreferenceReward", "HumanScoreReward",
+    "ModelReward", "PARReward", "RewardSource", "Rewards", "ScoreFn",
     "VerifierReward", "WeightedRewards", "checked", "ensemble_penalty", "ensemble_stats", "gold_reference",
     "make_reward_scorer", "par_shaping", "responses_as_sample", "sampled_reference", "sigmoid",
 ]

@@ -1,0 +1,82 @@
+"""The oversight experiment scripts at tiny size: they run and end with their summary lines."""
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_script(name: str):
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location(f"oversight_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rrm_tasks_are_half_right_and_split_into_halves():
+    import numpy as np
+
+    rrm = load_script("recursive_reward_modeling")
+    tasks = rrm.make_tasks(4000, 2, np.random.default_rng(0))
+    assert tasks.shape == (4000, 4, 3)
+    assert abs(rrm.gold(tasks, 2).mean() - 0.5) < 0.03
+    np.testing.assert_array_equal(tasks[:, 1:, 0], tasks[:, :-1, 2] % 10)  # each step starts from y mod 10
+    first, second = rrm.split(tasks, 2)
+    assert np.array_equal(rrm.gold(tasks, 2), rrm.gold(first, 1) & rrm.gold(second, 1))
+    assert rrm.describe(tasks[:1, :1], 0)[0] == "{} + {} = {}".format(*tasks[0, 0])
+
+
+@pytest.mark.slow  # trains 4 small MLPs: ~10 s on 2 cores
+def test_rrm_script_tiny_run_with_the_rating_queue(tmp_path, capsys):
+    rrm = load_script("recursive_reward_modeling")
+    runs = rrm.main(["--levels", "2", "--gold-size", "40", "--train-size", "64", "--anchor-size", "32",
+                     "--steps", "20", "--hidden", "8", "--run-dir", str(tmp_path)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    number = r"(\d\.\d\d|nan)"
+    pattern = rf"rrm: level={{}} anchor_accuracy checked={number} unchecked=\d\.\d\d deferred={number}"
+    assert re.fullmatch(pattern.format(0), lines[-2]) and re.fullmatch(pattern.format(1), lines[-1])
+    assert len(runs["checked"]) == 2 and runs["unchecked"][1].labels == 64
+    assert (tmp_path / "ratings.sqlite").exists()
+
+
+@pytest.mark.slow  # trains 4 small MLPs: ~10 s on 2 cores
+def test_weak_to_strong_script_tiny_run(capsys):
+    w2s = load_script("weak_to_strong")
+    results = w2s.main(["--seeds", "1", "--gold-size", "64", "--pool-size", "128", "--test-size", "64",
+                        "--steps", "10"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    number = r"-?\d+\.\d\d|nan"
+    assert re.fullmatch(rf"weak_to_strong: weak=\d\.\d\d strong_gold=\d\.\d\d strong_on_weak=\d\.\d\d "
+                        rf"pgr=({number}) pgr_confidence=({number})", last), last
+    assert len(results) == 1 and f"weak={results[0].weak:.2f}" in last
+
+
+@pytest.mark.slow  # a warm-start, a reward model retrained per step and two GRPO steps: ~1 min on 2 cores
+def test_human_loop_tiny_run(tmp_path, capsys):
+    loop = load_script("human_loop")
+    result = loop.main(["--train.steps", "2", "--train.eval-every", "1", "--train.eval-size", "8",
+                        "--warmstart.steps", "5", "--logging.run-dir", str(tmp_path / "run"), "--noise", "0"])
+    out = capsys.readouterr()
+    assert re.fullmatch(r"human_loop: ratings=\d+ pairs=\d+ retrainings=\d+ heldout_accuracy first=\d\.\d\d "
+                        r"last=\d\.\d\d", out.out.strip().splitlines()[-1])
+    assert result["ratings"] > 0 and result["retrainings"] >= 1
+    assert "ratings: waiting for" in out.err
+    assert (tmp_path / "run" / "ratings.sqlite").exists()
+
+
+def test_simulated_rater_prefers_the_nearer_answer():
+    from types import SimpleNamespace
+
+    loop = load_script("human_loop")
+    decide = loop.simulated_rater(0.0, seed=0)
+    item = lambda completions: SimpleNamespace(completions=tuple(completions), metadata={"answer": "7"})
+    assert decide(item(["5", "7"])) == {"choice": 1}
+    assert decide(item(["8", "x"])) == {"choice": 0}
+    assert decide(item(["6", "8"])) == {"skip": True}
