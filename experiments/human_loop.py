@@ -73,7 +73,8 @@ DEFAULT = ExperimentConfig(
                       eval_size=100),
     data=DataConfig(source="arithmetic"),
     warmstart=WarmStartConfig(steps=100, batch_size=64, learning_rate=1e-3),
-    verifier=VerifierConfig(names=("exact",), weights=(1.0,), num_workers=1, timeout_s=10.0),
+    verifier=VerifierConfig(names=("human_loop:exact_answer",), weights=(1.0,), num_workers=1,
+                            timeout_s=10.0),
     logging=LoggingConfig(run_dir="runs/human_loop", console=False, tensorboard=False),
 )
 NOISE = 0.1  # the simulated rater's chance of picking the other completion

@@ -13,9 +13,11 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 def load_script(name: str):
     if str(EXPERIMENTS) not in sys.path:
         sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(f"oversight_{name}", EXPERIMENTS / f"{name}.py")
+    # Under its own name: dataclasses look their module up in sys.modules, and the verifier pool's
+    # workers import a script's verifier by module name from the experiments directory.
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
