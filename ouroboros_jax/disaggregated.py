@@ -83,7 +83,12 @@ def split_meshes(cfg: DisaggregationConfig, train_mesh: MeshConfig, sampler_mesh
 
 
 def transfer_weights(params: Params, shardings: Any) -> tuple[Params, float]:
-    """Reshard `params` onto the sampler's `shardings` (device to device); (new params, seconds)."""
+    """Reshard `params` onto the sampler's `shardings` (device to device); (new params, seconds).
+
+    The clock starts once `params` are computed, so the seconds are the transfer alone, not
+    the wait for the update that produces them.
+    """
+    jax.block_until_ready(params)
     start = time.perf_counter()
     moved = jax.device_put(params, shardings)
     jax.block_until_ready(moved)
