@@ -4,6 +4,9 @@ Both sub-meshes are cut from the one global device list (every host's devices
 after `jax.distributed.initialize`), so the new weights move from the training
 mesh to the sampling mesh by resharding (`jax.device_put` to the sampler's
 shardings: device to device, no host round trip). Each transfer is timed.
+With several hosts, multi-controller JAX refuses a reshard between disjoint
+device sets, so `split_meshes` gives every host devices on both sides and the
+transfer copies each shard between two devices of its own host.
 
 Synchronous mode (`off_policy=False`): the rollout of step t uses the weights
 after update t - 1, exactly as the colocated loop. One-step off-policy mode:
@@ -78,8 +81,25 @@ def split_meshes(cfg: DisaggregationConfig, train_mesh: MeshConfig, sampler_mesh
     if cfg.sampler_devices >= len(devices):
         raise ConfigError(f"disaggregation.sampler_devices: {cfg.sampler_devices} leaves none of the "
                           f"{len(devices)} devices to train on")
-    cut = len(devices) - cfg.sampler_devices
-    return make_mesh(train_mesh, devices[:cut]), make_mesh(sampler_mesh, devices[cut:])
+    hosts = sorted({d.process_index for d in devices})
+    if len(hosts) == 1:
+        cut = len(devices) - cfg.sampler_devices
+        return make_mesh(train_mesh, devices[:cut]), make_mesh(sampler_mesh, devices[cut:])
+    # Several hosts: every host gives its last devices to the sampler, so each shard moves
+    # between two devices of one host (multi-controller JAX cannot reshard across hosts).
+    if cfg.sampler_devices % len(hosts):
+        raise ConfigError(f"disaggregation.sampler_devices: {cfg.sampler_devices} does not divide among "
+                          f"{len(hosts)} hosts (each host samples on the same number of its devices)")
+    per_host = cfg.sampler_devices // len(hosts)
+    train, sample = [], []
+    for h in hosts:
+        local = [d for d in devices if d.process_index == h]
+        if per_host >= len(local):
+            raise ConfigError(f"disaggregation.sampler_devices: {per_host} per host leaves none of host "
+                              f"{h}'s {len(local)} devices to train on")
+        train += local[:len(local) - per_host]
+        sample += local[len(local) - per_host:]
+    return make_mesh(train_mesh, train), make_mesh(sampler_mesh, sample)
 
 
 def transfer_weights(params: Params, shardings: Any) -> tuple[Params, float]:
@@ -90,9 +110,30 @@ def transfer_weights(params: Params, shardings: Any) -> tuple[Params, float]:
     """
     jax.block_until_ready(params)
     start = time.perf_counter()
-    moved = jax.device_put(params, shardings)
+    if jax.process_count() == 1:
+        moved = jax.device_put(params, shardings)
+    else:
+        moved = jax.tree.map(_reshard_on_each_host, params, shardings)
     jax.block_until_ready(moved)
     return moved, time.perf_counter() - start
+
+
+def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple(sl.indices(n)[:2] for sl, n in zip(index, shape, strict=True))
+
+
+def _reshard_on_each_host(x: jax.Array, sharding: Any) -> jax.Array:
+    """`x` in `sharding` on another device set, built from device-to-device copies of this
+    host's own shards (`split_meshes` gives every host devices on both sides)."""
+    held = {_index_key(s.index, x.shape): s.data for s in x.addressable_shards}
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(x.shape).items():
+        key = _index_key(index, x.shape)
+        if key not in held:
+            raise ValueError(f"shape {x.shape}: the sampler's shard {key} is not held on host "
+                             f"{jax.process_index()}; give every host the same mesh layout on both sides")
+        arrays.append(jax.device_put(held[key], device))
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, arrays)
 
 
 def correct_staleness(batch: Batch, train_logp: jax.Array, cap: float) -> tuple[Batch, dict[str, jax.Array]]:

@@ -184,6 +184,34 @@ def train(checkpoint: str, workdir: Path) -> dict:
     hf.export_hf_checkpoint(state.params, cfg, workdir / "export")
     hf._write_shards = original_write
 
+    # Disaggregated: the sampler's sub-mesh takes 2 devices of each host; the weights move
+    # device to device within each host.
+    from ouroboros_jax.config import MeshConfig
+    from ouroboros_jax.disaggregated import DisaggregationConfig, split_meshes, transfer_weights
+    from ouroboros_jax.models import param_shardings
+
+    sub = MeshConfig(data=1, fsdp=2, tensor=2)
+    train_mesh, sampler_mesh = split_meshes(DisaggregationConfig(sampler_devices=4), sub, sub)
+    _, on_train = hf.load_hf_checkpoint(checkpoint, mesh=train_mesh)
+    moved, seconds = transfer_weights(on_train, param_shardings(cfg, sampler_mesh))
+    a, b = _gathered(on_train), _gathered(moved)
+    sampler_ids = sorted(d.id for d in sampler_mesh.devices.flat)
+    transfer = dict(equal=all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                                      strict=True)),
+                    on_sampler=all(sorted(d.id for d in x.sharding.device_set) == sampler_ids
+                                   for x in jax.tree.leaves(moved)),
+                    disjoint=not set(train_mesh.devices.flat) & set(sampler_mesh.devices.flat),
+                    seconds=seconds)
+
+    # Metrics: every process logs the step, one line is written (process 0).
+    from ouroboros_jax.config import LoggingConfig
+    from ouroboros_jax.metrics import MetricsLogger
+
+    logger = MetricsLogger.from_config(LoggingConfig(run_dir=str(workdir / "run"), console=False,
+                                                     tensorboard=False))
+    logger.log(1, {"loss": metrics["loss"]})
+    logger.close()
+
     ckpt = Checkpointer(workdir / "orbax", async_save=False)
     ckpt.save(1, state, metadata={"data_position": N_PROMPTS})
     ckpt.wait()
@@ -193,7 +221,7 @@ def train(checkpoint: str, workdir: Path) -> dict:
                 total_elements=int(total), prompts=list(prompts),
                 batch_rows=int(batch.tokens.shape[0]), local_rewards=rows["rewards"].tolist(),
                 loss=float(jnp.asarray(metrics["loss"])), export_writes=writes["n"],
-                finite=bool(np.isfinite(float(metrics["loss"]))))
+                finite=bool(np.isfinite(float(metrics["loss"]))), transfer=transfer)
 
 
 def restore(checkpoint: str, workdir: Path) -> dict:

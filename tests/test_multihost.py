@@ -137,12 +137,14 @@ def test_prompt_slices_and_rewards_stay_where_the_completions_are(pair, referenc
     assert all(r["batch_rows"] == worker.N_PROMPTS * worker.GROUP for r in train)
 
 
-def test_export_gathers_all_shards_and_is_written_once(pair, reference):
+def test_export_and_metrics_are_written_once_with_all_shards(pair, reference):
     from ouroboros_jax.models.hf import load_hf_checkpoint
 
     tmp, _, train, _ = pair
     cfg, _, ref_params, _, _ = reference
     assert [r["export_writes"] for r in train] == [1, 0]
+    lines = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
     cfg2, exported = load_hf_checkpoint(tmp / "export")
     assert (cfg2.n_layers, cfg2.d_model, cfg2.vocab_size) == (cfg.n_layers, cfg.d_model, cfg.vocab_size)
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(exported)}
@@ -158,3 +160,10 @@ def test_orbax_checkpoint_of_both_restores_into_a_fresh_pair(pair):
     saved, restored = load_npz(tmp / "params-after.npz"), load_npz(tmp / "params-restored.npz")
     for k in saved:
         np.testing.assert_array_equal(saved[k], restored[k], err_msg=k)
+
+
+def test_weights_move_from_the_training_to_the_sampling_sub_mesh(pair):
+    _, _, train, _ = pair
+    for r in train:
+        t = r["transfer"]
+        assert t["equal"] and t["on_sampler"] and t["disjoint"] and t["seconds"] >= 0, t
