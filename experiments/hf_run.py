@@ -30,7 +30,7 @@ import jax
 from ouroboros_jax.config import ConfigError, ExperimentConfig, ModelConfig
 from ouroboros_jax.data import PromptSource, make_prompt_encoder
 from ouroboros_jax.metrics import plot_run
-from ouroboros_jax.models import Tokenizer, load_hf_checkpoint
+from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, load_hf_checkpoint
 from ouroboros_jax.models.transformer import Params
 from ouroboros_jax.sharding import batch_shards, initialize_distributed, make_mesh
 from ouroboros_jax.trainer import Task, TrainResult, train, verifier_spec
@@ -144,5 +144,7 @@ def run(cfg: ExperimentConfig, train_source: PromptSource, eval_source: PromptSo
     eval_examples = eval_source.first(cfg.train.eval_size) if eval_source is not None else []
     task = make_task(cfg, tokenizer, train_source, eval_examples)
     result = train(cfg, model_config=model_config, params=params, task=task, mesh=mesh)
+    if cfg.export_dir:  # every process gathers its shards; process 0 writes
+        export_hf_checkpoint(result.state.params, model_config, cfg.export_dir)
     finish(cfg, result, started)
     return result

@@ -48,7 +48,7 @@ from ouroboros_jax.config import (
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.evaluation import evaluate
 from ouroboros_jax.metrics import MetricsLogger, plot_run
-from ouroboros_jax.models import Tokenizer, init_sharded
+from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, init_sharded
 from ouroboros_jax.plots import WARMSTART_DIR
 from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         params = warm_start(cfg, params, mesh)
 
     result = train(cfg, model_config=cfg.model, params=params, task=task, mesh=mesh)
+    if cfg.export_dir:  # weights and config.json; the embedded task's tokenizer is this script's own
+        export_hf_checkpoint(result.state.params, cfg.model, cfg.export_dir)
     before, after = result.evals[0], result.evals[-1]
     k = cfg.sampling.eval_num_samples
     plot_run(result.run_dir)

@@ -533,6 +533,9 @@ class ExperimentConfig:
     # XLA's persistent compilation cache ("" leaves JAX's own setting): a program
     # compiled once is loaded from this directory by later runs of the same shapes.
     compilation_cache_dir: str = ""
+    # Write the trained policy here as a Hugging Face checkpoint (safetensors, config.json and
+    # the tokenizer files of model.path) when the run ends; "" writes none.
+    export_dir: str = ""
 
     def __post_init__(self) -> None:
         _require(self.sampling.group_size >= 2 or self.loss.variant == "sft", "sampling.group_size",

@@ -268,9 +268,13 @@ class MetricsLogger:
         """The logger a LoggingConfig describes (run_dir and writers).
 
         `cfg.log_every` is the caller's cadence: the logger writes every step it is given.
+        With several processes (hosts) only process 0 writes; the others' loggers are silent.
         """
-        return cls(cfg.run_dir, console=cfg.console, jsonl=cfg.jsonl, tensorboard=cfg.tensorboard,
-                   total_steps=total_steps, stream=stream)
+        import jax  # here, so that reading and plotting metrics need no JAX
+
+        first = jax.process_index() == 0
+        return cls(cfg.run_dir, console=cfg.console and first, jsonl=cfg.jsonl and first,
+                   tensorboard=cfg.tensorboard and first, total_steps=total_steps, stream=stream)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Write one step's metrics (device values are fetched together, once).

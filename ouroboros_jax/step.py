@@ -82,9 +82,16 @@ def init_train_state(
     Returns:
       The TrainState at step 0.
     """
-    # A real copy: the step donates the state, and one buffer cannot be donated twice.
-    ref = jax.tree.map(jnp.copy, params) if with_reference else None
-    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng, ref)
+    def build(params: Params) -> TrainState:
+        # A real copy: the step donates the state, and one buffer cannot be donated twice.
+        ref = jax.tree.map(jnp.copy, params) if with_reference else None
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng, ref)
+
+    if shardings is not None and jax.process_count() > 1:
+        # Several processes: a host value cannot be put on devices of other processes, so
+        # the state is built by one program whose outputs carry the global shardings.
+        return jax.jit(build, out_shardings=shardings)(params)
+    state = build(params)
     return state if shardings is None else jax.device_put(state, shardings)
 
 

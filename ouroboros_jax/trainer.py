@@ -330,7 +330,7 @@ BASELINE_FILE = "eval_step0.json"  # the step-0 evaluation, read back by a resum
 # change how a run is watched or paced, never what it computes.
 RESUMABLE_FIELDS = frozenset({
     "logging.console", "logging.tensorboard", "logging.jsonl", "logging.log_every", "logging.overwrite",
-    "verifier.num_workers", "checkpoint.async_save", "compilation_cache_dir",
+    "verifier.num_workers", "checkpoint.async_save", "compilation_cache_dir", "export_dir",
 })
 
 

@@ -272,12 +272,29 @@ def test_countdown_dr_grpo_two_steps(tmp_path, qwen_ckpt):
     module = load_script("countdown_dr_grpo")
     # a short system prompt keeps the prompt in the 256-token bucket the GSM8K run compiled
     args = tiny_args(qwen_ckpt, tmp_path / "run", "--data.num_numbers", "3",
-                     "--data.system_prompt", "Give the equation in <answer> </answer>.")
+                     "--data.system_prompt", "Give the equation in <answer> </answer>.",
+                     "--export_dir", str(tmp_path / "export"))
     result = module.main(args)
     check_run(module, args, result, (0.0, 1.0))
     assert result.state.ref_params is None  # dr_grpo: no KL, so no reference model at all
     saved = load_json(tmp_path / "run" / "config.json")
     assert saved.loss == LOSS_PRESETS["dr_grpo"] and saved.data.num_numbers == 3
+    # --export_dir: transformers loads the trained policy with our logits, and the tokenizer came along.
+    import numpy as np
+    import torch
+    import transformers
+
+    from ouroboros_jax.models import forward, load_hf_checkpoint
+
+    model_config, _ = load_hf_checkpoint(qwen_ckpt)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").float().eval()
+    tokens = np.random.RandomState(0).randint(1, model_config.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = exported(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(forward(jax.device_get(result.state.params), model_config, tokens))
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    tokenizer = (tmp_path / "export" / "tokenizer.json").read_bytes()
+    assert tokenizer == (qwen_ckpt / "tokenizer.json").read_bytes()
 
 
 @pytest.mark.slow

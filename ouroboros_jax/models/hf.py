@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ouroboros_jax.config import ConfigError, ModelConfig
@@ -425,18 +426,24 @@ def export_hf_checkpoint(
     Special token ids (bos/eos/pad) and tokenizer files are carried over from
     the checkpoint `cfg.path` was loaded from; `extra_config` adds keys to
     `config.json` (e.g. `pad_token_id`, which a reward model needs for batches).
+
+    Multi-host: every process must call this (shards that a process does not
+    hold are gathered first, a collective); only process 0 writes the files.
     """
     directory = Path(path)
     head = "score" if "score_D" in params else "lm"
     _check_export_shapes(params, cfg, head, directory)
-    directory.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(dtype_of(dtype or cfg.dtype))
     layout = _hf_layout(cfg)
+    flat = {k: _to_host(v) for k, v in traverse_util.flatten_dict(params).items()}
+    if jax.process_index() != 0:
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     # ("layers", name) for a stacked layer parameter, (name,) for the others
-    for path, value in traverse_util.flatten_dict(params).items():
+    for path, value in flat.items():
         template, _, from_ours = layout[path[-1]]
-        host = np.asarray(value).astype(np_dtype)
+        host = value.astype(np_dtype)
         if path[0] == "layers":
             for i in range(cfg.n_layers):
                 tensors[template.format(i=i)] = np.ascontiguousarray(from_ours(host[i]))
@@ -456,6 +463,13 @@ def export_hf_checkpoint(
     hf_cfg |= extra_config or {}
     (directory / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     return directory
+
+
+def _to_host(value: Any) -> np.ndarray:
+    """The whole array on this host; shards held by other processes are gathered (a collective)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(value)
 
 
 def _check_export_shapes(params: Params, cfg: ModelConfig, head: str, directory: Path) -> None:
