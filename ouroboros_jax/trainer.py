@@ -377,8 +377,11 @@ def prepare_run_dir(cfg: ExperimentConfig) -> int:
     root = paths.as_path(run_dir)
     saved = root / CONFIG_FILE
     ckpt_dir = checkpoint_directory(cfg)
+    # With several processes (hosts), every one checks the directory but only process 0 changes it.
+    writer = jax.process_index() == 0
     if cfg.logging.overwrite and (run_dir, cfg) not in _CLEARED:
-        _clear_run(root, ckpt_dir)
+        if writer:
+            _clear_run(root, ckpt_dir)
         _CLEARED.add((run_dir, cfg))  # once per process: train() after a script's own call keeps its work
     elif saved.exists():
         try:
@@ -393,8 +396,9 @@ def prepare_run_dir(cfg: ExperimentConfig) -> int:
                 + "\n  ".join(diff)
                 + "\npass --overwrite to delete that run and start over, or --logging.run_dir NEW_DIR "
                   "for a fresh directory (resuming needs the same config)")
-    root.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    if writer:
+        root.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
     if not ckpt_dir or not cfg.checkpoint.resume or not paths.as_path(ckpt_dir).exists():
         return 0
     return max((int(p.name) for p in paths.as_path(ckpt_dir).iterdir() if p.name.isdigit()), default=0)

@@ -16,6 +16,7 @@ The pieces that define the computation (`mesh_config`, `local_rows`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -212,6 +213,15 @@ def train(checkpoint: str, workdir: Path) -> dict:
     logger.log(1, {"loss": metrics["loss"]})
     logger.close()
 
+    # config.json: every process checks its run directory, process 0 alone writes it (a directory
+    # of each process's own here, so that a write by process 1 would show).
+    from ouroboros_jax.config import ExperimentConfig
+    from ouroboros_jax.trainer import CONFIG_FILE, prepare_run_dir
+
+    own_run = workdir / f"run-of-process-{me}"
+    prepare_run_dir(dataclasses.replace(ExperimentConfig(), logging=LoggingConfig(run_dir=str(own_run))))
+    config_written = (own_run / CONFIG_FILE).exists()
+
     ckpt = Checkpointer(workdir / "orbax", async_save=False)
     ckpt.save(1, state, metadata={"data_position": N_PROMPTS})
     ckpt.wait()
@@ -221,7 +231,8 @@ def train(checkpoint: str, workdir: Path) -> dict:
                 total_elements=int(total), prompts=list(prompts),
                 batch_rows=int(batch.tokens.shape[0]), local_rewards=rows["rewards"].tolist(),
                 loss=float(jnp.asarray(metrics["loss"])), export_writes=writes["n"],
-                finite=bool(np.isfinite(float(metrics["loss"]))), transfer=transfer)
+                finite=bool(np.isfinite(float(metrics["loss"]))), transfer=transfer,
+                config_written=config_written)
 
 
 def restore(checkpoint: str, workdir: Path) -> dict:

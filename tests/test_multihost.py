@@ -143,6 +143,7 @@ def test_export_and_metrics_are_written_once_with_all_shards(pair, reference):
     tmp, _, train, _ = pair
     cfg, _, ref_params, _, _ = reference
     assert [r["export_writes"] for r in train] == [1, 0]
+    assert [r["config_written"] for r in train] == [True, False]
     lines = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
     cfg2, exported = load_hf_checkpoint(tmp / "export")
