@@ -5,6 +5,7 @@ A source is any callable `source(completions) -> Rewards` (`base.RewardSource`):
 - `VerifierReward`: the verifier pool's verdicts (scores, correctness, reasons);
 - `ModelReward`: a learned reward model, or an ensemble with its disagreement;
 - `PARReward`: Preference As Reward around any source, centred on references;
+- `JudgeReward`: a language model's rubric scores (`judge.Judge`, also pairwise);
 - `FnReward`: a plain function of the completions;
 - `WeightedRewards`: a weighted sum of named sources (what the trainer runs).
 
@@ -13,6 +14,7 @@ The trainer's loop and the self-play loops call sources through
 """
 
 from ouroboros_jax.rewards.base import Completions, FnReward, Rewards, RewardSource, WeightedRewards, checked
+from ouroboros_jax.rewards.judge import Judge, JudgeError, JudgeReward
 from ouroboros_jax.rewards.model import ModelReward, ensemble_penalty, ensemble_stats, make_reward_scorer
 from ouroboros_jax.rewards.par import (
     PARReward,
@@ -25,7 +27,8 @@ from ouroboros_jax.rewards.par import (
 from ouroboros_jax.rewards.verifier import ScoreFn, VerifierReward
 
 __all__ = [
-    "Completions", "FnReward", "ModelReward", "PARReward", "RewardSource", "Rewards", "ScoreFn",
+    "Completions", "FnReward", "Judge", "JudgeError", "JudgeReward", "ModelReward",
+    "PARReward", "RewardSource", "Rewards", "ScoreFn",
     "VerifierReward", "WeightedRewards", "checked", "ensemble_penalty", "ensemble_stats", "gold_reference",
     "make_reward_scorer", "par_shaping", "responses_as_sample", "sampled_reference", "sigmoid",
 ]
