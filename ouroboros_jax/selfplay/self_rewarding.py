@@ -182,7 +182,7 @@ def self_rewarding_iteration(
 def run_self_rewarding(
     params: Params, model_config: ModelConfig, prompts: Sequence[str], *, iterations: int,
     scorer: Scorer, heldout_accuracy: Callable[[Params], float], labels: JudgeLabels, rng: jax.Array,
-    judge_prompts_per_iteration: int | None = None,
+    judge_prompts_per_iteration: int | None = None, measure_scorer: Scorer | None = None,
     report: Callable[[int, dict[str, float]], None] | None = None, **kwargs: Any,
 ) -> tuple[Params, list[dict[str, float]]]:
     """`iterations` Self-Rewarding iterations from `params`, each measured on held-out gold data.
@@ -193,6 +193,8 @@ def run_self_rewarding(
       scorer: who judges (`self_judge(judge)` for the model itself).
       heldout_accuracy: params -> accuracy on a held-out set graded by a gold verifier.
       labels: the gold-labelled judging set for the judge's agreement.
+      measure_scorer: whose agreement with `labels` is reported (default: `scorer`); e.g. the
+        model's own judgements in a loop judged by a verifier.
       report: called as report(t, metrics) for t = 0 (the start) .. iterations.
       kwargs: passed to `self_rewarding_iteration` (encode, decode, stop_token_ids, settings, ...).
     Returns:
@@ -201,7 +203,8 @@ def run_self_rewarding(
     settings: SelfRewardingSettings = kwargs["settings"]
 
     def measure(p: Params, t: int, extra: dict[str, float]) -> dict[str, float]:
-        judged = scorer(p, labels.prompts, labels.responses, jax.random.fold_in(rng, 10_000 + t))
+        judged = (measure_scorer or scorer)(p, labels.prompts, labels.responses,
+                                            jax.random.fold_in(rng, 10_000 + t))
         m = {"iteration": float(t), "accuracy": heldout_accuracy(p),
              "judge_agreement": judge_agreement(judged.scores, labels.labels, settings.judge_threshold),
              **extra}
