@@ -3,9 +3,9 @@
     python experiments/self_rewarding.py                 # both arms, one seed
     python experiments/self_rewarding.py --help          # every field of the typed config
 
-The task is addition, "47+8=" -> "55". Its judging task is "47+8=55?" -> "1"
-(right) or "0" (wrong), so a model's judgement can be checked against gold
-labels. The gold verifier (does the answer equal the sum?) grades the held-out
+The task is addition, "47+8=" -> "55". Its judging task is "47+8=55?" ->
+"55=1" (the judge works the sum out, then says right, 1, or wrong, 0), so a
+model's judgement can be checked against gold labels. The gold verifier (does the answer equal the sum?) grades the held-out
 set and labels the judging set; the self-judged arm never sees it.
 
 1. A character-level Qwen2-shaped model is trained from scratch on a mix of
@@ -111,15 +111,15 @@ class WarmStartMix:
             if self.rng.random() < self.judge_fraction:
                 right = self.rng.random() < 0.5
                 shown = gold_answer(p) if right else near_miss(gold_answer(p), self.rng)
-                label = "1" if right else "0"
-                out.append(Example(id="", prompt=judge_prompt(p, shown), gold={"answer": label}))
+                verdict = f"{gold_answer(p)}={int(right)}"  # the judge works the sum out, then compares
+                out.append(Example(id="", prompt=judge_prompt(p, shown), gold={"answer": verdict}))
             else:
                 out.append(Example(id="", prompt=p, gold={"answer": gold_answer(p)}))
         return out
 
 
 def greedy_answers(params, cfg: ModelConfig, prompts: Sequence[str], mesh) -> list[str]:
-    out = generate(params, cfg, TOKENIZER.encode_batch(list(prompts)), max_new_tokens=4, temperature=0.0,
+    out = generate(params, cfg, TOKENIZER.encode_batch(list(prompts)), max_new_tokens=6, temperature=0.0,
                    stop_token_ids=(EOS,), rng=jax.random.key(0), mesh=mesh, prompt_len_buckets=BUCKETS)
     return [TOKENIZER.decode([int(t) for t in row[:n] if t != EOS]) for row, n in zip(out.tokens, out.lengths,
                                                                                        strict=True)]
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]
     print(f"self_rewarding: warm-start done in {time.perf_counter() - started:.0f} s", flush=True)
     judge = Judge(params, cfg.model, encode=TOKENIZER.encode, decode=TOKENIZER.decode,
                   template="{prompt}{response}?", pairwise_template="{prompt}{response_a}{response_b}?",
-                  score_pattern=r"^([01])$", low=0.0, high=1.0, max_new_tokens=2, stop_token_ids=(EOS,),
+                  score_pattern=r"^\d+=([01])$", low=0.0, high=1.0, max_new_tokens=6, stop_token_ids=(EOS,),
                   temperature=0.0, mesh=mesh, prompt_len_buckets=BUCKETS)
     results = {}
     for arm, scorer in (("self", self_judge(judge)), ("grounded", verifier_scorer)):

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -296,12 +296,18 @@ class Judge:
             texts.append(self.decode(ids))
         return texts
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str], rng: jax.Array) -> JudgeScores:
-        """Pointwise scores of (prompt, response) rows, all judged in one sampler call."""
+    def score(self, prompts: Sequence[str], responses: Sequence[str], rng: jax.Array, *,
+              fields: Sequence[Mapping[str, str]] | None = None) -> JudgeScores:
+        """Pointwise scores of (prompt, response) rows, all judged in one sampler call.
+
+        `fields` gives each row's values for further placeholders of the template
+        (e.g. `{principle}`).
+        """
         if len(prompts) != len(responses):
             raise JudgeError(f"Judge.score: {len(prompts)} prompts but {len(responses)} responses")
-        texts = self.verdicts([fill(self.template, prompt=p, response=r)
-                               for p, r in zip(prompts, responses, strict=True)], rng)
+        extra = _row_fields(fields, len(prompts))
+        texts = self.verdicts([fill(self.template, prompt=p, response=r, **x)
+                               for p, r, x in zip(prompts, responses, extra, strict=True)], rng)
         J = self.num_samples
         scores = np.full(len(prompts), np.nan)
         reasons: list[list[str]] = []
@@ -314,15 +320,19 @@ class Judge:
             reasons.append([p.reason for p in parsed if p.value is None])
         return JudgeScores(scores, ~np.isnan(scores), texts, reasons)
 
-    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
-                rng: jax.Array) -> JudgeComparisons:
-        """Pairwise outcomes of (prompt, a, b): both orders of every pair in one sampler call."""
+    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], rng: jax.Array, *,
+                fields: Sequence[Mapping[str, str]] | None = None) -> JudgeComparisons:
+        """Pairwise outcomes of (prompt, a, b): both orders of every pair in one sampler call.
+
+        `fields` gives each pair's values for further placeholders (e.g. `{principle}`).
+        """
         if not len(prompts) == len(a) == len(b):
             raise JudgeError(f"Judge.compare: {len(prompts)} prompts, {len(a)} a's and {len(b)} b's")
-        judge_prompts = [fill(self.pairwise_template, prompt=p, response_a=x, response_b=y)
-                         for p, x, y in zip(prompts, a, b, strict=True)]
-        judge_prompts += [fill(self.pairwise_template, prompt=p, response_a=y, response_b=x)
-                          for p, x, y in zip(prompts, a, b, strict=True)]
+        extra = _row_fields(fields, len(prompts))
+        judge_prompts = [fill(self.pairwise_template, prompt=p, response_a=x, response_b=y, **f)
+                         for p, x, y, f in zip(prompts, a, b, extra, strict=True)]
+        judge_prompts += [fill(self.pairwise_template, prompt=p, response_a=y, response_b=x, **f)
+                          for p, x, y, f in zip(prompts, a, b, extra, strict=True)]
         texts = self.verdicts(judge_prompts, rng)
         J, P = self.num_samples, len(prompts)
         parsed = [parse_choice(t, pattern=self.choice_pattern) for t in texts]
@@ -334,6 +344,14 @@ class Judge:
             consistent.append(ok)
             reasons.append([p.reason for p in (*first, *swapped) if p.value is None])
         return JudgeComparisons(outcomes, np.asarray(consistent, bool), texts, reasons)
+
+
+def _row_fields(fields: Sequence[Mapping[str, str]] | None, rows: int) -> list[Mapping[str, str]]:
+    if fields is None:
+        return [{}] * rows
+    if len(fields) != rows:
+        raise JudgeError(f"Judge: {len(fields)} rows of fields for {rows} rows to judge")
+    return list(fields)
 
 
 @dataclasses.dataclass
