@@ -6,6 +6,7 @@ A source is any callable `source(completions) -> Rewards` (`base.RewardSource`):
 - `ModelReward`: a learned reward model, or an ensemble with its disagreement;
 - `PARReward`: Preference As Reward around any source, centred on references;
 - `JudgeReward`: a language model's rubric scores (`judge.Judge`, also pairwise);
+- `RuleRewards`: a preference reward minus weighted rule violations (Sparrow);
 - `FnReward`: a plain function of the completions;
 - `WeightedRewards`: a weighted sum of named sources (what the trainer runs).
 
@@ -24,11 +25,12 @@ from ouroboros_jax.rewards.par import (
     sampled_reference,
     sigmoid,
 )
+from ouroboros_jax.rewards.rules import RuleRewards
 from ouroboros_jax.rewards.verifier import ScoreFn, VerifierReward
 
 __all__ = [
     "Completions", "FnReward", "Judge", "JudgeError", "JudgeReward", "ModelReward",
-    "PARReward", "RewardSource", "Rewards", "ScoreFn",
+    "PARReward", "RewardSource", "Rewards", "RuleRewards", "ScoreFn",
     "VerifierReward", "WeightedRewards", "checked", "ensemble_penalty", "ensemble_stats", "gold_reference",
     "make_reward_scorer", "par_shaping", "responses_as_sample", "sampled_reference", "sigmoid",
 ]
