@@ -4,14 +4,17 @@
     python experiments/self_rewarding.py --help          # every field of the typed config
 
 The task is addition, "47+8=" -> "55". Its judging task is "47+8=55?" ->
-"55=1" (the judge works the sum out, then says right, 1, or wrong, 0), so a
-model's judgement can be checked against gold labels. The gold verifier (does the answer equal the sum?) grades the held-out
+"47=1": the judge subtracts (55 - 8 = 47), then says right (1) when that gives
+back the first number, wrong (0) otherwise. So a model's judgement can be
+checked against gold labels, and judging is a skill of its own (subtraction),
+not the answer written out. The gold verifier (does the answer equal the sum?) grades the held-out
 set and labels the judging set; the self-judged arm never sees it.
 
-1. A character-level Qwen2-shaped model is trained from scratch on a mix of
-   answers (gold sums) and labelled judgements (right sums labelled 1, near
-   misses labelled 0: the paper's EFT data) until its greedy accuracy on
-   training prompts reaches `warmstart.target_accuracy` (or the step budget).
+1. A character-level Qwen2-shaped model is trained from scratch, first on
+   labelled judgements alone (right sums and near misses: the paper's EFT
+   data), then on a mix of judgements and answers (gold sums) until its greedy
+   accuracy on training prompts reaches `warmstart.target_accuracy` (or the
+   step budget).
 2. From that one warm start, two arms run the same number of Self-Rewarding
    iterations with the same sampling and DPO budget
    (`selfplay.self_rewarding.run_self_rewarding`):
@@ -53,7 +56,7 @@ from ouroboros_jax.selfplay.self_rewarding import (
 from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
 
-TOKENIZER = Tokenizer.char_level("0123456789+=?")
+TOKENIZER = Tokenizer.char_level("0123456789+-=?")
 EOS = TOKENIZER.eos_id
 BUCKETS = (16,)
 PROBLEMS = [(a, b) for a in range(10, 100) for b in range(10)]
@@ -78,6 +81,18 @@ def near_miss(answer: str, rng: random.Random) -> str:
 
 def judge_prompt(prompt: str, response: str) -> str:
     return f"{prompt}{response}?"
+
+
+def judge_verdict(prompt: str, response: str) -> str:
+    """The gold judgement: "c-b=d" then 1 when d equals a (c is right), else 0.
+
+    The judge checks a sum by subtracting, a different skill from adding: training
+    it does not teach the answers.
+    """
+    m = _SUM.match(prompt)
+    a, b = int(m[1]), int(m[2])
+    back = int(response) - b
+    return f"{back}={int(back == a)}"
 
 
 def split(seed: int, heldout: int, labelled: int) -> tuple[list[str], list[str], list[str]]:
@@ -111,7 +126,7 @@ class WarmStartMix:
             if self.rng.random() < self.judge_fraction:
                 right = self.rng.random() < 0.5
                 shown = gold_answer(p) if right else near_miss(gold_answer(p), self.rng)
-                verdict = f"{gold_answer(p)}={int(right)}"  # the judge works the sum out, then compares
+                verdict = judge_verdict(p, shown)
                 out.append(Example(id="", prompt=judge_prompt(p, shown), gold={"answer": verdict}))
             else:
                 out.append(Example(id="", prompt=p, gold={"answer": gold_answer(p)}))
@@ -146,15 +161,17 @@ class SelfRewardingExperiment:
         family="qwen2", vocab_size=TOKENIZER.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
         head_dim=16, d_ff=256, max_seq_len=16, tie_embeddings=True))
     warmstart: WarmStartConfig = field(default_factory=lambda: WarmStartConfig(
-        steps=1500, batch_size=64, learning_rate=3e-3, target_accuracy=0.35))
-    # Fraction of warm-start rows that are labelled judgements (EFT data).
-    judge_fraction: float = 0.5
+        steps=2000, batch_size=64, learning_rate=3e-3, target_accuracy=0.6))
+    # Judge-only warm-start steps first (labelled judgements alone), then the mixed warm-start.
+    judge_steps: int = 800
+    # Fraction of mixed warm-start rows that are labelled judgements (EFT data).
+    judge_fraction: float = 0.8
     iterations: int = 3
-    prompts_per_iteration: int = 128
+    prompts_per_iteration: int = 500
     heldout: int = 200
     labelled: int = 200
     iteration: SelfRewardingSettings = field(default_factory=lambda: SelfRewardingSettings(
-        num_candidates=4, temperature=1.0, max_new_tokens=4, steps=40, batch_size=32, learning_rate=1e-3,
+        num_candidates=4, temperature=1.0, max_new_tokens=4, steps=10, batch_size=32, learning_rate=1e-4,
         beta=0.1, judge_threshold=0.5))
 
 
@@ -168,17 +185,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]
     params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
     probe = train[:100]
     ws = cfg.warmstart
+    common = dict(encode=lambda exs: TOKENIZER.encode_batch([e.prompt for e in exs]),
+                  answer_ids=lambda e: TOKENIZER.encode(e.gold["answer"]) + [EOS], batch_size=ws.batch_size,
+                  learning_rate=ws.learning_rate, seed=cfg.seed, mesh=mesh, length=16)
+    params = supervised_warmstart(params, cfg.model, WarmStartMix(train, 1.0, cfg.seed + 1),
+                                  steps=cfg.judge_steps, **common)
     params = supervised_warmstart(
-        params, cfg.model, WarmStartMix(train, cfg.judge_fraction, cfg.seed),
-        encode=lambda exs: TOKENIZER.encode_batch([e.prompt for e in exs]),
-        answer_ids=lambda e: TOKENIZER.encode(e.gold["answer"]) + [EOS], steps=ws.steps,
-        batch_size=ws.batch_size, learning_rate=ws.learning_rate, seed=cfg.seed, mesh=mesh, length=16,
+        params, cfg.model, WarmStartMix(train, cfg.judge_fraction, cfg.seed), steps=ws.steps,
         until=(lambda p, step: accuracy(p, cfg.model, probe, mesh) >= ws.target_accuracy)
-        if ws.target_accuracy > 0 else None, check_every=100)
+        if ws.target_accuracy > 0 else None, check_every=100, **common)
     print(f"self_rewarding: warm-start done in {time.perf_counter() - started:.0f} s", flush=True)
     judge = Judge(params, cfg.model, encode=TOKENIZER.encode, decode=TOKENIZER.decode,
                   template="{prompt}{response}?", pairwise_template="{prompt}{response_a}{response_b}?",
-                  score_pattern=r"^\d+=([01])$", low=0.0, high=1.0, max_new_tokens=6, stop_token_ids=(EOS,),
+                  score_pattern=r"^-?\d+=([01])$", low=0.0, high=1.0, max_new_tokens=6, stop_token_ids=(EOS,),
                   temperature=0.0, mesh=mesh, prompt_len_buckets=BUCKETS)
     results = {}
     for arm, scorer in (("self", self_judge(judge)), ("grounded", verifier_scorer)):

@@ -1,0 +1,56 @@
+"""The AI-feedback experiment scripts at a tiny size: they run end to end and print their summary lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_script(name: str):
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_self_rewarding_toy_task_labels():
+    m = load_script("self_rewarding")
+    assert m.gold_answer("47+8=") == "55"
+    assert m.judge_verdict("47+8=", "55") == "47=1" and m.judge_verdict("47+8=", "54") == "46=0"
+    import random
+    rng = random.Random(0)
+    assert all(m.near_miss("55", rng) in {"45", "54", "56", "65"} for _ in range(20))
+    train, heldout, labelled = m.split(0, 200, 200)
+    assert len(set(train) | set(heldout) | set(labelled)) == len(m.PROBLEMS) == 900
+    assert not set(train) & (set(heldout) | set(labelled))
+    labels = m.judging_labels(labelled, 0)
+    assert all((r == m.gold_answer(p)) == ok for p, r, ok in zip(labels.prompts, labels.responses,
+                                                                 labels.labels, strict=True))
+
+
+@pytest.mark.slow
+def test_self_rewarding_tiny_run_prints_one_line_per_arm(tmp_path, capsys):
+    m = load_script("self_rewarding")
+    results = m.main(["--run_dir", str(tmp_path), "--model.d_model", "32", "--model.n_heads", "2",
+                      "--model.n_kv_heads", "2", "--model.d_ff", "64", "--warmstart.steps", "20",
+                      "--warmstart.target_accuracy", "0", "--iterations", "3", "--prompts_per_iteration", "8",
+                      "--heldout", "16", "--labelled", "16", "--iteration.steps", "2",
+                      "--iteration.batch_size", "4"])
+    lines = capsys.readouterr().out.strip().splitlines()[-2:]
+    for line, arm in zip(lines, ("self", "grounded"), strict=True):
+        pattern = (rf"self_rewarding: {arm} iterations=3 accuracy first=(\d\.\d\d) last=(\d\.\d\d) "
+                   r"judge_agreement first=(\d\.\d\d) last=(\d\.\d\d)")
+        match = re.fullmatch(pattern, line)
+        assert match, line
+        assert float(match[1]) == pytest.approx(results[arm][0]["accuracy"], abs=0.005)
+    assert (tmp_path / "self_rewarding.png").is_file()
+    # both arms start from the same warm start
+    assert results["self"][0]["accuracy"] == results["grounded"][0]["accuracy"]
