@@ -41,7 +41,8 @@ def test_self_rewarding_tiny_run_prints_one_line_per_arm(tmp_path, capsys):
     m = load_script("self_rewarding")
     results = m.main(["--run_dir", str(tmp_path), "--model.d_model", "32", "--model.n_heads", "2",
                       "--model.n_kv_heads", "2", "--model.d_ff", "64", "--warmstart.steps", "20",
-                      "--warmstart.target_accuracy", "0", "--iterations", "3", "--prompts_per_iteration", "8",
+                      "--warmstart.target_accuracy", "0", "--judge_steps", "10", "--iterations", "3",
+                      "--prompts_per_iteration", "8",
                       "--heldout", "16", "--labelled", "16", "--iteration.steps", "2",
                       "--iteration.batch_size", "4"])
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
