@@ -17,6 +17,7 @@ def load_script(name: str):
         sys.path.insert(0, str(EXPERIMENTS))
     spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -55,3 +56,43 @@ def test_self_rewarding_tiny_run_prints_one_line_per_arm(tmp_path, capsys):
     assert (tmp_path / "self_rewarding.png").is_file()
     # both arms start from the same warm start
     assert results["self"][0]["accuracy"] == results["grounded"][0]["accuracy"]
+
+
+def test_constitutional_toy_feedback_rows():
+    m = load_script("constitutional_ai")
+    assert m.pairwise_verdict("47+8=", "54", "55") == "46=0,47=1B"
+    assert m.pairwise_verdict("47+8=", "55", "54") == "47=1,46=0A"
+    rows = m.FeedbackMix(["47+8="], 0.0, seed=0).take(60)
+    kinds = {r.prompt[-1] for r in rows}
+    assert kinds == {"?", "|", "!"}  # critiques, revisions, preferences; no answers at fraction 0
+    for r in rows:
+        if r.prompt.endswith("|"):
+            assert r.gold["answer"] == "55"  # a revision is always the right sum
+        if r.prompt.endswith("?"):
+            shown = r.prompt[len("47+8="):-1]
+            assert r.gold["answer"] == m.judge_verdict("47+8=", shown)
+    assert m.TEMPLATES.revision.format(prompt="47+8=", response="54", critique_request="?", critique="46=0",
+                                       revision_request="|") == "47+8=54?46=0|"
+
+
+@pytest.mark.slow
+def test_constitutional_tiny_run_prints_both_phases(tmp_path, capsys):
+    m = load_script("constitutional_ai")
+    args = ["--run_dir", str(tmp_path), "--model.d_model", "32", "--model.n_heads", "2",
+            "--model.n_kv_heads", "2", "--model.d_ff", "64", "--warmstart.steps", "10",
+            "--warmstart.target_accuracy", "0", "--feedback_steps", "10", "--heldout", "16",
+            "--sft_steps", "2", "--rm_steps", "2", "--rl_steps", "2"]
+    sl_line = (r"constitutional_ai: sl first_try=\d\.\d\d revision=\d\.\d\d after_sft=\d\.\d\d "
+               r"\(\d+ revisions.*")
+    try:
+        out = m.main(args)
+    except SystemExit as e:  # a judge this untrained may call every pair a tie: said, after the SL phase
+        assert "no preference pairs" in str(e)
+        assert any(re.fullmatch(sl_line, line) for line in capsys.readouterr().out.splitlines())
+        return
+    lines = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert re.fullmatch(r"constitutional_ai: sl first_try=\d\.\d\d revision=\d\.\d\d after_sft=\d\.\d\d",
+                        lines[0])
+    assert re.fullmatch(r"constitutional_ai: rlaif preference_pairs=\d+ rm_gold_accuracy=\d\.\d\d "
+                        r"accuracy before=\d\.\d\d after=\d\.\d\d", lines[1])
+    assert out["pairs"] > 0
