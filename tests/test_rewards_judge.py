@@ -14,6 +14,7 @@ from ouroboros_jax.rewards.judge import (
     DEFAULT_PAIRWISE_TEMPLATE,
     DEFAULT_POINTWISE_TEMPLATE,
     Judge,
+    JudgeConfig,
     JudgeError,
     JudgeReward,
     combine_orders,
@@ -135,3 +136,17 @@ def test_judge_reward_never_silently_zero():
     out = JudgeReward(never, on_failure="lowest")(_completions(["2", "3"]))
     np.testing.assert_array_equal(out.rewards, [0.0, 0.0])
     assert out.metrics["judge/invalid_rows"] == 2.0 and out.metrics["judge/parse_failure_rate"] == 1.0
+
+
+def test_judge_from_config_reads_a_template_file(tmp_path):
+    f = tmp_path / "rubric.txt"
+    f.write_text("Q {prompt} R {response} Score:")
+    judge = Judge.from_config(JudgeConfig(template=str(f), low=1, high=3), {}, CFG, encode=TOK.encode,
+                              decode=TOK.decode)
+    assert judge.template == "Q {prompt} R {response} Score:" and (judge.low, judge.high) == (1, 3)
+    assert judge.pairwise_template == DEFAULT_PAIRWISE_TEMPLATE
+    with pytest.raises(JudgeError, match="judge.on_failure"):
+        JudgeConfig(on_failure="zero")
+    with pytest.raises(JudgeError, match=r"rubric2.txt: no such file"):
+        Judge.from_config(JudgeConfig(template=str(tmp_path / "rubric2.txt")), {}, CFG, encode=TOK.encode,
+                          decode=TOK.decode)

@@ -235,6 +235,36 @@ class JudgeComparisons:
                 "judge/parse_failure_rate": failures / max(len(self.texts), 1)}
 
 
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """A judge's settings as an experiment config holds them (tyro reads it as `--judge.*`).
+
+    Attributes:
+      template: the pointwise template, as text or a file path ("" for the 5-point rubric).
+      pairwise_template: the pairwise template, as text or a file path ("" for the default).
+      score_pattern, low, high, choice_pattern: how verdicts are read.
+      max_new_tokens, temperature, num_samples: how verdicts are sampled.
+      on_failure: "raise" or "lowest" for a row with no parsable verdict (`JudgeReward`).
+    """
+
+    template: str = ""
+    pairwise_template: str = ""
+    score_pattern: str = DEFAULT_SCORE_PATTERN
+    low: float = 0.0
+    high: float = 5.0
+    choice_pattern: str = DEFAULT_CHOICE_PATTERN
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    num_samples: int = 1
+    on_failure: str = "raise"
+
+    def __post_init__(self) -> None:
+        if self.on_failure not in ("raise", "lowest"):
+            raise JudgeError(f"judge.on_failure: must be 'raise' or 'lowest' (got {self.on_failure!r})")
+        if self.max_new_tokens < 1:
+            raise JudgeError(f"judge.max_new_tokens: must be >= 1 (got {self.max_new_tokens})")
+
+
 @dataclasses.dataclass
 class Judge:
     """A language model that judges responses through the sampler.
@@ -278,6 +308,20 @@ class Judge:
             raise JudgeError("Judge.num_samples > 1 needs temperature > 0 (greedy judgements are identical)")
         if not self.low < self.high:
             raise JudgeError(f"Judge: low ({self.low}) must be below high ({self.high})")
+
+    @classmethod
+    def from_config(cls, config: JudgeConfig, params: Params, model_config: ModelConfig, *,
+                    encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str],
+                    stop_token_ids: Sequence[int] = (), mesh: Mesh | None = None,
+                    prompt_len_buckets: Sequence[int] | None = DEFAULT_PROMPT_LEN_BUCKETS) -> Judge:
+        """A judge with `config`'s templates (files are read here) and settings."""
+        return cls(params, model_config, encode, decode,
+                   template=config.template or DEFAULT_POINTWISE_TEMPLATE,
+                   pairwise_template=config.pairwise_template or DEFAULT_PAIRWISE_TEMPLATE,
+                   score_pattern=config.score_pattern, low=config.low, high=config.high,
+                   choice_pattern=config.choice_pattern, max_new_tokens=config.max_new_tokens,
+                   stop_token_ids=tuple(stop_token_ids), temperature=config.temperature,
+                   num_samples=config.num_samples, mesh=mesh, prompt_len_buckets=prompt_len_buckets)
 
     def verdicts(self, prompts: Sequence[str], rng: jax.Array) -> list[str]:
         """num_samples verdicts for every judge prompt, row-major, from ONE sampler call."""
