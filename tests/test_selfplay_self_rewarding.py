@@ -94,3 +94,23 @@ def test_run_reports_every_iteration_and_ties_leave_params():
     assert [r["judge_agreement"] for r in reports] == [0.5] * 3  # says "good" to both
     assert reports[1]["pairs"] == 0 and reports[1]["ties"] == 2  # every prompt a tie: nothing to train
     assert final is params
+
+
+def test_judge_training_pairs_are_mixed_in():
+    from ouroboros_jax.batch import EncodedPairs
+
+    params = init_params(CFG, jax.random.key(0))
+
+    def flat(p, prompts, responses, rng):  # every candidate ties: only the judge pairs remain
+        n = len(responses)
+        return JudgeScores(np.ones(n), np.ones(n, bool), list(responses), [[] for _ in responses])
+
+    eos = [TOK.eos_id]
+    eft = EncodedPairs([TOK.encode("1+1=2?")], [TOK.encode("1") + eos], [TOK.encode("0") + eos])
+    it = self_rewarding_iteration(params, CFG, ["1+2="], scorer=flat, encode=TOK.encode, decode=TOK.decode,
+                                  stop_token_ids=(TOK.eos_id,), rng=jax.random.key(1), judge_pairs=eft,
+                                  settings=SelfRewardingSettings(num_candidates=2, max_new_tokens=3, steps=1,
+                                                                 batch_size=1),
+                                  prompt_len_buckets=(8,), mesh=_mesh())
+    assert it.metrics["pairs"] == 0 and it.metrics["judge_pairs"] == 1
+    assert it.pairs.prompts == eft.prompts and it.pairs.chosen == eft.chosen and len(it.history) == 1
