@@ -46,15 +46,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from self_rewarding import (  # noqa: E402
-    EOS,
-    TOKENIZER,
-    accuracy,
-    gold_answer,
-    judge_verdict,
-    near_miss,
-    split,
-)
+from self_rewarding import gold_answer, judge_verdict, near_miss, split  # noqa: E402
 
 from ouroboros_jax.config import (  # noqa: E402
     LOSS_PRESETS,
@@ -71,9 +63,10 @@ from ouroboros_jax.config import (  # noqa: E402
 )
 from ouroboros_jax.data import Example, LazyExamples, PromptSource  # noqa: E402
 from ouroboros_jax.metrics import MetricsLogger  # noqa: E402
-from ouroboros_jax.models import init_sharded  # noqa: E402
+from ouroboros_jax.models import Tokenizer, init_sharded  # noqa: E402
 from ouroboros_jax.rewards import ModelReward  # noqa: E402
 from ouroboros_jax.rewards.judge import Judge  # noqa: E402
+from ouroboros_jax.sampling import generate  # noqa: E402
 from ouroboros_jax.selfplay.constitutional import (  # noqa: E402
     CritiqueTemplates,
     Generator,
@@ -89,6 +82,8 @@ from ouroboros_jax.supervised import supervised_warmstart  # noqa: E402
 from ouroboros_jax.trainer import Task, train  # noqa: E402
 from verifiers import Verdict  # noqa: E402
 
+TOKENIZER = Tokenizer.char_level("0123456789+-=?|,!AB")
+EOS = TOKENIZER.eos_id
 CONSTITUTION = [Principle("check-the-sum", critique_request="?", revision_request="|", preference="!")]
 TEMPLATES = CritiqueTemplates(critique="{prompt}{response}{critique_request}",
                               revision="{prompt}{response}{critique_request}{critique}{revision_request}")
@@ -128,6 +123,15 @@ class FeedbackMix:
         return out
 
 
+def accuracy(params, cfg: ModelConfig, prompts: Sequence[str], mesh) -> float:
+    """Greedy first-try accuracy on `prompts`."""
+    out = generate(params, cfg, TOKENIZER.encode_batch(list(prompts)), max_new_tokens=4, temperature=0.0,
+                   stop_token_ids=(EOS,), rng=jax.random.key(0), mesh=mesh, prompt_len_buckets=BUCKETS)
+    answers = [TOKENIZER.decode([int(t) for t in row[:n] if t != EOS])
+               for row, n in zip(out.tokens, out.lengths, strict=True)]
+    return float(np.mean([a == gold_answer(p) for a, p in zip(answers, prompts, strict=True)]))
+
+
 def exact_answer(completion: str, example) -> Verdict:
     ok = completion == str(example["answer"])
     return Verdict(float(ok), ok, extracted=completion)
@@ -147,7 +151,7 @@ class ConstitutionalExperiment:
         family="qwen2", vocab_size=TOKENIZER.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
         head_dim=16, d_ff=256, max_seq_len=48, tie_embeddings=True))
     warmstart: WarmStartConfig = field(default_factory=lambda: WarmStartConfig(
-        steps=2000, batch_size=64, learning_rate=3e-3, target_accuracy=0.5))
+        steps=2000, batch_size=64, learning_rate=3e-3, target_accuracy=0.4))
     feedback_steps: int = 1000  # warm-start steps on critiques, revisions and preferences alone
     answer_fraction: float = 0.2
     heldout: int = 200
