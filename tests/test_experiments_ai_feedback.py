@@ -71,6 +71,8 @@ def test_constitutional_toy_feedback_rows():
         if r.prompt.endswith("?"):
             shown = r.prompt[len("47+8="):-1]
             assert r.gold["answer"] == m.judge_verdict("47+8=", shown)
+    for text in ("47+8=54?46=0|", "47+8=54,55!", "46=0,47=1B"):  # every marker is in the alphabet
+        assert m.TOKENIZER.decode(m.TOKENIZER.encode(text)) == text
     assert m.TEMPLATES.revision.format(prompt="47+8=", response="54", critique_request="?", critique="46=0",
                                        revision_request="|") == "47+8=54?46=0|"
 
