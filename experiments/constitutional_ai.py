@@ -19,8 +19,9 @@ The gold verifier only grades.
    (sampled), a critique under a drawn principle, a revision; SFT on
    (prompt, revision). Reports held-out first-try accuracy, the accuracy of
    revisions of held-out first tries, and first-try accuracy after the SFT.
-3. RLAIF phase: two sampled answers per training prompt, compared by the model
-   under a drawn principle in both orders (ties dropped) -> preference pairs ->
+3. RLAIF phase: two sampled answers per training prompt from the SL model,
+   compared by the feedback model (the warm-started model) under a drawn
+   principle in both orders (ties dropped) -> preference pairs ->
    a Bradley-Terry reward model (the SL model's backbone with a score head) ->
    GRPO against it alone (`trainer.train` with a `rewards.ModelReward`,
    verifier weight 0). Reports the reward model's accuracy on gold-labelled
@@ -156,7 +157,7 @@ class ConstitutionalExperiment:
     answer_fraction: float = 0.2
     heldout: int = 200
     sft_steps: int = 100
-    sft_learning_rate: float = 3e-4
+    sft_learning_rate: float = 1e-4
     rm_steps: int = 150
     rm_learning_rate: float = 1e-3
     rl_steps: int = 20
@@ -205,13 +206,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                        seed=cfg.seed, length=32)
     after_sft = accuracy(sl_params, cfg.model, heldout, mesh)
     print(f"constitutional_ai: sl first_try={first_try:.2f} revision={revised:.2f} after_sft={after_sft:.2f} "
-          f"({rows} revisions trained on, {time.perf_counter() - started:.0f} s)", flush=True)
+          f"({rows} revisions trained on, right: sampled first tries {right(train_prompts, sampled):.2f}, "
+          f"their revisions {right(train_prompts, revisions.final):.2f}; "
+          f"{time.perf_counter() - started:.0f} s)", flush=True)
 
     # RLAIF phase: AI preferences -> Bradley-Terry reward model -> GRPO against it
     two = gen(sl_params, 1.0)(train_prompts, jax.random.fold_in(rng, 3), num_samples=2)
     a, b = two[0::2], two[1::2]
     differ = [i for i in range(len(train_prompts)) if a[i] != b[i]]
-    judge = Judge(sl_params, cfg.model, encode=TOKENIZER.encode, decode=TOKENIZER.decode,
+    # the feedback model is the warm-started model (the paper's separate feedback model), not the policy
+    judge = Judge(params, cfg.model, encode=TOKENIZER.encode, decode=TOKENIZER.decode,
                   template="{prompt}{response}?", pairwise_template=PAIRWISE, choice_pattern=r"([AB])$",
                   max_new_tokens=14, stop_token_ids=(EOS,), mesh=mesh, prompt_len_buckets=BUCKETS)
     encode_response = lambda s: TOKENIZER.encode(s) + [EOS]
