@@ -98,3 +98,17 @@ def test_constitutional_tiny_run_prints_both_phases(tmp_path, capsys):
     assert re.fullmatch(r"constitutional_ai: rlaif preference_pairs=\d+ rm_gold_accuracy=\d\.\d\d "
                         r"accuracy before=\d\.\d\d after=\d\.\d\d", lines[1])
     assert out["pairs"] > 0
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("self_rewarding", ("--iterations", "--judge_fraction", "--iteration.num_candidates",
+                        "--iteration.beta")),
+    ("constitutional_ai", ("--feedback_steps", "--sft_steps", "--rm_steps", "--rl_steps")),
+])
+def test_help_names_the_config_fields(name, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(name).main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in flags:
+        assert flag in out
