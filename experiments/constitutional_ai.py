@@ -89,7 +89,7 @@ CONSTITUTION = [Principle("check-the-sum", critique_request="?", revision_reques
 TEMPLATES = CritiqueTemplates(critique="{prompt}{response}{critique_request}",
                               revision="{prompt}{response}{critique_request}{critique}{revision_request}")
 PAIRWISE = "{prompt}{response_a},{response_b}{principle}"
-BUCKETS = (24,)
+BUCKETS = (24, 48)  # a long sampled first try makes its critique and revision prompts longer
 
 
 def pairwise_verdict(prompt: str, a: str, b: str) -> str:
@@ -150,7 +150,7 @@ class ConstitutionalExperiment:
     run_dir: str = "runs/constitutional_ai"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         family="qwen2", vocab_size=TOKENIZER.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
-        head_dim=16, d_ff=256, max_seq_len=48, tie_embeddings=True))
+        head_dim=16, d_ff=256, max_seq_len=64, tie_embeddings=True))
     warmstart: WarmStartConfig = field(default_factory=lambda: WarmStartConfig(
         steps=2000, batch_size=64, learning_rate=3e-3, target_accuracy=0.4))
     feedback_steps: int = 1000  # warm-start steps on critiques, revisions and preferences alone
