@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from ouroboros_jax.config import ModelConfig
+from ouroboros_jax.rewards.base import Completions
 from ouroboros_jax.rewards.verifier import ScoreFn
 from ouroboros_jax.rollout import strip_stop
 from ouroboros_jax.sampling import DEFAULT_PROMPT_LEN_BUCKETS, generate
@@ -95,3 +96,49 @@ def evaluate(
         groups = [verdicts[i * num_samples:i * num_samples + k] for i in range(len(examples))]
         out[f"eval/maj@{k}"] = float(np.mean([majority_correct(g) for g in groups]))
     return out
+
+
+# ---------------------------------------------------------------------------
+# Best-of-N: sample N, keep the one a reward model or a judge scores highest
+
+
+def best_of_n_choice(rewards_BG: np.ndarray) -> np.ndarray:
+    """Index [B] of the highest-rewarded sample of each prompt (the first on equal rewards).
+
+    NaN rewards (an unscored sample) are never chosen unless a whole row is NaN (then sample 0).
+    """
+    rewards_BG = np.asarray(rewards_BG, np.float64)
+    if rewards_BG.ndim != 2:
+        raise ValueError(f"best_of_n_choice: rewards must be [prompts, samples], got {rewards_BG.shape}")
+    return np.argmax(np.where(np.isnan(rewards_BG), -np.inf, rewards_BG), axis=1)
+
+
+def evaluate_best_of_n(
+    params: Any, model_config: ModelConfig, examples: Sequence[Any], prompt_ids: Sequence[Sequence[int]],
+    *, decode: Callable[[Sequence[int]], str], score: ScoreFn, reward: Callable[[Any], Any], n: int,
+    max_new_tokens: int, stop_token_ids: Sequence[int], rng: jax.Array, temperature: float = 1.0,
+    mesh: Any = None, prompt_len_buckets: Sequence[int] = DEFAULT_PROMPT_LEN_BUCKETS,
+) -> dict[str, float]:
+    """Best-of-N at inference: N samples per prompt, the reward source's favourite kept.
+
+    `reward` is any reward source (`rewards.ModelReward`, `rewards.JudgeReward`, ...),
+    called once on all B * N samples; `score` is the gold verifier. Returns
+    `eval/best_of_{n}` (pass@1 of the kept sample), beside `eval/pass@1` (the mean of
+    all samples), `eval/maj@{n}` and `eval/pass@{n}` on the same samples, and
+    `eval/best_of_{n}_oracle_gap` (pass@n minus best-of-n: what a perfect scorer would add).
+    """
+    out = generate(params, model_config, list(prompt_ids), max_new_tokens=max_new_tokens, num_samples=n,
+                   temperature=temperature, stop_token_ids=tuple(stop_token_ids), rng=rng, mesh=mesh,
+                   prompt_len_buckets=tuple(prompt_len_buckets))
+    texts = [decode(strip_stop(row[:m], stop_token_ids))
+             for row, m in zip(out.tokens, out.lengths, strict=True)]
+    rewards = np.asarray(reward(Completions(out, texts, list(examples))).rewards, np.float64)
+    verdicts = list(score(texts, [ex.gold for ex in examples for _ in range(n)]))
+    correct = np.array([bool(v.correct) for v in verdicts]).reshape(len(examples), n)
+    kept = best_of_n_choice(rewards.reshape(len(examples), n))
+    best = float(correct[np.arange(len(examples)), kept].mean())
+    groups = [verdicts[i * n:(i + 1) * n] for i in range(len(examples))]
+    any_right = float(correct.any(axis=1).mean())
+    return {f"eval/best_of_{n}": best, "eval/pass@1": float(correct.mean()),
+            f"eval/maj@{n}": float(np.mean([majority_correct(g) for g in groups])),
+            f"eval/pass@{n}": any_right, f"eval/best_of_{n}_oracle_gap": any_right - best}

@@ -5,6 +5,8 @@ A source is any callable `source(completions) -> Rewards` (`base.RewardSource`):
 - `VerifierReward`: the verifier pool's verdicts (scores, correctness, reasons);
 - `ModelReward`: a learned reward model, or an ensemble with its disagreement;
 - `PARReward`: Preference As Reward around any source, centred on references;
+- `JudgeReward`: a language model's rubric scores (`judge.Judge`, also pairwise);
+- `RuleRewards`: a preference reward minus weighted rule violations (Sparrow);
 - `FnReward`: a plain function of the completions;
 - `HumanScoreReward`, `HumanPreferenceReward`: people's ratings from the rating
   page, as direct scores or through a reward model retrained between steps;
@@ -16,6 +18,7 @@ The trainer's loop and the self-play loops call sources through
 
 from ouroboros_jax.rewards.base import Completions, FnReward, Rewards, RewardSource, WeightedRewards, checked
 from ouroboros_jax.rewards.human import HumanPreferenceReward, HumanScoreReward
+from ouroboros_jax.rewards.judge import Judge, JudgeError, JudgeReward
 from ouroboros_jax.rewards.model import ModelReward, ensemble_penalty, ensemble_stats, make_reward_scorer
 from ouroboros_jax.rewards.par import (
     PARReward,
@@ -25,11 +28,12 @@ from ouroboros_jax.rewards.par import (
     sampled_reference,
     sigmoid,
 )
+from ouroboros_jax.rewards.rules import RuleRewards
 from ouroboros_jax.rewards.verifier import ScoreFn, VerifierReward
 
 __all__ = [
-    "Completions", "FnReward", "HumanPreferenceReward", "HumanScoreReward",
-    "ModelReward", "PARReward", "RewardSource", "Rewards", "ScoreFn",
+    "Completions", "FnReward", "HumanPreferenceReward", "HumanScoreReward", "Judge", "JudgeError",
+    "JudgeReward", "ModelReward", "PARReward", "RewardSource", "Rewards", "RuleRewards", "ScoreFn",
     "VerifierReward", "WeightedRewards", "checked", "ensemble_penalty", "ensemble_stats", "gold_reference",
     "make_reward_scorer", "par_shaping", "responses_as_sample", "sampled_reference", "sigmoid",
 ]
