@@ -246,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         train=TrainConfig(steps=cfg.rl_steps, prompts_per_step=16, mini_batch_size=128, micro_batch_size=128,
                           eval_every=0, eval_size=16),
         data=DataConfig(source="arithmetic"),
-        verifier=VerifierConfig(names=("exact",), weights=(1.0,), num_workers=1, timeout_s=10.0),
+        verifier=VerifierConfig(names=("constitutional_ai:exact_answer",), weights=(1.0,), num_workers=1,
+                                timeout_s=10.0),
         logging=LoggingConfig(run_dir=f"{cfg.run_dir}/rlaif", console=False, tensorboard=False))
     examples = sum_examples(train_prompts)
     task = Task(train_source=PromptSource(LazyExamples(len(examples), examples.__getitem__), seed=cfg.seed,
