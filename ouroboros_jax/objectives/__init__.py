@@ -8,10 +8,13 @@ a pure loss of `ouroboros_jax.algorithms`:
 - `policy_gradient`: the GRPO family on token rows (`batch.Batch`), `sft` its
   likelihood variant;
 - `preference`: DPO / IPO and SPIN on pairs (`batch.PairBatch`);
-- `bradley_terry`: a reward model on pairs.
+- `bradley_terry`: a reward model on pairs;
+- `ppo_actor` and `objectives.value.value`: PPO's actor and critic (a shared
+  backbone or a separate critic); `distill`: on-policy distillation to a teacher.
 """
 
 from ouroboros_jax.objectives.base import SUMMED, Metrics, Objective, combine_metrics
+from ouroboros_jax.objectives.distill import distill
 from ouroboros_jax.objectives.policy import loss_tokens, policy_gradient, sft
 from ouroboros_jax.objectives.preference import (
     PREFERENCE_KINDS,
@@ -21,8 +24,10 @@ from ouroboros_jax.objectives.preference import (
     sequence_logps,
 )
 from ouroboros_jax.objectives.reward_model import bradley_terry
+from ouroboros_jax.objectives.value import PPOBatch, ppo_actor
 
 __all__ = [
-    "PREFERENCE_KINDS", "SUMMED", "Metrics", "Objective", "PreferenceKind", "bradley_terry",
-    "combine_metrics", "loss_tokens", "pair_count", "policy_gradient", "preference", "sequence_logps", "sft",
+    "PPOBatch", "PREFERENCE_KINDS", "SUMMED", "Metrics", "Objective", "PreferenceKind", "bradley_terry",
+    "combine_metrics", "distill", "loss_tokens", "pair_count", "policy_gradient", "ppo_actor", "preference",
+    "sequence_logps", "sft",
 ]
