@@ -218,12 +218,14 @@ def ppo_epochs(
     """`epochs` passes over the batch in shuffled mini-batches: actor update, then critic update."""
     actor_fn, critic_fn = step_fns.actor, step_fns.critic
     rows = batch.tokens.shape[0]
+    # Host arrays, cut per mini-batch: the step places each in its batch sharding.
+    batch = jax.device_get(batch)
     collected = []
     for _ in range(epochs):
         order = rng.permutation(rows)
         for start in range(0, rows, mini_batch_size):
             idx = order[start:start + mini_batch_size]
-            mb = jax.tree.map(lambda a, idx=idx: jnp.asarray(a)[idx], batch)
+            mb = jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], batch)
             actor, metrics = actor_fn(state.actor, mb)
             critic = state.critic
             if critic_fn is not None:
