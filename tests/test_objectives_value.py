@@ -99,6 +99,7 @@ def test_value_objective_through_the_step_fits_the_returns(policy):
     assert np.all(np.asarray(values)[~np.asarray(batch.attention_mask)] == 0.0)
 
 
+@pytest.mark.slow  # about 20 s of eager CPU work on a loaded machine
 def test_shared_backbone_one_forward_matches_separate_forwards(policy):
     shared = with_value_head(policy)
     shared["score_D"] = jax.random.normal(jax.random.key(3), shared["score_D"].shape) * 0.1
@@ -135,6 +136,7 @@ def test_shared_backbone_actor_critic_loss_is_policy_plus_weighted_value(policy)
     assert float(jnp.abs(state.params["score_D"]).sum()) > 0
 
 
+@pytest.mark.slow  # about 20 s of eager CPU work on a loaded machine
 def test_importance_weights_scale_the_policy_loss_and_are_logged(policy):
     batch = ppo_batch(policy)
     shift = jnp.where(batch.loss_mask, 0.5 * jnp.sin(jnp.arange(P + C, dtype=jnp.float32))[None], 0.0)

@@ -63,6 +63,7 @@ def test_ppo_config_and_preset():
         PPOConfig(critic="both")
 
 
+@pytest.mark.slow  # about 20 s of eager CPU work on a loaded machine
 def test_ptx_adds_the_weighted_supervised_loss():
     cfg = ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32)
     params = init_params(cfg, jax.random.key(0))
