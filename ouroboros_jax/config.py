@@ -679,7 +679,8 @@ def parse_cli(
     `required` maps dotted fields that must be set (non-empty) to what they are: a run
     without one stops with a usage error asking for it, before any data or model is loaded.
 
-    `--preset NAME` (one of LOSS_PRESETS) swaps the loss section for that preset
+    `--preset NAME` (one of LOSS_PRESETS) swaps the loss section for that preset (`ppo` also turns
+    on `ppo.enabled`)
     before the other overrides apply; `--config PATH` starts from a saved JSON config;
     `--overwrite` sets `logging.overwrite`. A bad value, preset or config file prints a usage
     error naming it and exits with status 2 (no traceback).
