@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Sequence
 
@@ -74,10 +75,13 @@ DEFAULT = ExperimentConfig(
 
 
 def _stage_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The stage options (files, SFT and reward-model steps); the rest goes to `parse_cli`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    needed = not {"-h", "--help"} & set(argv)  # --help lists every option without the files
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--demonstrations", required=True, help="JSONL of {prompt, response}")
-    parser.add_argument("--preferences", required=True, help="JSONL of {prompt, chosen, rejected}")
-    parser.add_argument("--prompts", required=True, help="JSONL of {prompt, response}: PPO's prompts")
+    parser.add_argument("--demonstrations", required=needed, help="JSONL of {prompt, response}")
+    parser.add_argument("--preferences", required=needed, help="JSONL of {prompt, chosen, rejected}")
+    parser.add_argument("--prompts", required=needed, help="JSONL of {prompt, response}: PPO's prompts")
     parser.add_argument("--sft-steps", type=int, default=200)
     parser.add_argument("--sft-batch", type=int, default=16)
     parser.add_argument("--sft-lr", type=float, default=1e-5)
@@ -114,7 +118,9 @@ def supervised(params, model_config, encode, tokenizer, demos, *, steps, batch, 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     stages, rest = _stage_args(argv)
-    cfg = parse_cli(DEFAULT, args=rest, description=__doc__, required=REQUIRED)
+    stage_help = ("Stage options: --demonstrations, --preferences, --prompts (JSONL files, required); "
+                  "--sft-steps, --sft-batch, --sft-lr, --rm-steps, --rm-batch, --rm-lr.")
+    cfg = parse_cli(DEFAULT, args=rest, description=f"{__doc__}\n{stage_help}", required=REQUIRED)
     started = time.perf_counter()
     prepare_run_dir(cfg)
     mesh = make_mesh(cfg.mesh)
