@@ -33,7 +33,7 @@ from jaxtyping import Array, Bool, Float
 
 from ouroboros_jax.algorithms import gae_advantages, outcome_token_rewards
 from ouroboros_jax.batch import Batch
-from ouroboros_jax.config import ExperimentConfig, ModelConfig, PPOConfig
+from ouroboros_jax.config import ConfigError, ExperimentConfig, ModelConfig, PPOConfig
 from ouroboros_jax.models import param_specs, policy_logprobs
 from ouroboros_jax.models.transformer import Params
 from ouroboros_jax.objectives.base import Metrics, Objective
@@ -189,6 +189,9 @@ def compile_ppo(cfg: ExperimentConfig, model_config: ModelConfig, params: Params
     from ouroboros_jax.trainer import optimizer_from_config
 
     ppo = cfg.ppo
+    if cfg.train.ref_update_every:
+        raise ConfigError("train.ref_update_every: not supported with PPO (ppo.enabled); the reference "
+                          "stays the initial policy, as InstructGPT's KL anchor")
     per_step = cfg.train.inner_epochs * (cfg.rollout_batch_size // cfg.train.mini_batch_size)
     total = cfg.train.steps * per_step
     optimizer = optimizer_from_config(cfg.optimizer, total_steps=total)

@@ -3,6 +3,8 @@ running `--preset ppo` end to end with a separate and a shared critic."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +30,7 @@ from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.models import Tokenizer, init_params
 from ouroboros_jax.objectives import sft
 from ouroboros_jax.objectives.value import PPOBatch, ppo_actor
-from ouroboros_jax.ppo import PPOState, PtxBatch, token_targets, with_ptx
+from ouroboros_jax.ppo import PPOState, PtxBatch, compile_ppo, token_targets, with_ptx
 from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.trainer import Task, train
 
@@ -61,6 +63,10 @@ def test_ppo_config_and_preset():
         PPOConfig(lam=1.5)
     with pytest.raises(ConfigError, match="ppo.critic"):
         PPOConfig(critic="both")
+    cfg = _config("unused", "separate")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ref_update_every=5))
+    with pytest.raises(ConfigError, match="ref_update_every"):
+        compile_ppo(cfg, cfg.model, None, None)
 
 
 @pytest.mark.slow  # about 20 s of eager CPU work on a loaded machine
