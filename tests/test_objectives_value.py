@@ -188,7 +188,7 @@ def test_zero_mismatch_first_epoch_ratio_is_one(policy, devices, compute):
     state = init_train_state(jax.tree.map(jnp.copy, policy), optimizer, jax.random.key(0),
                              shardings=shardings)
     _, metrics = step_fn(state, batch)
-    tol = 1e-5 if compute == "float32" else 2e-2
+    tol = 1e-5  # measured: |ratio - 1| <= 5e-7 in bfloat16 too (the sampler and the update share one forward)
     assert abs(float(metrics["ratio_min"]) - 1) <= tol, metrics
     assert abs(float(metrics["ratio_max"]) - 1) <= tol, metrics
     assert float(metrics["clip_frac"]) == 0.0
