@@ -530,6 +530,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig())  # `--preset ppo`: PPO with a critic
     # XLA's persistent compilation cache ("" leaves JAX's own setting): a program
     # compiled once is loaded from this directory by later runs of the same shapes.
     compilation_cache_dir: str = ""
@@ -681,7 +682,8 @@ def parse_cli(
     `required` maps dotted fields that must be set (non-empty) to what they are: a run
     without one stops with a usage error asking for it, before any data or model is loaded.
 
-    `--preset NAME` (one of LOSS_PRESETS) swaps the loss section for that preset
+    `--preset NAME` (one of LOSS_PRESETS) swaps the loss section for that preset (`ppo` also turns
+    on `ppo.enabled`)
     before the other overrides apply; `--config PATH` starts from a saved JSON config;
     `--overwrite` sets `logging.overwrite`. A bad value, preset or config file prints a usage
     error naming it and exits with status 2 (no traceback).
@@ -704,6 +706,8 @@ def parse_cli(
         if preset not in LOSS_PRESETS:
             _usage_error(prog, f"--preset: must be one of {sorted(LOSS_PRESETS)} (got {preset!r})")
         base = dataclasses.replace(base, loss=LOSS_PRESETS[preset])
+        if preset == "ppo":
+            base = dataclasses.replace(base, ppo=dataclasses.replace(base.ppo, enabled=True))
     if "--overwrite" in argv:
         argv = [a for a in argv if a != "--overwrite"] + ["--logging.overwrite"]
     argv = _bool_flags(argv)
@@ -770,3 +774,46 @@ def _pop_option(argv: list[str], name: str, prog: str = "script") -> tuple[list[
         else:
             out.append(arg)
     return out, value
+
+
+# ---------------------------------------------------------------------------
+# PPO with a critic (ouroboros_jax.ppo)
+
+PPOCritic = Literal["separate", "shared"]
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO with a critic: per-token KL in the reward, GAE, and the critic.
+
+    `enabled` (set by `--preset ppo`) makes the trainer run `ouroboros_jax.ppo`:
+    the rollout's scores become per-token rewards with `kl_coef` times the k1
+    KL to the reference on every completion token, GAE (`gamma`, `lam`) gives
+    advantages and returns, and `train.inner_epochs` PPO epochs over
+    `train.mini_batch_size` mini-batches update the actor, then the critic.
+    `loss` still sets the clip and the aggregation of the actor's loss.
+    """
+
+    enabled: bool = False
+    critic: PPOCritic = "separate"  # "shared": value head on the policy's backbone
+    critic_learning_rate: float = 1e-5  # the separate critic's own optimizer (else as `optimizer`)
+    value_coef: float = 0.5  # weight of the value loss in a shared backbone's loss
+    value_clip: float = 0.2
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of(self.critic, ("separate", "shared"), "ppo.critic")
+        _learning_rate(self.critic_learning_rate, "ppo.critic_learning_rate")
+        for name in ("value_coef", "value_clip", "kl_coef"):
+            _finite(getattr(self, name), f"ppo.{name}")
+            _require(getattr(self, name) >= 0, f"ppo.{name}", "must be >= 0", getattr(self, name))
+        for name in ("gamma", "lam"):
+            _require(0 <= getattr(self, name) <= 1, f"ppo.{name}", "must be in [0, 1]", getattr(self, name))
+
+
+# The actor loss of `--preset ppo` (InstructGPT / verl): token-mean PPO clip, the KL
+# in the reward (`ppo.kl_coef`) rather than in the loss.
+LOSS_PRESETS["ppo"] = LossConfig(aggregation="token_mean", kl_coef=0.0)

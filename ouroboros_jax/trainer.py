@@ -237,7 +237,8 @@ def train(
     prepare_run_dir(cfg)
     mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
     check_batch_fits_mesh(cfg, mesh)
-    step_fn, state = _compile_step(cfg, model_config, params, mesh)
+    from ouroboros_jax import ppo  # PPO with a critic: its own step compilation and update phase
+    step_fn, state = (ppo.compile_ppo if cfg.ppo.enabled else _compile_step)(cfg, model_config, params, mesh)
     checkpointer = ckpt.Checkpointer.from_config(cfg.checkpoint, checkpoint_directory(cfg))
     start = 0
     if checkpointer is not None and cfg.checkpoint.resume:
@@ -468,6 +469,7 @@ def _refresh_reference(state: TrainState) -> TrainState:
 def _rl_step(cfg, model_config, step_fn, state, task: Task, settings, reward, timer: PhaseTimer, mesh,
              step: int):
     """Rollout, rewards and update for step `step`; returns the state and its metrics."""
+    from ouroboros_jax.ppo import update as ppo_update
     timer.reset()  # the step's clock: the previous step's evaluation and checkpoint are not in it
     rollout = collect(
         task.train_source.take, task.encode, state.params, model_config,
@@ -475,7 +477,8 @@ def _rl_step(cfg, model_config, step_fn, state, task: Task, settings, reward, ti
         rng=jax.random.fold_in(jax.random.key(cfg.seed), step), mesh=mesh,
         dynamic_sampling=cfg.loss.dynamic_sampling, max_rounds=cfg.loss.max_sampling_rounds, timer=timer)
     with timer.phase("update"):
-        state, metrics, tokens = _update(step_fn, state, rollout, cfg, step)
+        update = ppo_update if cfg.ppo.enabled else _update
+        state, metrics, tokens = update(step_fn, state, rollout, cfg, step)
     timings = timer.lap()
     metrics |= rollout_metrics(rollout) | timings
     metrics["throughput/tokens_per_s"] = tokens / timings["time/step"]

@@ -24,8 +24,8 @@ def _usage_error(capsys, args, default=None) -> str:
 
 @pytest.mark.parametrize("args, message", [
     (["--preset", "nope"],
-     "error: --preset: must be one of ['dapo', 'dr_grpo', 'grpo', 'gspo'] (got 'nope')"),
-    (["--preset"], "error: --preset needs a value: one of ['dapo', 'dr_grpo', 'grpo', 'gspo']"),
+     "error: --preset: must be one of ['dapo', 'dr_grpo', 'grpo', 'gspo', 'ppo'] (got 'nope')"),
+    (["--preset"], "error: --preset needs a value: one of ['dapo', 'dr_grpo', 'grpo', 'gspo', 'ppo']"),
     (["--preset", "--seed", "1"], "error: --preset needs a value"),
     (["--config", "/missing.json"],
      "error: --config: cannot read '/missing.json': No such file or directory"),

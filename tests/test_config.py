@@ -98,7 +98,7 @@ def test_cli_dotted_overrides_and_presets(tmp_path):
     again = parse_cli(args=["--config", str(tmp_path / "c.json"), "--seed", "9"])
     assert again == dataclasses.replace(cfg, seed=9)
     with pytest.raises(SystemExit):  # a usage error (tests/test_cli_errors.py)
-        parse_cli(args=["--preset", "ppo"])
+        parse_cli(args=["--preset", "reinforce"])
 
 
 def test_cli_help_lists_fields_types_and_defaults():

@@ -1,0 +1,117 @@
+"""PPO with a critic beside GRPO: the full step's tokens/s on the CPU workload of `run_cpu.py`.
+
+Both run in one process on the same Hugging Face checkpoint, prompts and
+batch shape (`workload.py`), alternating one step at a time so machine load
+hits both alike:
+
+  grpo  sample + reward + group advantages + one update of the policy
+        (the `worker_ours.py` step: PPO-clip 0.2, per-sequence token mean)
+  ppo   sample + reward + reference log-probs + critic values + KL-shaped
+        token rewards + GAE + one actor update + one critic update
+        (`ouroboros_jax.ppo`, separate critic initialised from the policy)
+
+One PPO epoch over one mini-batch, so the difference is the critic's cost
+(its forward for the values, its update) and the reference forward.
+tokens/s counts every row's prompt + completion tokens per step.
+
+    python benchmarks/bench_ppo_cpu.py                # about 2 minutes on 2 idle cores
+    python benchmarks/bench_ppo_cpu.py --steps 10 --completion-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from workload import ModelShape, Workload, ids_to_text, make_checkpoint, prompt_ids, reward  # noqa: E402
+
+from ouroboros_jax.config import MeshConfig, PPOConfig  # noqa: E402
+from ouroboros_jax.models import load_hf_checkpoint, param_specs  # noqa: E402
+from ouroboros_jax.objectives import policy_gradient, ppo_actor  # noqa: E402
+from ouroboros_jax.objectives.value import init_critic, value  # noqa: E402
+from ouroboros_jax.ppo import PPOState, PPOSteps, build_batch, ppo_epochs  # noqa: E402
+from ouroboros_jax.rewards import VerifierReward  # noqa: E402
+from ouroboros_jax.rollout import RolloutSettings, sample_and_score  # noqa: E402
+from ouroboros_jax.sharding import make_mesh  # noqa: E402
+from ouroboros_jax.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from verifiers import Verdict  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each (after one warm-up step)")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--completion-len", type=int, default=64)
+    args = parser.parse_args(argv)
+    work = Workload(prompts=args.prompts, group=args.group, prompt_len=32, completion_len=args.completion_len)
+    shape = ModelShape()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = make_checkpoint(Path(tmp), shape, max_seq_len=work.seq_len)
+        cfg, params = load_hf_checkpoint(directory)
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    prompts = prompt_ids(work, cfg.vocab_size, 0)
+    examples = [SimpleNamespace(gold=None) for _ in range(work.prompts)]
+    settings = RolloutSettings(group_size=work.group, max_new_tokens=work.completion_len, temperature=1.0,
+                               prompt_len_buckets=(work.prompt_len,))
+    score = VerifierReward(lambda texts, golds: [Verdict(reward(t), False) for t in texts])
+    tx = make_optimizer(1e-6, max_grad_norm=1.0)
+    copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+
+    grpo_obj = policy_gradient(cfg, variant="ppo_clip", clip_low=0.2, clip_high=0.2,
+                               aggregation="seq_mean_token_mean")
+    grpo_fn, grpo_sh = make_train_step(grpo_obj, tx, mesh, param_specs(cfg))
+    grpo_state = init_train_state(copy(params), tx, jax.random.key(0), shardings=grpo_sh)
+
+    actor_fn, actor_sh = make_train_step(ppo_actor(cfg, aggregation="seq_mean_token_mean"), tx, mesh,
+                                         param_specs(cfg), with_reference=True)
+    critic_fn, critic_sh = make_train_step(value(cfg), tx, mesh, param_specs(cfg, head="score"))
+    ppo_state = PPOState(
+        init_train_state(copy(params), tx, jax.random.key(0), with_reference=True, shardings=actor_sh),
+        init_train_state(init_critic(params), tx, jax.random.key(1), shardings=critic_sh))
+    ppo_steps, ppo_cfg = PPOSteps(actor_fn, critic_fn, cfg), PPOConfig(enabled=True)
+    holder = {"grpo": grpo_state, "ppo": ppo_state}
+
+    def rollout(state_params, n):
+        return sample_and_score(state_params, cfg, examples, prompts, settings=settings, decode=ids_to_text,
+                                reward=score, mesh=mesh, rng=jax.random.fold_in(jax.random.key(0), n))
+
+    def grpo(n):
+        r = rollout(holder["grpo"].params, n)
+        holder["grpo"], metrics = grpo_fn(holder["grpo"], r.to_batch())
+        float(metrics["loss"])
+
+    def ppo(n):
+        r = rollout(holder["ppo"].params, n)
+        batch, _ = build_batch(r.to_batch(), np.asarray(r.rewards).reshape(-1), holder["ppo"], cfg, ppo_cfg)
+        holder["ppo"], metrics = ppo_epochs(ppo_steps, holder["ppo"], batch, epochs=1,
+                                            mini_batch_size=work.rows, rng=np.random.default_rng(n))
+        float(metrics[-1]["loss"])
+
+    times: dict[str, list[float]] = {"grpo": [], "ppo": []}
+    for n in range(args.steps + 1):
+        for name, fn in (("grpo", grpo), ("ppo", ppo)):
+            start = time.perf_counter()
+            fn(n)
+            if n:  # step 0 compiles
+                times[name].append(time.perf_counter() - start)
+    print(f"workload: {work.describe()}; model: {shape.describe()}; "
+          f"{args.steps} timed steps each, alternating")
+    rates = {k: work.tokens / float(np.median(v)) for k, v in times.items()}
+    for name in ("grpo", "ppo"):
+        print(f"{name:5s} median step {np.median(times[name]):.2f} s  tokens/s {rates[name]:.0f}")
+    print(f"benchmark ppo_step: grpo={rates['grpo']:.0f} ppo={rates['ppo']:.0f} "
+          f"ppo/grpo={rates['ppo'] / rates['grpo']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
