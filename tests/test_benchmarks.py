@@ -138,6 +138,7 @@ def test_worker_answers_and_reports_errors(tmp_path):
         common.Worker("dead", [str(dead)], log_path=tmp_path / "dead.log")
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_run_cpu_step_section_ours_only(capsys, tmp_path):
     results = run_cpu.main(["--sections", "step", "--libraries", "ours", "--repeats", "2", "--warmup", "0",
                             "--work-dir", str(tmp_path), *TINY])

@@ -250,6 +250,7 @@ def test_gsm8k_shared_test_split_reads_and_grades():
 # Two steps of each script
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_gsm8k_grpo_two_steps_on_local_jsonl(tmp_path, qwen_ckpt):
     module = load_script("gsm8k_grpo")
     rows = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
@@ -268,6 +269,7 @@ def test_gsm8k_grpo_two_steps_on_local_jsonl(tmp_path, qwen_ckpt):
     assert len(result.evals) == 2 and int(result.state.step) == 2
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_countdown_dr_grpo_two_steps(tmp_path, qwen_ckpt):
     module = load_script("countdown_dr_grpo")
     # a short system prompt keeps the prompt in the 256-token bucket the GSM8K run compiled
@@ -355,6 +357,7 @@ def test_gsm8k_grpo_two_steps_on_shared_test_split(tmp_path, qwen_ckpt):
 # The README's main job, at a tiny size
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_quickstart_tiny_run_ends_with_the_summary_line(tmp_path, monkeypatch, capsys):
     from jax.experimental.compilation_cache.compilation_cache import reset_cache
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from ouroboros_jax import checkpoint as ckpt
 from ouroboros_jax.config import (
@@ -74,6 +75,7 @@ def _max_diff(a, b) -> float:
     return max(jax.tree.leaves(diffs))
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_reference_is_refreshed_every_n_steps_and_not_otherwise(tmp_path):
     cfg = _config(tmp_path / "every2", steps=3, ref_update_every=2, save_every=1)
     initial, result = _run(cfg)

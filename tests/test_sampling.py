@@ -372,6 +372,7 @@ def test_mesh_that_does_not_divide_the_kv_heads_is_an_error():
 # The decode benchmark runs on CPU with --tiny
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_decode_benchmark_runs_tiny(capsys):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode_gpu.py"
     spec = importlib.util.spec_from_file_location("bench_decode_gpu", path)

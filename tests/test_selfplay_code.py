@@ -385,6 +385,7 @@ def test_one_step_with_chosen_completions_rewards_and_advantages_by_hand():
 # A tiny random model, end to end
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_tiny_random_model_plays_from_the_seed_buffer():
     cfg = CodeSelfPlayConfig(steps=2, sampling=SamplingConfig(group_size=2, max_new_tokens=16),
                              solve_per_type=2, max_prompt_len=384, propose_max_new_tokens=24,

@@ -304,6 +304,7 @@ def _check_reports(run_dir, generations):
     return reports
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_two_generations_of_expert_iteration_write_reports(tmp_path, capsys):
     params = init_params(MODEL, jax.random.key(0))
     # A judge that passes some of a random model's samples, so the pool is not empty by chance.

@@ -169,6 +169,7 @@ def test_spin_pairs_gold_chosen_previous_sample_rejected():
         spin_pairs([[1], [2], [3]], gold * 2, sample)
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_spin_iterations_train_against_the_previous_model():
     params = init_params(CFG, jax.random.key(3))
     prompts = [[1, 2, 3], [4, 5], [6, 7], [8]]

@@ -373,6 +373,7 @@ def test_loss_settings_fill_dr_grpo_normaliser():
     assert kw["kl_coef"] == 0.0 and kw["temperature"] == 0.9
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_mfu_benchmark_tiny_run_on_8_simulated_devices():
     import sys
     from pathlib import Path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ouroboros_jax.batch import pack_rows
 from ouroboros_jax.config import MeshConfig, ModelConfig
@@ -37,6 +38,7 @@ def _answer_nll(params, examples) -> float:
     return float(-(np.asarray(logp) * mask).sum() / mask.sum())
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_warmstart_lowers_the_gold_answer_nll_and_stops_when_told():
     source = arithmetic_source(seed=0, digits=1)
     probe = arithmetic_source(seed=1, digits=1).take(32)

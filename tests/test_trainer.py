@@ -83,6 +83,7 @@ def _preempted_after(calls: int) -> Task:
     return task
 
 
+@pytest.mark.slow  # end to end, 10-35 s on 2 cores: in the slow set, which CI runs too
 def test_resumed_run_equals_uninterrupted_run(tmp_path, capsys):
     full = train(_config(tmp_path / "full", 2), model_config=_config(tmp_path, 2).model,
                  params=_params(_config(tmp_path, 2)), task=_task(), mesh=_mesh())
