@@ -98,6 +98,7 @@ def test_correct_staleness_is_truncated_importance_weighting():
     np.testing.assert_allclose(fixed.old_logp, new)
 
 
+@pytest.mark.slow  # 8-15 s on 2 cores: in the slow set, which CI runs too
 def test_split_synchronous_loop_equals_the_colocated_loop():
     finals = []
     for split in (DisaggregationConfig(), DisaggregationConfig(sampler_devices=4)):

@@ -93,6 +93,7 @@ def test_reference_is_refreshed_every_n_steps_and_not_otherwise(tmp_path):
     assert _max_diff(at_two.ref_params, at_two.params) == 0.0  # refreshed before the step-2 checkpoint
 
 
+@pytest.mark.slow  # 8-15 s on 2 cores: in the slow set, which CI runs too
 def test_reference_stays_the_initial_policy_without_refresh(tmp_path):
     initial, result = _run(_config(tmp_path / "never", steps=3, ref_update_every=0))
     kl = [m["train/kl_ref"] for m in result.history]

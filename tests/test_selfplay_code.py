@@ -328,6 +328,7 @@ def respond(prompt: str, j: int) -> str:
     return "```output\n?\n```"  # everything else (seed tasks, D) is never solved
 
 
+@pytest.mark.slow  # 8-15 s on 2 cores: in the slow set, which CI runs too
 def test_one_step_with_chosen_completions_rewards_and_advantages_by_hand():
     cfg = CodeSelfPlayConfig(steps=1, sampling=SamplingConfig(group_size=4, max_new_tokens=64),
                              solve_per_type=2, max_prompt_len=384, propose_max_new_tokens=112,

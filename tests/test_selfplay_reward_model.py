@@ -96,6 +96,7 @@ def test_bradley_terry_training_separates_heldout_pairs(tmp_path):
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=0.05)  # scores near 0 at the start
 
 
+@pytest.mark.slow  # 8-15 s on 2 cores: in the slow set, which CI runs too
 def test_reward_model_step_on_8_devices_equals_1_device():
     pairs = _encode(_synthetic_pairs(8, seed=3))
     P, C = pair_widths(pairs)
