@@ -68,7 +68,8 @@ class Tokenizer:
         """A character-level tokenizer (one id per character), for tiny models trained from scratch.
 
         Ids 0.. are the `specials` (pad, bos, eos by default), then the characters
-        of `alphabet` in order. Characters outside the alphabet map to no token.
+        of `alphabet` in order. Characters outside the alphabet encode as the first special
+        (padding, id 0): keep inputs inside the alphabet.
         """
         from tokenizers import Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
