@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> None:
           f"greedy before={before['eval/greedy_acc']:.2f} after={after['eval/greedy_acc']:.2f}; "
           f"curves in {result.run_dir}")
     elapsed = time.perf_counter() - t_start
+    steps = result.resumed_from + len(result.history)  # < train.steps when train.time_limit_s ends it
     print(f"quickstart: held-out accuracy before={before['eval/pass@1']:.2f} "
-          f"after={after['eval/pass@1']:.2f} ({cfg.train.steps} steps, {elapsed:.0f} s)")
+          f"after={after['eval/pass@1']:.2f} ({steps} steps, {elapsed:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -366,8 +366,13 @@ class TrainConfig:
     eval_every: int = 50
     eval_size: int = 64
     ref_update_every: int = 0
+    # Stop early once the RL steps' summed `time/step` (rollout, rewards, update; evaluation and
+    # checkpointing not counted) reaches this many seconds: runs compared at equal wall time
+    # (0: off, run all `steps`). The sum is kept in checkpoints, so a resumed run spends the rest.
+    time_limit_s: float = 0.0
 
     def __post_init__(self) -> None:
+        _require(self.time_limit_s >= 0, "train.time_limit_s", "must be >= 0 (0: off)")
         for name in ("steps", "prompts_per_step", "mini_batch_size", "inner_epochs", "eval_size"):
             _positive(getattr(self, name), f"train.{name}")
         check_micro_batch(self.micro_batch_size, self.mini_batch_size, "train.micro_batch_size",

@@ -240,7 +240,7 @@ def train(
     from ouroboros_jax import ppo  # PPO with a critic: its own step compilation and update phase
     step_fn, state = (ppo.compile_ppo if cfg.ppo.enabled else _compile_step)(cfg, model_config, params, mesh)
     checkpointer = ckpt.Checkpointer.from_config(cfg.checkpoint, checkpoint_directory(cfg))
-    start = 0
+    start, rl_seconds = 0, 0.0
     if checkpointer is not None and cfg.checkpoint.resume:
         restored = checkpointer.restore_latest(ckpt.abstract_state(state))
         if restored is not None:
@@ -248,6 +248,7 @@ def train(
                 _say(f"{cfg.name}: rejected checkpoint {line}")
             state, start = restored.state, int(restored.metadata["step"])
             task.train_source.seek(int(restored.metadata["data_position"]))
+            rl_seconds = float(restored.metadata.get("rl_seconds", 0.0))
             _say(f"{cfg.name}: resuming from step {start} of {run_dir}")
     logger = logger or MetricsLogger.from_config(cfg.logging)
     logger.truncate_after(start if start else -1)  # steps after the checkpoint run again: one record each
@@ -278,7 +279,10 @@ def train(
             if metrics["train/finite"] < 1:
                 logger.log(done, metrics)
                 raise TrainingDiverged(_diverged_message(done, metrics, checkpointer))
-            last = done == cfg.train.steps
+            rl_seconds += metrics["time/step"]
+            metrics["time/rl_total"] = rl_seconds
+            out_of_time = bool(cfg.train.time_limit_s) and rl_seconds >= cfg.train.time_limit_s
+            last = done == cfg.train.steps or out_of_time
             if cfg.train.ref_update_every and done % cfg.train.ref_update_every == 0:
                 state = _refresh_reference(state)
             if task.eval_examples and cfg.train.eval_every and (done % cfg.train.eval_every == 0 or last):
@@ -288,8 +292,12 @@ def train(
                 logger.log(done, metrics)
             every = cfg.checkpoint.save_every
             if checkpointer is not None and ((every and done % every == 0) or last):
-                meta = {"step": done, "data_position": task.train_source.position}
+                meta = {"step": done, "data_position": task.train_source.position, "rl_seconds": rl_seconds}
                 checkpointer.save(done, state, meta, metrics=metrics)
+            if out_of_time:
+                _say(f"{cfg.name}: train.time_limit_s={cfg.train.time_limit_s:g} reached after step {done} "
+                     f"({rl_seconds:.0f} s of RL steps)")
+                break
     finally:
         pool.close()
         if checkpointer is not None:
@@ -332,6 +340,7 @@ BASELINE_FILE = "eval_step0.json"  # the step-0 evaluation, read back by a resum
 RESUMABLE_FIELDS = frozenset({
     "logging.console", "logging.tensorboard", "logging.jsonl", "logging.log_every", "logging.overwrite",
     "verifier.num_workers", "checkpoint.async_save", "compilation_cache_dir", "export_dir",
+    "train.time_limit_s",  # a resumed run may be given more (or less) time
 })
 
 

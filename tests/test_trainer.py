@@ -245,3 +245,23 @@ def test_save_every_0_with_a_checkpoint_directory_saves_the_last_step(tmp_path):
                                                                async_save=False))
     train(cfg, model_config=cfg.model, params=_params(cfg), task=_task(), mesh=_mesh())
     assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == ["2"]
+
+
+@pytest.mark.slow  # two trainer runs, 10-16 s on 2 cores
+def test_time_limit_stops_after_the_step_that_reaches_it_and_a_resume_spends_the_rest(tmp_path, capsys):
+    cfg = dataclasses.replace(_config(tmp_path / "timed", 5),
+                              train=dataclasses.replace(_config(tmp_path, 5).train, time_limit_s=1e-6))
+    first = train(cfg, model_config=cfg.model, params=_params(cfg), task=_task(), mesh=_mesh())
+    assert len(first.history) == 1  # any step takes longer than a microsecond: the budget ends after step 1
+    spent = first.history[0]["time/step"]
+    assert first.history[0]["time/rl_total"] == pytest.approx(spent)
+    assert "train.time_limit_s=1e-06 reached after step 1" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "timed" / "checkpoints" / "1" / "meta" / "metadata").read_text())
+    assert meta["rl_seconds"] == pytest.approx(spent)
+    # a larger budget on resume is not a config change; the time already spent counts against it
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, time_limit_s=spent + 1e-6))
+    resumed = train(more, model_config=cfg.model, params=_params(cfg), task=_task(), mesh=_mesh())
+    assert resumed.resumed_from == 1 and len(resumed.history) == 1
+    assert resumed.history[0]["time/rl_total"] == pytest.approx(spent + resumed.history[0]["time/step"])
+    steps = [json.loads(x)["step"] for x in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
