@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import types
 from pathlib import Path
 
 import jax
@@ -120,6 +121,18 @@ def test_auto_layer_loop_unrolls_long_caches_on_cpu():
     assert not sampling._unroll_layers("auto", None, sampling.UNROLL_MIN_CACHE_SLOTS - 1)
     assert sampling._unroll_layers("auto", None, sampling.UNROLL_MIN_CACHE_SLOTS)
     assert sampling._unroll_layers("unroll", None, 8) and not sampling._unroll_layers("scan", None, 4096)
+
+
+def _mesh_on(platform: str):
+    device = types.SimpleNamespace(platform=platform)
+    return types.SimpleNamespace(devices=np.array([device], dtype=object))
+
+
+def test_auto_layer_loop_unrolls_on_gpu_at_any_length_and_scans_on_tpu():
+    assert sampling._unroll_layers("auto", _mesh_on("gpu"), 8)
+    assert not sampling._unroll_layers("auto", _mesh_on("tpu"), 4096)
+    assert not sampling._unroll_layers("auto", _mesh_on("cpu"), 8)
+    assert not sampling._unroll_layers("scan", _mesh_on("gpu"), 4096)
 
 
 def test_prompt_as_padded_array_with_mask_equals_lists():
