@@ -271,3 +271,14 @@ def test_char_level_tokenizer_keeps_every_character_including_newlines():
     # specials pad, bos, eos take ids 0-2; then a=3, b=4, " "=5, "\n"=6
     assert ids == [3, 6, 6, 4, 5, 4]
     assert tok.decode(ids) == "a\n\nb b"
+
+
+def test_char_level_tokenizer_refuses_characters_outside_its_alphabet():
+    from ouroboros_jax.models import Tokenizer
+
+    tok = Tokenizer.char_level("ab ")
+    with pytest.raises(ValueError, match=r"text 'ab c!': characters '!c' are outside .* alphabet ' ab'"):
+        tok.encode("ab c!")
+    with pytest.raises(ValueError, match="'x'"):
+        tok.encode_batch(["ab", "xa"])
+    assert tok.encode("a<eos>b") == [3, 2, 4]  # a special token's spelling is not foreign text

@@ -19,7 +19,7 @@ from ouroboros_jax.selfplay.self_rewarding import (
 )
 from ouroboros_jax.sharding import make_mesh
 
-TOK = Tokenizer.char_level("0123456789+=")
+TOK = Tokenizer.char_level("0123456789+=?")
 CFG = ModelConfig(vocab_size=TOK.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
                   d_ff=64, max_seq_len=64)
 NAN = np.nan

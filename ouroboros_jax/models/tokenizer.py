@@ -37,6 +37,9 @@ class Tokenizer:
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.pad_token = _token_text(self.config.get("pad_token"))
         self.add_bos = bool(self.config.get("add_bos_token", False))
+        # char_level tokenizers: the characters they can encode, and their special tokens
+        self._alphabet: frozenset[str] | None = None
+        self._specials: tuple[str, ...] = ()
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -68,8 +71,9 @@ class Tokenizer:
         """A character-level tokenizer (one id per character), for tiny models trained from scratch.
 
         Ids 0.. are the `specials` (pad, bos, eos by default), then the characters
-        of `alphabet` in order. Characters outside the alphabet encode as the first special
-        (padding, id 0): keep inputs inside the alphabet.
+        of `alphabet` in order. Text with a character outside the alphabet (other than
+        inside a special token's spelling) is refused by `encode` with a ValueError that
+        names the characters: a silent padding id would train on text the model never saw.
         """
         from tokenizers import Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
@@ -81,7 +85,21 @@ class Tokenizer:
         tok.decoder = decoders.Fuse()
         tok.add_special_tokens(list(specials))
         names = dict(zip(("pad_token", "bos_token", "eos_token"), specials, strict=False))
-        return cls(tok, names)
+        out = cls(tok, names)
+        out._alphabet, out._specials = frozenset(chars), tuple(specials)
+        return out
+
+    def _check_alphabet(self, texts: Sequence[str]) -> None:
+        if self._alphabet is None:
+            return
+        for text in texts:
+            plain = text
+            for special in self._specials:
+                plain = plain.replace(special, "")
+            unknown = sorted(set(plain) - self._alphabet)
+            if unknown:
+                raise ValueError(f"text {text[:60]!r}: characters {''.join(unknown)!r} are outside this "
+                                 f"character-level tokenizer's alphabet {''.join(sorted(self._alphabet))!r}")
 
     @property
     def vocab_size(self) -> int:
@@ -108,9 +126,11 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; special tokens only when asked (templates add their own)."""
+        self._check_alphabet([text])
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
+        self._check_alphabet(texts)
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
