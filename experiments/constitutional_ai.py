@@ -86,7 +86,7 @@ from ouroboros_jax.selfplay.preference import PreferencePair, encode_pairs  # no
 from ouroboros_jax.selfplay.reward_model import init_reward_model, train_reward_model  # noqa: E402
 from ouroboros_jax.sharding import make_mesh  # noqa: E402
 from ouroboros_jax.supervised import supervised_warmstart  # noqa: E402
-from ouroboros_jax.trainer import Task, train  # noqa: E402
+from ouroboros_jax.trainer import Task, train, verifier_spec  # noqa: E402
 from verifiers import Verdict  # noqa: E402
 
 TOKENIZER = Tokenizer.char_level("0123456789+-=?|,!AB")
@@ -227,7 +227,7 @@ def rlaif_phase(cfg: ConstitutionalExperiment, feedback_params, sl_params, train
     task = Task(train_source=PromptSource(LazyExamples(len(examples), examples.__getitem__), seed=cfg.seed,
                                           name="sums"),
                 encode=lambda exs: TOKENIZER.encode_batch([e.prompt for e in exs]), decode=TOKENIZER.decode,
-                verifier=exact_answer, stop_token_ids=(EOS,),
+                verifier=verifier_spec(exp.verifier), stop_token_ids=(EOS,),  # by name: workers import it
                 reward_model=ModelReward([rm.params], cfg.model, mesh=mesh), reward_model_weight=1.0,
                 verifier_weight=0.0)
     out = train(exp, model_config=cfg.model, params=jax.tree.map(lambda x: x.copy(), sl_params), task=task,
