@@ -132,6 +132,7 @@ class GoldFirstJudge:
         return JudgeComparisons(outcomes, np.ones(len(prompts), bool), [], [[] for _ in prompts])
 
 
+@pytest.mark.slow  # ~60 XLA compiles (reward-model and RL steps, sampler): 30-90 s on 2 cores
 def test_constitutional_rlaif_phase_trains_the_reward_model_on_the_judged_pairs(tmp_path, monkeypatch):
     import json
     import math
