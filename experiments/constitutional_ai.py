@@ -234,7 +234,7 @@ def rlaif_phase(cfg: ConstitutionalExperiment, feedback_params, sl_params, train
                 mesh=mesh, logger=MetricsLogger.from_config(exp.logging))
     after = accuracy(out.state.params, cfg.model, heldout, mesh)
     return {"pairs": pairs.size, "judge": judged, "rm_accuracy": rm_accuracy, "before": before,
-            "after": after,            "rl": out.history}
+            "after": after, "rl": out.history}
 
 
 def gen(params, cfg: ConstitutionalExperiment, mesh, temperature: float = 0.0) -> Generator:
@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"their revisions {right(train_prompts, revisions.final):.2f}; "
           f"{time.perf_counter() - started:.0f} s)", flush=True)
 
-    rl = rlaif_phase(cfg, params, sl_params, train_prompts, heldout, mesh, jax.random.fold_in(rng, 0))
+    rl = rlaif_phase(cfg, params, sl_params, train_prompts, heldout, mesh, rng)
     print(f"constitutional_ai: done in {time.perf_counter() - started:.0f} s")
     print(f"constitutional_ai: sl first_try={first_try:.2f} revision={revised:.2f} after_sft={after_sft:.2f}")
     print(f"constitutional_ai: rlaif preference_pairs={rl['pairs']} rm_gold_accuracy={rl['rm_accuracy']:.2f} "
