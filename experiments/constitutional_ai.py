@@ -2,6 +2,11 @@
 
     python experiments/constitutional_ai.py              # both phases, one seed, CPU
     python experiments/constitutional_ai.py --help       # every field of the typed config
+    python experiments/constitutional_ai.py --model.path CKPT --prompts prompts.jsonl  # an instruct model
+
+With `--model.path` the same pipeline runs on a Hugging Face instruct
+checkpoint with the shipped constitution (`constitutional_hf.py` says how).
+Without it:
 
 The task is the addition of `self_rewarding.py` ("47+8=" -> "55"). Its
 constitution has one principle, in the compact form a character-level model
@@ -47,6 +52,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from constitutional_hf import CheckpointPipeline, run_checkpoint, write_jsonl  # noqa: E402
 from self_rewarding import gold_answer, judge_verdict, near_miss, split  # noqa: E402
 
 from ouroboros_jax.config import (  # noqa: E402
@@ -80,7 +86,7 @@ from ouroboros_jax.selfplay.preference import PreferencePair, encode_pairs  # no
 from ouroboros_jax.selfplay.reward_model import init_reward_model, train_reward_model  # noqa: E402
 from ouroboros_jax.sharding import make_mesh  # noqa: E402
 from ouroboros_jax.supervised import supervised_warmstart  # noqa: E402
-from ouroboros_jax.trainer import Task, train  # noqa: E402
+from ouroboros_jax.trainer import Task, train, verifier_spec  # noqa: E402
 from verifiers import Verdict  # noqa: E402
 
 TOKENIZER = Tokenizer.char_level("0123456789+-=?|,!AB")
@@ -162,66 +168,31 @@ class ConstitutionalExperiment:
     rm_learning_rate: float = 1e-3
     rl_steps: int = 20
     rl_learning_rate: float = 1e-4
+    rounds: int = 1  # critique-and-revision rounds of the SL phase
+    prompts: str = ""  # with --model.path: a JSONL file of prompts
+    hf: CheckpointPipeline = field(default_factory=CheckpointPipeline)  # read with --model.path only
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    cfg = tyro.cli(ConstitutionalExperiment, default=ConstitutionalExperiment(), description=__doc__,
-                   use_underscores=True, config=(tyro.conf.FlagConversionOff,), args=argv)
-    started = time.perf_counter()
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    train_prompts, heldout, _ = split(cfg.seed, cfg.heldout, 0)
-    ws = cfg.warmstart
-    common = dict(encode=lambda exs: TOKENIZER.encode_batch([e.prompt for e in exs]),
-                  answer_ids=lambda e: TOKENIZER.encode(e.gold["answer"]) + [EOS], batch_size=ws.batch_size,
-                  learning_rate=ws.learning_rate, seed=cfg.seed, mesh=mesh, length=32)
-    params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
-    params = supervised_warmstart(params, cfg.model, FeedbackMix(train_prompts, 0.0, cfg.seed + 1),
-                                  steps=cfg.feedback_steps, **common)
-    probe = train_prompts[:100]
-    params = supervised_warmstart(
-        params, cfg.model, FeedbackMix(train_prompts, cfg.answer_fraction, cfg.seed), steps=ws.steps,
-        until=(lambda p, s: accuracy(p, cfg.model, probe, mesh) >= ws.target_accuracy)
-        if ws.target_accuracy > 0 else None, check_every=100, **common)
-    print(f"constitutional_ai: warm-start done in {time.perf_counter() - started:.0f} s", flush=True)
+def rlaif_phase(cfg: ConstitutionalExperiment, feedback_params, sl_params, train_prompts: Sequence[str],
+                heldout: Sequence[str], mesh, rng: jax.Array, judge=None) -> dict:
+    """AI preferences -> Bradley-Terry reward model -> GRPO against it; metrics in `run_dir`.
 
-    # SL phase
-    def gen(p, temperature: float = 0.0) -> Generator:
-        return Generator(p, cfg.model, TOKENIZER.encode, TOKENIZER.decode, (EOS,), 14,
-                         temperature=temperature,
-                         mesh=mesh, prompt_len_buckets=BUCKETS)
-
-    rng = jax.random.key(cfg.seed + 1)
-    def right(prompts: Sequence[str], answers: Sequence[str]) -> float:
-        return float(np.mean([a == gold_answer(p) for p, a in zip(prompts, answers, strict=True)]))
-
-    held = critique_and_revise(gen(params), heldout, CONSTITUTION, templates=TEMPLATES, rng=rng,
-                               seed=cfg.seed)
-    first_try, revised = right(heldout, held.initial), right(heldout, held.final)
-    sampled = gen(params, 1.0)(train_prompts, jax.random.fold_in(rng, 1))
-    revisions = critique_and_revise(gen(params), train_prompts, CONSTITUTION, templates=TEMPLATES,
-                                    rng=jax.random.fold_in(rng, 2), seed=cfg.seed + 1, initial=sampled)
-    sl_params, rows = sft_on_revisions(params, cfg.model, train_prompts, revisions.final,
-                                       encode=TOKENIZER.encode, eos_id=EOS, steps=cfg.sft_steps,
-                                       batch_size=64, learning_rate=cfg.sft_learning_rate, mesh=mesh,
-                                       seed=cfg.seed, length=32)
-    after_sft = accuracy(sl_params, cfg.model, heldout, mesh)
-    print(f"constitutional_ai: sl first_try={first_try:.2f} revision={revised:.2f} after_sft={after_sft:.2f} "
-          f"({rows} revisions trained on, right: sampled first tries {right(train_prompts, sampled):.2f}, "
-          f"their revisions {right(train_prompts, revisions.final):.2f}; "
-          f"{time.perf_counter() - started:.0f} s)", flush=True)
-
-    # RLAIF phase: AI preferences -> Bradley-Terry reward model -> GRPO against it
-    two = gen(sl_params, 1.0)(train_prompts, jax.random.fold_in(rng, 3), num_samples=2)
+    `judge` (anything with `Judge.compare`) defaults to the feedback model `feedback_params`.
+    Writes `preferences/metrics.jsonl` and `reward_model/metrics.jsonl`; the RL run writes `rlaif/`.
+    """
+    two = gen(sl_params, cfg, mesh, 1.0)(train_prompts, jax.random.fold_in(rng, 3), num_samples=2)
     a, b = two[0::2], two[1::2]
     differ = [i for i in range(len(train_prompts)) if a[i] != b[i]]
     # the feedback model is the warm-started model (the paper's separate feedback model), not the policy
-    judge = Judge(params, cfg.model, encode=TOKENIZER.encode, decode=TOKENIZER.decode,
-                  template="{prompt}{response}?", pairwise_template=PAIRWISE, choice_pattern=r"([AB])$",
-                  max_new_tokens=14, stop_token_ids=(EOS,), mesh=mesh, prompt_len_buckets=BUCKETS)
+    judge = judge or Judge(feedback_params, cfg.model, encode=TOKENIZER.encode, decode=TOKENIZER.decode,
+                           template="{prompt}{response}?", pairwise_template=PAIRWISE,
+                           choice_pattern=r"([AB])$", max_new_tokens=14, stop_token_ids=(EOS,), mesh=mesh,
+                           prompt_len_buckets=BUCKETS)
     encode_response = lambda s: TOKENIZER.encode(s) + [EOS]
     pairs, judged = ai_preference_pairs(judge, [train_prompts[i] for i in differ], [a[i] for i in differ],
                                         [b[i] for i in differ], CONSTITUTION, rng=jax.random.fold_in(rng, 4),
                                         encode=TOKENIZER.encode, encode_response=encode_response)
+    write_jsonl(Path(cfg.run_dir) / "preferences" / "metrics.jsonl", [judged])
     if pairs.size == 0:
         raise SystemExit("constitutional_ai: the judge gave no preference pairs (every comparison a tie); "
                          "train the warm-start longer (--feedback_steps)")
@@ -230,9 +201,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                for p in heldout], TOKENIZER.encode, encode_response)
     rm = train_reward_model(init_reward_model(sl_params, jax.random.key(cfg.seed + 6)), cfg.model, pairs,
                             gold_pairs, steps=cfg.rm_steps, batch_size=32, learning_rate=cfg.rm_learning_rate,
-                            mesh=mesh,
-                            seed=cfg.seed)
+                            mesh=mesh, seed=cfg.seed)
     rm_accuracy = rm.evals[-1]["accuracy"]
+    write_jsonl(Path(cfg.run_dir) / "reward_model" / "metrics.jsonl",
+                [{"step": i + 1, "reward_model/pairs": pairs.size,
+                  **{f"reward_model/{k}": v for k, v in m.items()}} for i, m in enumerate(rm.history)]
+                + [{"step": cfg.rm_steps, "reward_model/gold_accuracy": rm_accuracy}])
     print(f"constitutional_ai: {pairs.size} AI preference pairs (position consistency "
           f"{judged['judge/position_consistency']:.2f}); reward model gold-pair accuracy {rm_accuracy:.2f}",
           flush=True)
@@ -253,18 +227,77 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     task = Task(train_source=PromptSource(LazyExamples(len(examples), examples.__getitem__), seed=cfg.seed,
                                           name="sums"),
                 encode=lambda exs: TOKENIZER.encode_batch([e.prompt for e in exs]), decode=TOKENIZER.decode,
-                verifier=exact_answer, stop_token_ids=(EOS,),
+                verifier=verifier_spec(exp.verifier), stop_token_ids=(EOS,),  # by name: workers import it
                 reward_model=ModelReward([rm.params], cfg.model, mesh=mesh), reward_model_weight=1.0,
                 verifier_weight=0.0)
     out = train(exp, model_config=cfg.model, params=jax.tree.map(lambda x: x.copy(), sl_params), task=task,
                 mesh=mesh, logger=MetricsLogger.from_config(exp.logging))
     after = accuracy(out.state.params, cfg.model, heldout, mesh)
+    return {"pairs": pairs.size, "judge": judged, "rm_accuracy": rm_accuracy, "before": before,
+            "after": after, "rl": out.history}
+
+
+def gen(params, cfg: ConstitutionalExperiment, mesh, temperature: float = 0.0) -> Generator:
+    """The toy task's generator: 14 new tokens at most (a critique, a revision or a verdict)."""
+    return Generator(params, cfg.model, TOKENIZER.encode, TOKENIZER.decode, (EOS,), 14,
+                     temperature=temperature, mesh=mesh, prompt_len_buckets=BUCKETS)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg = tyro.cli(ConstitutionalExperiment, default=ConstitutionalExperiment(), description=__doc__,
+                   use_underscores=True, config=(tyro.conf.FlagConversionOff,), args=argv)
+    if cfg.model.path:
+        return run_checkpoint(cfg)
+    started = time.perf_counter()
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    train_prompts, heldout, _ = split(cfg.seed, cfg.heldout, 0)
+    ws = cfg.warmstart
+    common = dict(encode=lambda exs: TOKENIZER.encode_batch([e.prompt for e in exs]),
+                  answer_ids=lambda e: TOKENIZER.encode(e.gold["answer"]) + [EOS], batch_size=ws.batch_size,
+                  learning_rate=ws.learning_rate, seed=cfg.seed, mesh=mesh, length=32)
+    params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
+    params = supervised_warmstart(params, cfg.model, FeedbackMix(train_prompts, 0.0, cfg.seed + 1),
+                                  steps=cfg.feedback_steps, **common)
+    probe = train_prompts[:100]
+    params = supervised_warmstart(
+        params, cfg.model, FeedbackMix(train_prompts, cfg.answer_fraction, cfg.seed), steps=ws.steps,
+        until=(lambda p, s: accuracy(p, cfg.model, probe, mesh) >= ws.target_accuracy)
+        if ws.target_accuracy > 0 else None, check_every=100, **common)
+    print(f"constitutional_ai: warm-start done in {time.perf_counter() - started:.0f} s", flush=True)
+
+    # SL phase
+    rng = jax.random.key(cfg.seed + 1)
+    def right(prompts: Sequence[str], answers: Sequence[str]) -> float:
+        return float(np.mean([a == gold_answer(p) for p, a in zip(prompts, answers, strict=True)]))
+
+    held = critique_and_revise(gen(params, cfg, mesh), heldout, CONSTITUTION, rounds=cfg.rounds,
+                               templates=TEMPLATES, rng=rng, seed=cfg.seed)
+    first_try, revised = right(heldout, held.initial), right(heldout, held.final)
+    sampled = gen(params, cfg, mesh, 1.0)(train_prompts, jax.random.fold_in(rng, 1))
+    revisions = critique_and_revise(gen(params, cfg, mesh), train_prompts, CONSTITUTION, rounds=cfg.rounds,
+                                    templates=TEMPLATES, rng=jax.random.fold_in(rng, 2), seed=cfg.seed + 1,
+                                    initial=sampled)
+    sl_params, rows = sft_on_revisions(params, cfg.model, train_prompts, revisions.final,
+                                       encode=TOKENIZER.encode, eos_id=EOS, steps=cfg.sft_steps,
+                                       batch_size=64, learning_rate=cfg.sft_learning_rate, mesh=mesh,
+                                       seed=cfg.seed, length=32)
+    after_sft = accuracy(sl_params, cfg.model, heldout, mesh)
+    write_jsonl(Path(cfg.run_dir) / "sl" / "metrics.jsonl", [
+        {"sl/first_try": first_try, "sl/revision": revised, "sl/after_sft": after_sft, "sl/sft_rows": rows,
+         "sl/sampled_right": right(train_prompts, sampled),
+         "sl/revised_right": right(train_prompts, revisions.final)}])
+    print(f"constitutional_ai: sl first_try={first_try:.2f} revision={revised:.2f} after_sft={after_sft:.2f} "
+          f"({rows} revisions trained on, right: sampled first tries {right(train_prompts, sampled):.2f}, "
+          f"their revisions {right(train_prompts, revisions.final):.2f}; "
+          f"{time.perf_counter() - started:.0f} s)", flush=True)
+
+    rl = rlaif_phase(cfg, params, sl_params, train_prompts, heldout, mesh, rng)
     print(f"constitutional_ai: done in {time.perf_counter() - started:.0f} s")
     print(f"constitutional_ai: sl first_try={first_try:.2f} revision={revised:.2f} after_sft={after_sft:.2f}")
-    print(f"constitutional_ai: rlaif preference_pairs={pairs.size} rm_gold_accuracy={rm_accuracy:.2f} "
-          f"accuracy before={before:.2f} after={after:.2f}")
-    return {"first_try": first_try, "revision": revised, "after_sft": after_sft, "pairs": pairs.size,
-            "rm_accuracy": rm_accuracy, "before": before, "after": after}
+    print(f"constitutional_ai: rlaif preference_pairs={rl['pairs']} rm_gold_accuracy={rl['rm_accuracy']:.2f} "
+          f"accuracy before={rl['before']:.2f} after={rl['after']:.2f}")
+    return {"first_try": first_try, "revision": revised, "after_sft": after_sft, "pairs": rl["pairs"],
+            "rm_accuracy": rl["rm_accuracy"], "before": rl["before"], "after": rl["after"]}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import sys
@@ -103,7 +104,8 @@ def test_constitutional_tiny_run_prints_both_phases(tmp_path, capsys):
 @pytest.mark.parametrize("name, flags", [
     ("self_rewarding", ("--iterations", "--judge_fraction", "--iteration.num_candidates",
                         "--iteration.beta")),
-    ("constitutional_ai", ("--feedback_steps", "--sft_steps", "--rm_steps", "--rl_steps")),
+    ("constitutional_ai", ("--feedback_steps", "--sft_steps", "--rm_steps", "--rl_steps", "--model.path",
+                           "--prompts", "--rounds", "--hf.undecided", "--hf.rl")),
 ])
 def test_help_names_the_config_fields(name, flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -112,3 +114,62 @@ def test_help_names_the_config_fields(name, flags, capsys):
     out = capsys.readouterr().out
     for flag in flags:
         assert flag in out
+
+
+class GoldFirstJudge:
+    """A stand-in feedback model: prefers the right sum, else the lexicographically larger text."""
+
+    def __init__(self, gold):
+        self.gold, self.decided = gold, []
+
+    def compare(self, prompts, a, b, rng, *, fields=None):
+        import numpy as np
+
+        from ouroboros_jax.rewards.judge import JudgeComparisons
+        key = lambda p, x: (x == self.gold(p), x)
+        outcomes = ["a" if key(p, x) > key(p, y) else "b" for p, x, y in zip(prompts, a, b, strict=True)]
+        self.decided += [(p, x, y) if o == "a" else (p, y, x)
+                         for p, x, y, o in zip(prompts, a, b, outcomes, strict=True)]
+        return JudgeComparisons(outcomes, np.ones(len(prompts), bool), [], [[] for _ in prompts])
+
+
+@pytest.mark.slow  # ~60 XLA compiles (reward-model and RL steps, sampler): 30-90 s on 2 cores
+def test_constitutional_rlaif_phase_trains_the_reward_model_on_the_judged_pairs(tmp_path, monkeypatch):
+    import json
+    import math
+
+    import jax
+
+    from ouroboros_jax.config import MeshConfig
+    from ouroboros_jax.models import init_sharded
+    from ouroboros_jax.sharding import make_mesh
+
+    m = load_script("constitutional_ai")
+    cfg = m.ConstitutionalExperiment(run_dir=str(tmp_path), rm_steps=2, rl_steps=2, model=dataclasses.replace(
+        m.ConstitutionalExperiment().model, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    params = init_sharded(cfg.model, jax.random.key(0), mesh)
+    train_prompts, heldout, _ = m.split(0, 16, 0)
+    judge = GoldFirstJudge(m.gold_answer)
+    trained_on = []
+    real = m.train_reward_model
+    monkeypatch.setattr(m, "train_reward_model", lambda p, c, pairs, *a, **k: (
+        trained_on.append(pairs), real(p, c, pairs, *a, **k))[1])
+    out = m.rlaif_phase(cfg, params, params, train_prompts[:32], heldout, mesh, jax.random.key(1),
+                        judge=judge)
+
+    # every comparison was decided, and the reward model trained on exactly the judged pairs
+    assert out["pairs"] == len(judge.decided) > 0
+    enc = m.TOKENIZER.encode
+    assert trained_on[0].prompts == [enc(p) for p, _, _ in judge.decided]
+    assert trained_on[0].chosen == [enc(c) + [m.EOS] for _, c, _ in judge.decided]
+    assert trained_on[0].rejected == [enc(r) + [m.EOS] for _, _, r in judge.decided]
+    read = lambda p: [json.loads(x) for x in (tmp_path / p).read_text().splitlines()]
+    rm = read("reward_model/metrics.jsonl")
+    assert [x["step"] for x in rm[:2]] == [1, 2] and rm[0]["reward_model/pairs"] == out["pairs"]
+    assert rm[-1]["reward_model/gold_accuracy"] == out["rm_accuracy"]
+    # the RL phase ran its steps against that reward model, with its metrics recorded
+    rl = [x for x in read("rlaif/metrics.jsonl") if "train/loss" in x]
+    assert [x["step"] for x in rl] == [1, 2]
+    assert all(x["train/finite"] == 1.0 and math.isfinite(x["reward/mean"]) for x in rl)
+    assert [x["reward/mean"] for x in rl] == [h["reward/mean"] for h in out["rl"]]

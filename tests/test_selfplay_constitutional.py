@@ -6,6 +6,8 @@ import json
 import random
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ouroboros_jax.config import MeshConfig, ModelConfig
@@ -118,3 +120,54 @@ def test_ai_preference_pairs_drop_ties_and_fill_the_principle():
     assert pairs.size == metrics["pairs"] == 2 - metrics["judge/ties"]
     for c, r in zip(pairs.chosen, pairs.rejected, strict=True):
         assert {TOK.decode(c), TOK.decode(r)} in ({"2", "3"}, {"4", "5"})
+
+
+def _pairwise_judge(choice_pattern: str) -> Judge:
+    params = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(1))
+    return Judge(params, CFG, encode=TOK.encode, decode=TOK.decode,
+                 template="{prompt}{response}?",
+                 pairwise_template="{prompt}A{response_a}B{response_b}|{principle}",
+                 choice_pattern=choice_pattern, max_new_tokens=3, prompt_len_buckets=(16,))
+
+
+def test_choice_preferences_average_both_orders_of_the_answer_logprobs():
+    from ouroboros_jax.models.transformer import forward
+    from ouroboros_jax.selfplay.constitutional import choice_preferences
+
+    judge = _pairwise_judge(r"([AB])")
+    prompts, a, b = ["1+1=", "2+2=", "3+3="], ["2", "4", "6"], ["3", "5", "9"]
+    got = choice_preferences(judge, prompts, a, b, fields=[{"principle": "C"}] * 3, choices=("A", "BA"),
+                             encode_choice=TOK.encode)
+
+    texts = [t for p, x, y in zip(prompts, a, b, strict=True) for t in (f"{p}A{x}B{y}|C", f"{p}A{y}B{x}|C")]
+    rows = [TOK.encode(t) + TOK.encode(ans) for ans in ("A", "BA") for t in texts]
+    width = max(map(len, rows))  # right padding: causal attention keeps it out of the earlier positions
+    padded = jnp.asarray([r + [0] * (width - len(r)) for r in rows])
+    logits = np.asarray(jax.jit(forward, static_argnums=1)(judge.params, CFG, padded), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    logp = [sum(logits[k, t - 1, r[t]] - logz[k, t - 1] for t in range(len(TOK.encode(texts[k % 6])), len(r)))
+            for k, r in enumerate(rows)]  # teacher-forced log-prob of each answer, by hand
+    for i in range(3):
+        says_a = [1 / (1 + np.exp(logp[6 + j] - logp[j])) for j in (2 * i, 2 * i + 1)]
+        assert got[i] == pytest.approx(0.5 * (says_a[0] + 1 - says_a[1]), abs=1e-4)
+
+
+def test_ai_preferences_label_unparsed_pairs_by_logprob_or_drop_them():
+    from ouroboros_jax.selfplay.constitutional import ai_preferences, choice_preferences
+
+    judge = _pairwise_judge(r"(Z)")  # no verdict ever parses: every pair a tie
+    cons = [Principle("n", "c", "r", "C")]
+    prompts, a, b = ["1+1=", "2+2=", "3+3=", "4+4="], ["2", "4", "6", "8"], ["3", "5", "9", "1"]
+    kw = dict(rng=jax.random.key(0), choices=("A", "B"), encode_choice=TOK.encode)
+    dropped, m = ai_preferences(judge, prompts, a, b, cons, **kw)
+    assert dropped == [] and m["judge/parse_failures"] == 8 and m["pairs/dropped"] == 4
+    pairs, m = ai_preferences(judge, prompts, a, b, cons, undecided="logprob", **kw)
+    prob_a = choice_preferences(judge, prompts, a, b, fields=[{"principle": "C"}] * 4, choices=("A", "B"),
+                                encode_choice=TOK.encode)
+    want = [(p, x, y) if q > 0.5 else (p, y, x) for p, x, y, q in zip(prompts, a, b, prob_a, strict=True)]
+    assert [(q.prompt, q.chosen, q.rejected) for q in pairs] == want
+    assert all(q.id == "n" for q in pairs)
+    assert m["pairs"] == m["pairs/by_logprob"] == 4 and m["pairs/by_verdict"] == 0
+    assert m["judge/parse_failures"] == 8  # still counted and reported
+    with pytest.raises(ValueError, match="needs encode_choice"):
+        ai_preferences(judge, prompts, a, b, cons, rng=jax.random.key(0), undecided="logprob")

@@ -15,6 +15,10 @@ Bai et al. 2022, "Constitutional AI: Harmlessness from AI Feedback" (arXiv 2212.
   dropped); the resulting preference pairs train a Bradley-Terry reward model
   (`selfplay.reward_model.train_reward_model`), and the policy is trained
   against it with GRPO (`trainer.train` with a `rewards.ModelReward`).
+  Pairs whose generated verdicts leave them undecided (a tie, or verdicts that
+  did not parse) can be labelled instead from the feedback model's
+  log-probabilities of the two answers (`choice_preferences`), as the paper
+  labels every comparison.
 
 The constitution is a JSON file: {"principles": [{"name", "critique_request",
 "revision_request", "preference"}, ...]}; one ships with the package
@@ -31,19 +35,23 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
+from jaxtyping import Float
 
-from ouroboros_jax.batch import EncodedPairs
+from ouroboros_jax.batch import EncodedPairs, pack_rows
 from ouroboros_jax.config import ModelConfig
 from ouroboros_jax.data import DataError
 from ouroboros_jax.models.transformer import Params
 from ouroboros_jax.rewards.judge import Judge, fill
 from ouroboros_jax.sampling import DEFAULT_PROMPT_LEN_BUCKETS, generate
+from ouroboros_jax.selfplay.generations import token_stats
+from ouroboros_jax.selfplay.preference import PreferencePair, encode_pairs
 from ouroboros_jax.supervised import supervised_warmstart
 
 CONSTITUTION_PATH = Path(__file__).with_name("constitution.json")
@@ -210,26 +218,96 @@ def sft_on_revisions(
     return new, len(rows)
 
 
+def choice_preferences(
+    judge: Judge, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], *,
+    fields: Sequence[Mapping[str, str]] | None = None, choices: tuple[str, str] = ("Better: A", "Better: B"),
+    encode_choice: Callable[[str], list[int]],
+) -> Float[np.ndarray, " P"]:
+    """P(a is better) from the judge's log-probabilities of answering `choices[0]` (A) or `choices[1]` (B).
+
+    Each pair's pairwise prompt is scored in both orders (a shown as A, then as
+    B); within an order the two answers' probabilities are normalised, and the
+    two orders are averaged, which cancels a constant position bias (Bai et al.
+    2022, sec. 4.1: preference labels from the feedback model's normalised
+    log-probabilities of the options). Nothing is parsed, so every pair gets a
+    probability; one teacher-forced forward over 4 rows per pair.
+
+    Args:
+      encode_choice: answer text -> token ids, appended to the encoded judge prompt
+        (plain tokenizer encoding: the answer continues the assistant turn).
+    """
+    if not len(prompts) == len(a) == len(b):
+        raise ValueError(f"choice_preferences: {len(prompts)} prompts, {len(a)} a's and {len(b)} b's")
+    P = len(prompts)
+    if P == 0:
+        return np.zeros(0)
+    extra = list(fields) if fields is not None else [{}] * P
+    shown = [(p, x, y, f) for p, x, y, f in zip(prompts, a, b, extra, strict=True)]
+    shown += [(p, y, x, f) for p, x, y, f in zip(prompts, a, b, extra, strict=True)]
+    asks = [judge.encode(fill(judge.pairwise_template, prompt=p, response_a=x, response_b=y, **f))
+            for p, x, y, f in shown]
+    answers = [encode_choice(c) for c in choices]
+    batch = pack_rows(asks * 2, [answers[0]] * (2 * P) + [answers[1]] * (2 * P))
+    logp, _ = token_stats(judge.params, judge.model_config, batch.tokens, batch.attention_mask)
+    total = np.where(batch.loss_mask, logp, 0.0).sum(axis=1)  # [4P]: A then B answers, both orders
+    says_a = 1.0 / (1.0 + np.exp(total[2 * P:] - total[:2 * P]))  # [2P]: P(answer A) per shown order
+    return 0.5 * (says_a[:P] + 1.0 - says_a[P:])
+
+
+def ai_preferences(
+    judge: Judge, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
+    constitution: Sequence[Principle], *, rng: jax.Array, seed: int = 0,
+    undecided: Literal["drop", "logprob"] = "drop", choices: tuple[str, str] = ("Better: A", "Better: B"),
+    encode_choice: Callable[[str], list[int]] | None = None,
+) -> tuple[list[PreferencePair], dict[str, float]]:
+    """RLAIF labels: the judge compares a and b under a drawn principle (`{principle}` in its pairwise
+    template gets the principle's preference question), both orders, one sampler call.
+
+    Pairs the verdicts leave undecided (ties: the orders disagree or did not
+    parse) are dropped (`undecided="drop"`), or labelled by `choice_preferences`
+    (`undecided="logprob"`, with `choices` and `encode_choice`); a pair whose
+    probability is exactly 1/2 is dropped either way.
+
+    Returns:
+      The (prompt, preferred, other) pairs, their `id` the principle judged under, and the
+      judge's metrics (position consistency, ties, parse failures) with `pairs`,
+      `pairs/by_verdict`, `pairs/by_logprob` and `pairs/dropped`.
+    """
+    if undecided not in ("drop", "logprob"):
+        raise ValueError(f"ai_preferences: undecided must be 'drop' or 'logprob' (got {undecided!r})")
+    if undecided == "logprob" and encode_choice is None:
+        raise ValueError("ai_preferences: undecided='logprob' needs encode_choice")
+    principles = draw_principles(constitution, len(prompts), random.Random(seed))
+    fields = [{"principle": p.preference} for p in principles]
+    out = judge.compare(prompts, a, b, rng, fields=fields)
+    outcomes = list(out.outcomes)
+    ties = [i for i, o in enumerate(outcomes) if o == "tie"]
+    if undecided == "logprob" and ties:
+        prob_a = choice_preferences(judge, [prompts[i] for i in ties], [a[i] for i in ties],
+                                    [b[i] for i in ties], fields=[fields[i] for i in ties], choices=choices,
+                                    encode_choice=encode_choice)
+        for i, p in zip(ties, prob_a, strict=True):
+            outcomes[i] = "a" if p > 0.5 else "b" if p < 0.5 else "tie"
+    pairs = [PreferencePair(p, *((x, y) if o == "a" else (y, x)), id=c.name)
+             for p, x, y, o, c in zip(prompts, a, b, outcomes, principles, strict=True) if o != "tie"]
+    by_verdict = len(outcomes) - len(ties)
+    return pairs, {**out.metrics, "pairs": float(len(pairs)), "pairs/by_verdict": float(by_verdict),
+                   "pairs/by_logprob": float(len(pairs) - by_verdict),
+                   "pairs/dropped": float(len(outcomes) - len(pairs))}
+
+
 def ai_preference_pairs(
     judge: Judge, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
     constitution: Sequence[Principle], *, rng: jax.Array, seed: int = 0,
     encode: Callable[[str], list[int]], encode_response: Callable[[str], list[int]],
+    undecided: Literal["drop", "logprob"] = "drop", choices: tuple[str, str] = ("Better: A", "Better: B"),
+    encode_choice: Callable[[str], list[int]] | None = None,
 ) -> tuple[EncodedPairs, dict[str, float]]:
-    """RLAIF labels: the judge compares a and b under a drawn principle (`{principle}` in its pairwise
-    template gets the principle's preference question), both orders, one sampler call; ties dropped.
+    """`ai_preferences`, encoded: prompts with `encode`, responses with `encode_response`.
 
     Returns:
-      The encoded (prompt, preferred, other) pairs and the judge's metrics (position consistency,
-      ties, parse failures) with `pairs`.
+      The encoded (prompt, preferred, other) pairs and the judge's metrics (see `ai_preferences`).
     """
-    principles = draw_principles(constitution, len(prompts), random.Random(seed))
-    out = judge.compare(prompts, a, b, rng, fields=[{"principle": p.preference} for p in principles])
-    pairs = EncodedPairs([], [], [])
-    for p, x, y, o in zip(prompts, a, b, out.outcomes, strict=True):
-        if o == "tie":
-            continue
-        win, lose = (x, y) if o == "a" else (y, x)
-        pairs.prompts.append(encode(p))
-        pairs.chosen.append(encode_response(win))
-        pairs.rejected.append(encode_response(lose))
-    return pairs, {**out.metrics, "pairs": float(pairs.size)}
+    pairs, metrics = ai_preferences(judge, prompts, a, b, constitution, rng=rng, seed=seed,
+                                    undecided=undecided, choices=choices, encode_choice=encode_choice)
+    return encode_pairs(pairs, encode, encode_response), metrics
