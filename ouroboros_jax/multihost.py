@@ -104,7 +104,14 @@ def read_slice(source: Any, mesh: Mesh, num_prompts: int) -> list[Any]:
 
 
 def _max_over_processes(value: int) -> int:
-    return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int64))))
+    return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int32))))
+
+
+def _gather_float64(x: np.ndarray) -> np.ndarray:
+    """Every process's `x` (float64, the same shape everywhere) stacked: [processes, ...]. Sent as
+    bits, so the values arrive exactly (JAX arrays are 32-bit unless x64 is on)."""
+    bits = np.ascontiguousarray(x, np.float64).view(np.uint32)
+    return np.ascontiguousarray(multihost_utils.process_allgather(bits)).view(np.float64)
 
 
 @functools.partial(jax.jit, static_argnames=("sharding",))
@@ -247,13 +254,13 @@ def rollout_metrics(rollout: ProcessRollout) -> dict[str, float]:
     codes = [0 if k is None else 1 if k == "timeout" else 2 for k in kinds]
     local = np.stack([padded(rollout.rewards), padded(rollout.correct), padded(rollout.sample.lengths),
                       padded(rollout.sample.truncated), padded(codes)])
-    everyone = np.asarray(multihost_utils.process_allgather(local))  # [processes, 5, n, G]
+    everyone = _gather_float64(local)  # [processes, 5, n, G]
     starts = np.asarray(multihost_utils.process_allgather(np.asarray([block.start]))).reshape(-1)
     rows = np.concatenate([everyone[i] for i in np.argsort(starts)], axis=1)[:, :rollout.num_prompts]
     rewards, correct, lengths, truncated, failures = rows
     names = sorted(rollout.metrics)
     values = np.asarray([rollout.metrics[k] * real for k in names] + [real], np.float64)
-    summed = np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+    summed = _gather_float64(values).sum(axis=0)
     failed = {1: "timeout", 2: "error"}
     whole = SimpleNamespace(
         rewards=rewards, correct=correct.astype(bool), groups_drawn=rollout.groups_drawn,
