@@ -6,6 +6,7 @@ Each process has 4 simulated CPU devices; `jax.distributed` joins the two into
 one runtime of 8 devices (gloo collectives), and `trainer.train` runs the
 quickstart's arithmetic task on a tiny model over the global mesh.
 
+PHASE "once": one step, no evaluation, no checkpoint (the default suite's test).
 PHASE "killed": train until step 3's rollout starts (checkpoints 1 and 2 are
 saved by then), write WORKDIR/ready-<process>, and wait to be killed.
 PHASE "resume": a fresh pair on the same run directory: resume and finish.
@@ -42,7 +43,7 @@ def quickstart():
     return module
 
 
-def experiment(run_dir: Path):
+def experiment(run_dir: Path, *extra: str):
     """The quickstart's config on a tiny model, checkpointing every step (mesh 1 x 4 x 2).
 
     No q/k/v biases: the gradient of a key bias is zero up to rounding (softmax ignores a shift),
@@ -58,7 +59,7 @@ def experiment(run_dir: Path):
             "--train.eval_size", "4", "--sampling.eval_num_samples", str(GROUP),
             "--optimizer.learning_rate", "1e-2",
             "--checkpoint.save_every", "1", "--checkpoint.no_async_save", "--logging.no_tensorboard",
-            "--logging.no_console", "--compilation_cache_dir", "", "--logging.run_dir", str(run_dir)]
+            "--logging.no_console", "--compilation_cache_dir", "", "--logging.run_dir", str(run_dir), *extra]
     cfg = parse_cli(quickstart().DEFAULT, args=args)
     return dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=4, tensor=2))
 
@@ -91,10 +92,11 @@ def make_task(cfg, prompts_file: Path | None = None, scored_file: Path | None = 
         return examples
 
     def scored(completions) -> list[float]:
+        rewards = digit_share(completions)
         if scored_file is not None:
             with scored_file.open("a") as f:
-                f.write(json.dumps(len(completions.texts)) + "\n")
-        return digit_share(completions)
+                f.write(json.dumps(rewards) + "\n")
+        return rewards
 
     source.take = recording_take
     return dataclasses.replace(task, reward_model=FnReward(scored))
@@ -130,7 +132,9 @@ def run(phase: str, workdir: Path) -> dict:
 
     me = jax.process_index()
     # The killed and the resumed pair compile the same programs: the second reads them from disk.
-    cfg = dataclasses.replace(experiment(workdir / "run"), compilation_cache_dir=str(workdir / "xla"))
+    quick = ["--train.steps", "1", "--train.eval_every", "0", "--checkpoint.save_every", "0"]
+    cfg = experiment(workdir / "run", *(quick if phase == "once" else []))
+    cfg = dataclasses.replace(cfg, compilation_cache_dir=str(workdir / "xla"))
     mesh = make_mesh(cfg.mesh)
     params = init_sharded(cfg.model, jax.random.key(cfg.seed), mesh)
     block_at = (KILL_AT_STEP - 1) * PROMPTS if phase == "killed" else 0
