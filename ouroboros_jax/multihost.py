@@ -268,3 +268,12 @@ def rollout_metrics(rollout: ProcessRollout) -> dict[str, float]:
         verdicts=[SimpleNamespace(error=failed.get(int(c))) for c in failures.reshape(-1)],
         metrics={k: float(v / summed[-1]) for k, v in zip(names, summed[:-1], strict=True)})
     return host_rollout_metrics(whole)
+
+
+def slowest(timings: dict[str, float]) -> dict[str, float]:
+    """Each phase's time as the slowest process measured it: one clock for all processes, so that
+    a decision on time (`train.time_limit_s`) stops every process after the same step."""
+    names = sorted(timings)
+    most = _gather_float64(np.asarray([timings[k] for k in names], np.float64)).max(axis=0)
+    return {k: float(v) for k, v in zip(names, most, strict=True)}
+

@@ -504,6 +504,8 @@ def _rl_step(cfg, model_config, step_fn, state, task: Task, settings, reward, ti
         update = ppo_update if cfg.ppo.enabled else _update
         state, metrics, tokens = update(step_fn, state, rollout, cfg, step)
     timings = timer.lap()
+    if several:  # one clock: train.time_limit_s must stop every process after the same step
+        timings = multihost.slowest(timings)
     metrics |= (multihost.rollout_metrics(rollout) if several else rollout_metrics(rollout)) | timings
     metrics["throughput/tokens_per_s"] = tokens / timings["time/step"]
     return state, metrics

@@ -118,8 +118,8 @@ def test_a_pair_of_processes_trains_one_step_on_one_global_batch(tmp_path):
     assert step["reward/mean"] == pytest.approx(np.mean(rewards), abs=1e-12)
     assert step["reward/std"] == pytest.approx(np.std(rewards), abs=1e-12) and step["reward/std"] > 0
     assert step["groups/drawn"] == worker.PROMPTS
-    same = {k: v for k, v in step.items() if not k.startswith(SKIPPED)}
-    assert {k: v for k, v in histories[1][0].items() if not k.startswith(SKIPPED)} == same
+    # The same record on both, times included (each phase as the slower process measured it).
+    assert histories[1][0] == step
 
 
 @pytest.fixture(scope="module")
