@@ -71,18 +71,14 @@ def logs(phase: str, workdir: Path) -> str:
 
 
 def wait_for(phase: str, workdir: Path, procs: list[subprocess.Popen], done) -> None:
-    """Poll until `done()` or every process has exited; kill both on a time-out or a failure."""
+    """Poll until `done()`; fail on a time-out, or when a process exits before (callers kill both)."""
     deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not done():
-            failed = [p.returncode for p in procs if p.poll() not in (None, 0)]
-            if failed or all(p.poll() == 0 for p in procs) or time.monotonic() > deadline:
-                pytest.fail(f"{phase}: exit codes {[p.poll() for p in procs]} before the phase was done "
-                            f"(or {TIMEOUT_S} s passed):\n{logs(phase, workdir)}")
-            time.sleep(0.2)
-    except BaseException:
-        kill(procs)
-        raise
+    while not done():
+        failed = [p.returncode for p in procs if p.poll() not in (None, 0)]
+        if failed or all(p.poll() == 0 for p in procs) or time.monotonic() > deadline:
+            pytest.fail(f"{phase}: exit codes {[p.poll() for p in procs]} before the phase was done "
+                        f"(or {TIMEOUT_S} s passed):\n{logs(phase, workdir)}")
+        time.sleep(0.2)
 
 
 def read_jsonl(path: Path) -> list:
@@ -97,8 +93,10 @@ def flat_params(params) -> dict[str, np.ndarray]:
 def test_a_pair_of_processes_trains_one_step_on_one_global_batch(tmp_path):
     """The default suite's multi-process trainer run: one step, metrics of the whole batch everywhere."""
     procs = start_pair("once", tmp_path)
-    wait_for("once", tmp_path, procs, lambda: all(p.poll() is not None for p in procs))
-    kill(procs)
+    try:
+        wait_for("once", tmp_path, procs, lambda: all(p.poll() is not None for p in procs))
+    finally:
+        kill(procs)
     assert [p.returncode for p in procs] == [0, 0], logs("once", tmp_path)
     per = worker.PROMPTS // worker.N_PROCESSES
     rewards, histories = [], []
@@ -128,15 +126,20 @@ def runs(tmp_path_factory):
     # A pair trains until step 3's rollout, then both processes are SIGKILLed there.
     killed = start_pair("killed", tmp)
     ready = [tmp / f"ready-{i}" for i in range(worker.N_PROCESSES)]
-    wait_for("killed", tmp, killed, lambda: all(r.exists() for r in ready))
-    assert (tmp / "run" / "checkpoints" / "2").is_dir()
-    kill(killed)
+    try:
+        wait_for("killed", tmp, killed, lambda: all(r.exists() for r in ready))
+        saved = (tmp / "run" / "checkpoints" / "2").is_dir()
+    finally:
+        kill(killed)
+    assert saved, "both processes reached step 3's rollout without checkpoint 2 on disk"
     assert [p.returncode for p in killed] == [-signal.SIGKILL] * worker.N_PROCESSES
     # A fresh pair on the same run directory resumes and finishes.
     resumed = start_pair("resume", tmp)
-    wait_for("resume", tmp, resumed, lambda: all(p.poll() is not None for p in resumed))
-    codes = [p.returncode for p in resumed]
-    kill(resumed)  # anything the pair left behind
+    try:
+        wait_for("resume", tmp, resumed, lambda: all(p.poll() is not None for p in resumed))
+        codes = [p.returncode for p in resumed]
+    finally:
+        kill(resumed)  # and anything the pair left behind
     assert codes == [0] * worker.N_PROCESSES, f"resume: exit codes {codes}:\n{logs('resume', tmp)}"
     return tmp, reference(tmp)
 
