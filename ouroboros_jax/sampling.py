@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.multihost_utils import process_allgather
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Bool, Float, Int
 
@@ -525,7 +526,8 @@ def generate(
         inputs = (jax.device_put(tokens_p, rows), jax.device_put(mask_p, rows),
                   jax.device_put(inputs[2], NamedSharding(mesh, logical_to_spec(("batch",)))))
     out = _sample_bucket(params, cfg, *inputs, knobs, rng, static=static)
-    out = jax.device_get(out)
+    # Over several processes (hosts), each gets every row: the prompts were the same on all of them.
+    out = jax.device_get(out) if out["tokens"].is_fully_addressable else process_allgather(out, tiled=True)
     R = B * G
     lengths = out["lengths"][:R]
     return SampleOutput(

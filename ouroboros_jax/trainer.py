@@ -29,7 +29,7 @@ import optax
 from jax.experimental.compilation_cache.compilation_cache import reset_cache, set_cache_dir
 
 from ouroboros_jax import checkpoint as ckpt
-from ouroboros_jax import paths
+from ouroboros_jax import multihost, paths
 from ouroboros_jax.batch import Batch
 from ouroboros_jax.config import (
     ConfigError,
@@ -182,8 +182,11 @@ def rollout_settings(
 
 
 def _minibatches(batch: Batch, size: int, rng: np.random.Generator) -> list[Batch]:
-    """The rollout batch shuffled and cut into mini-batches of `size` rows."""
+    """The rollout batch shuffled and cut into mini-batches of `size` rows (on the devices when the
+    batch is a global array of several processes, `multihost.ProcessRollout.to_batch`)."""
     order = rng.permutation(batch.tokens.shape[0])
+    if isinstance(batch.tokens, jax.Array) and not batch.tokens.is_fully_addressable:
+        return [multihost.take_rows(batch, order[start:start + size]) for start in range(0, len(order), size)]
     return [jax.tree.map(lambda a, rows=order[start:start + size]: np.asarray(a)[rows], batch)
             for start in range(0, len(order), size)]
 
@@ -202,7 +205,8 @@ def _update(step_fn, state: TrainState, rollout: Rollout, cfg: ExperimentConfig,
     keys = host[0].keys()
     out = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in keys}
     out["train/finite"] = float(min(m["finite"] for m in host))
-    tokens = int(np.asarray(batch.attention_mask).sum())
+    mask = batch.attention_mask
+    tokens = int(np.asarray(mask).sum() if not isinstance(mask, jax.Array) else jax.numpy.sum(mask))
     return state, out, tokens
 
 
@@ -480,16 +484,29 @@ def _rl_step(cfg, model_config, step_fn, state, task: Task, settings, reward, ti
     """Rollout, rewards and update for step `step`; returns the state and its metrics."""
     from ouroboros_jax.ppo import update as ppo_update
     timer.reset()  # the step's clock: the previous step's evaluation and checkpoint are not in it
-    rollout = collect(
-        task.train_source.take, task.encode, state.params, model_config,
-        num_prompts=cfg.train.prompts_per_step, settings=settings, decode=task.decode, reward=reward,
-        rng=jax.random.fold_in(jax.random.key(cfg.seed), step), mesh=mesh,
-        dynamic_sampling=cfg.loss.dynamic_sampling, max_rounds=cfg.loss.max_sampling_rounds, timer=timer)
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    several = multihost.spans_processes(mesh)
+    if several:  # each process reads, samples and scores its share; the batch is one global array
+        if cfg.loss.dynamic_sampling or cfg.ppo.enabled:
+            raise ConfigError("loss.dynamic_sampling and ppo.enabled run on one process only (the mesh "
+                              f"spans {jax.process_count()} processes)")
+        rollout = multihost.collect_rows(
+            task.train_source, task.encode, state.params, model_config,
+            num_prompts=cfg.train.prompts_per_step, settings=settings, decode=task.decode, reward=reward,
+            rng=rng, mesh=mesh, timer=timer)
+    else:
+        rollout = collect(
+            task.train_source.take, task.encode, state.params, model_config,
+            num_prompts=cfg.train.prompts_per_step, settings=settings, decode=task.decode, reward=reward,
+            rng=rng, mesh=mesh, dynamic_sampling=cfg.loss.dynamic_sampling,
+            max_rounds=cfg.loss.max_sampling_rounds, timer=timer)
     with timer.phase("update"):
         update = ppo_update if cfg.ppo.enabled else _update
         state, metrics, tokens = update(step_fn, state, rollout, cfg, step)
     timings = timer.lap()
-    metrics |= rollout_metrics(rollout) | timings
+    if several:  # one clock: train.time_limit_s must stop every process after the same step
+        timings = multihost.slowest(timings)
+    metrics |= (multihost.rollout_metrics(rollout) if several else rollout_metrics(rollout)) | timings
     metrics["throughput/tokens_per_s"] = tokens / timings["time/step"]
     return state, metrics
 
