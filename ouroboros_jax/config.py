@@ -803,15 +803,26 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    # PPO-ptx (InstructGPT): `ptx_coef` times the likelihood loss of demonstrations mixed into
+    # every actor update; `ptx_data` is a JSONL file of {"prompt", <ptx_completion_field>} lines.
+    ptx_coef: float = 0.0
+    ptx_data: str = ""
+    ptx_completion_field: str = "response"
 
     def __post_init__(self) -> None:
         _one_of(self.critic, ("separate", "shared"), "ppo.critic")
         _learning_rate(self.critic_learning_rate, "ppo.critic_learning_rate")
-        for name in ("value_coef", "value_clip", "kl_coef"):
+        for name in ("value_coef", "value_clip", "kl_coef", "ptx_coef"):
             _finite(getattr(self, name), f"ppo.{name}")
             _require(getattr(self, name) >= 0, f"ppo.{name}", "must be >= 0", getattr(self, name))
         for name in ("gamma", "lam"):
             _require(0 <= getattr(self, name) <= 1, f"ppo.{name}", "must be in [0, 1]", getattr(self, name))
+        if self.ptx_coef > 0:
+            _require(bool(self.ptx_data), "ppo.ptx_data", "a JSONL file of demonstrations is required when "
+                     "ppo.ptx_coef > 0")
+            _require(self.enabled, "ppo.ptx_coef", "PPO-ptx runs in the PPO loop: use --preset ppo "
+                     "(ppo.enabled)", self.ptx_coef)
+            _require(bool(self.ptx_completion_field), "ppo.ptx_completion_field", "must name a field")
 
 
 # The actor loss of `--preset ppo` (InstructGPT / verl): token-mean PPO clip, the KL
