@@ -232,7 +232,9 @@ def _clipped_actor(cfg: ExperimentConfig, model_config: ModelConfig) -> Objectiv
     return ppo_actor(model_config, variant=loss.variant, clip_low=loss.clip_low, clip_high=loss.clip_high,
                      aggregation=loss.aggregation, dual_clip=loss.dual_clip, entropy_coef=loss.entropy_coef,
                      temperature=cfg.sampling.temperature or 1.0,
-                     value_coef=ppo.value_coef if ppo.critic == "shared" else 0.0, value_clip=ppo.value_clip)
+                     value_coef=ppo.value_coef if ppo.critic == "shared" else 0.0, value_clip=ppo.value_clip,
+                     importance_level=loss.importance_level, importance_upper=loss.importance_upper,
+                     importance_lower=loss.importance_lower)
 
 
 def compile_ppo(cfg: ExperimentConfig, model_config: ModelConfig, params: Params, mesh: Any, *,

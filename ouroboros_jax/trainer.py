@@ -156,7 +156,9 @@ def policy_loss_settings(
     return dict(
         variant=loss.variant, clip_low=loss.clip_low, clip_high=loss.clip_high, aggregation=loss.aggregation,
         dual_clip=loss.dual_clip, max_len=loss.max_len or max_completion_len, kl_coef=loss.kl_coef,
-        kl_kind=loss.kl_kind, entropy_coef=loss.entropy_coef, temperature=temperature)
+        kl_kind=loss.kl_kind, entropy_coef=loss.entropy_coef, temperature=temperature,
+        importance_level=loss.importance_level, importance_upper=loss.importance_upper,
+        importance_lower=loss.importance_lower)
 
 
 def policy_objective(
