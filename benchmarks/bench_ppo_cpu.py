@@ -25,11 +25,14 @@ every step; the first step of each compiles and is not timed.
 
     python benchmarks/bench_ppo_cpu.py                # about 3 minutes on 2 shared cores
     python benchmarks/bench_ppo_cpu.py --steps 10 --completion-len 256
+    python benchmarks/bench_ppo_cpu.py --trl-python VENV/bin/python   # and TRL's PPOTrainer (trl==1.12.0)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,12 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--completion-len", type=int, default=64)
+    parser.add_argument("--trl-python", default="",
+                        help="an interpreter with trl==1.12.0 (the last release with a PPOTrainer): also run "
+                             "TRL's PPO on the same checkpoint and workload (worker_trl_ppo.py), after ours")
     args = parser.parse_args(argv)
     work = Workload(prompts=args.prompts, group=args.group, prompt_len=32, completion_len=args.completion_len)
     shape = ModelShape()
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = make_checkpoint(Path(tmp), shape, max_seq_len=work.seq_len)
-        cfg, params = load_hf_checkpoint(directory)
+    tmp = tempfile.TemporaryDirectory()
+    directory = make_checkpoint(Path(tmp.name), shape, max_seq_len=work.seq_len)
+    cfg, params = load_hf_checkpoint(directory)
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
     prompts = prompt_ids(work, cfg.vocab_size, 0)
     examples = [SimpleNamespace(gold=None) for _ in range(work.prompts)]
@@ -146,6 +152,28 @@ def main(argv: list[str] | None = None) -> None:
     update = {a: work.tokens / med[a]["update"] for a in med}
     print(f"benchmark ppo_step: grpo={rate['grpo']:.0f} ppo={rate['ppo']:.0f} "
           f"ppo/grpo={rate['ppo'] / rate['grpo']:.2f} update ppo/grpo={update['ppo'] / update['grpo']:.2f}")
+    if args.trl_python:
+        trl = run_trl_ppo(args.trl_python, directory, work, args.steps)
+        step = float(np.median(trl["times"][1:]))  # the first PPO batch is not counted, as our compile step
+        print(f"trl   {step:6.2f}  (PPOTrainer.train, {args.steps} timed batches after 1, not alternated; "
+              f"trl {trl['trl']}, torch {trl['torch']}, transformers {trl['transformers']})  "
+              f"tokens/s {work.tokens / step:.0f}")
+        print(f"benchmark ppo_step_trl: ours={rate['ppo']:.0f} trl={work.tokens / step:.0f} "
+              f"ours/trl={rate['ppo'] * step / work.tokens:.2f}")
+    tmp.cleanup()
+
+
+def run_trl_ppo(python: str, directory: Path, work: Workload, steps: int) -> dict:
+    """TRL's PPOTrainer on the checkpoint in its own process (worker_trl_ppo.py); its JSON line."""
+    worker = Path(__file__).resolve().parent / "worker_trl_ppo.py"
+    argv = [python, str(worker), str(directory), "--steps", str(steps), "--prompts", str(work.prompts),
+            "--group", str(work.group), "--prompt-len", str(work.prompt_len),
+            "--completion-len", str(work.completion_len)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{\"times\"")]
+    if done.returncode or not lines:
+        raise SystemExit(f"worker_trl_ppo.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 if __name__ == "__main__":
