@@ -189,8 +189,9 @@ def _demo_nll(model_config: ModelConfig, params, rows: Batch) -> float:
 
 
 @pytest.mark.slow  # a trainer run: sampler, actor and critic programs compile (~20 s on 2 cores)
-def test_trainer_ptx_logs_its_loss_and_the_demonstration_nll_falls(tmp_path):
-    cfg = _config(tmp_path / "run", ptx_data=_demos_file(tmp_path), ptx_coef=1.0)
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_trainer_ptx_logs_its_loss_and_the_demonstration_nll_falls(tmp_path, critic):
+    cfg = _config(tmp_path / "run", ptx_data=_demos_file(tmp_path), ptx_coef=1.0, critic=critic)
     params = init_params(cfg.model, jax.random.key(0))
     rows = ptx_demonstrations(cfg.ppo.ptx_data, _task(), max_len=64)
     before = _demo_nll(cfg.model, params, rows)
