@@ -110,10 +110,15 @@ def make_task(
         print(f"{cfg.name}: {cfg.model.path} has no chat template; prompts are plain text")
         data = dataclasses.replace(data, chat_template=False)
     encoder = make_prompt_encoder(data, tokenizer, max_len=cfg.sampling.prompt_len_buckets[-1])
+    # PPO-ptx demonstrations end as sampled completions do: end of turn in a chat, else EOS.
+    turn_ends = [tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS] if data.chat_template else []
+    end = next((i for i in turn_ends if i is not None), tokenizer.eos_id)
+    eos = [end] if end is not None else []
     return Task(train_source=train_source, encode=encoder.encode_batch, decode=tokenizer.decode,
                 verifier=verifier_spec(cfg.verifier),
                 stop_token_ids=stop_token_ids(cfg.model.path, tokenizer, chat=data.chat_template),
-                eval_examples=list(eval_examples))
+                eval_examples=list(eval_examples),
+                encode_completion=lambda text: tokenizer.encode(text) + eos)
 
 
 def finish(cfg: ExperimentConfig, result: TrainResult, started: float) -> None:

@@ -132,7 +132,8 @@ def make_task(cfg: ExperimentConfig) -> Task:
     train_source = arithmetic_source(seed=cfg.data.seed, **problems)
     heldout = arithmetic_source(seed=cfg.data.seed, heldout=True, **problems)
     return Task(train_source=train_source, encode=encode, decode=decode, verifier=verifier_spec(cfg.verifier),
-                stop_token_ids=(TOKENIZER.eos_id,), eval_examples=heldout.take(cfg.train.eval_size))
+                stop_token_ids=(TOKENIZER.eos_id,), eval_examples=heldout.take(cfg.train.eval_size),
+                encode_completion=lambda text: TOKENIZER.encode(text) + [TOKENIZER.eos_id])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,6 +47,10 @@ class Batch:
       advantages: one per row [B], or one per token [B, T].
       ref_logp: optional [B, T] reference log-probs computed elsewhere; when
         None and the state holds reference parameters, the objective computes them.
+      rollout_logp: optional [B, T] log-probs under the policy that sampled the
+        tokens when it is not the one `old_logp` is of (another engine or
+        precision, stale weights); with `importance_upper` set, the
+        policy-gradient objective weights each token by pi_old / pi_rollout.
       loss_start: (static) first position that can carry a loss token, e.g. the
         prompt width P of the split layout; loss-mask entries before it are ignored.
     """
@@ -57,6 +61,7 @@ class Batch:
     old_logp: Float[Array, "B T"]
     advantages: Float[Array, " B"] | Float[Array, "B T"]
     ref_logp: Float[Array, "B T"] | None = None
+    rollout_logp: Float[Array, "B T"] | None = None
     loss_start: int = flax.struct.field(pytree_node=False, default=0)
 
 

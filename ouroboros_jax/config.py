@@ -38,6 +38,7 @@ PolicyVariant = Literal["ppo_clip", "gspo", "gspo_token", "cispo", "sapo", "sft"
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
 AdvantageMode = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 KLKind = Literal["k1", "k2", "k3"]
+ImportanceLevel = Literal["token", "sequence"]
 OverlongMode = Literal["none", "shape", "mask"]
 Schedule = Literal["constant", "cosine"]
 DataSource = Literal["arithmetic", "countdown", "jsonl", "tfds", "humaneval", "reasoning_gym"]
@@ -51,6 +52,7 @@ POLICY_VARIANTS: tuple[str, ...] = typing.get_args(PolicyVariant)
 AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)
 ADVANTAGE_MODES: tuple[str, ...] = typing.get_args(AdvantageMode)
 KL_KINDS: tuple[str, ...] = typing.get_args(KLKind)
+IMPORTANCE_LEVELS: tuple[str, ...] = typing.get_args(ImportanceLevel)
 OVERLONG_MODES: tuple[str, ...] = typing.get_args(OverlongMode)
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 DATA_SOURCES: tuple[str, ...] = typing.get_args(DataSource)
@@ -273,8 +275,23 @@ class LossConfig:
     overlong: OverlongMode = "none"
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    # Off-policy correction (GRPO family and the PPO actor) for batches that carry the sampler's
+    # log-probs (`rollout_logp`): per-token factor pi_old / pi_rollout, min(w, upper) (TIS), or 0
+    # outside [lower, upper] (IcePop) when `importance_lower` is set; None: off.
+    importance_level: ImportanceLevel = "token"
+    importance_upper: float | None = None
+    importance_lower: float | None = None
 
     def __post_init__(self) -> None:
+        _one_of(self.importance_level, IMPORTANCE_LEVELS, "loss.importance_level")
+        for name in ("importance_upper", "importance_lower"):
+            _finite(getattr(self, name), f"loss.{name}")
+        _require(self.importance_upper is None or self.importance_upper > 0, "loss.importance_upper",
+                 "must be > 0 (the largest weight kept) or None", self.importance_upper)
+        _require(self.importance_lower is None or (
+            self.importance_upper is not None and 0 <= self.importance_lower < self.importance_upper),
+            "loss.importance_lower", "needs loss.importance_upper and 0 <= lower < upper",
+            self.importance_lower)
         _one_of(self.advantage, ADVANTAGE_MODES, "loss.advantage")
         _one_of(self.variant, POLICY_VARIANTS, "loss.variant")
         _one_of(self.aggregation, AGGREGATIONS, "loss.aggregation")
@@ -808,15 +825,26 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    # PPO-ptx (InstructGPT): `ptx_coef` times the likelihood loss of demonstrations mixed into
+    # every actor update; `ptx_data` is a JSONL file of {"prompt", <ptx_completion_field>} lines.
+    ptx_coef: float = 0.0
+    ptx_data: str = ""
+    ptx_completion_field: str = "response"
 
     def __post_init__(self) -> None:
         _one_of(self.critic, ("separate", "shared"), "ppo.critic")
         _learning_rate(self.critic_learning_rate, "ppo.critic_learning_rate")
-        for name in ("value_coef", "value_clip", "kl_coef"):
+        for name in ("value_coef", "value_clip", "kl_coef", "ptx_coef"):
             _finite(getattr(self, name), f"ppo.{name}")
             _require(getattr(self, name) >= 0, f"ppo.{name}", "must be >= 0", getattr(self, name))
         for name in ("gamma", "lam"):
             _require(0 <= getattr(self, name) <= 1, f"ppo.{name}", "must be in [0, 1]", getattr(self, name))
+        if self.ptx_coef > 0:
+            _require(bool(self.ptx_data), "ppo.ptx_data", "a JSONL file of demonstrations is required when "
+                     "ppo.ptx_coef > 0")
+            _require(self.enabled, "ppo.ptx_coef", "PPO-ptx runs in the PPO loop: use --preset ppo "
+                     "(ppo.enabled)", self.ptx_coef)
+            _require(bool(self.ptx_completion_field), "ppo.ptx_completion_field", "must name a field")
 
 
 # The actor loss of `--preset ppo` (InstructGPT / verl): token-mean PPO clip, the KL

@@ -8,10 +8,11 @@ One PPO round on a rollout:
 2. the critic's values of the rollout give GAE advantages and returns
    (`algorithms.gae_advantages`, gamma 1 and lambda 0.95 by default);
 3. several epochs over shuffled mini-batches: the actor update
-   (`objectives.value.ppo_actor`, optionally with a supervised PPO-ptx term
-   mixed into its loss), then the critic update (`objectives.value.value`,
-   its own optimizer) on the same mini-batch; with a shared backbone the
-   value loss is part of the actor's loss and there is no critic state.
+   (`objectives.value.ppo_actor`; with `ppo.ptx_coef` > 0 plus that times the
+   likelihood loss of as many demonstration rows of `ppo.ptx_data`, PPO-ptx),
+   then the critic update (`objectives.value.value`, its own optimizer) on the
+   same mini-batch; with a shared backbone the value loss is part of the
+   actor's loss and there is no critic state.
 
 Every update runs through the one update step (`step.make_train_step`).
 The trainer dispatches here when `cfg.ppo.enabled` (the `ppo` preset):
@@ -32,10 +33,11 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from ouroboros_jax.algorithms import gae_advantages, outcome_token_rewards
-from ouroboros_jax.batch import Batch
+from ouroboros_jax.batch import Batch, pack_rows
 from ouroboros_jax.config import ConfigError, ExperimentConfig, ModelConfig, PPOConfig
 from ouroboros_jax.models import param_specs, policy_logprobs
 from ouroboros_jax.models.transformer import Params
+from ouroboros_jax.objectives import sft
 from ouroboros_jax.objectives.base import Metrics, Objective
 from ouroboros_jax.objectives.value import (
     PPOBatch,
@@ -51,11 +53,13 @@ from ouroboros_jax.step import TrainState, init_train_state, make_train_step
 
 
 class PPOSteps(NamedTuple):
-    """The compiled actor step, the critic step (None with a shared backbone), the policy's architecture."""
+    """The compiled actor step, the critic step (None with a shared backbone), the policy's architecture,
+    and for PPO-ptx the demonstration rows (host arrays) each actor update draws a mini-batch from."""
 
     actor: Any
     critic: Any
     model_config: ModelConfig
+    ptx: Batch | None = None
 
 
 class PPOState(NamedTuple):
@@ -175,23 +179,81 @@ _targets = jax.jit(lambda s, m, o, r, v, kl, g, lam, w: token_targets(
     s, m, o, r, v, kl_coef=kl, gamma=g, lam=lam, whiten=w), static_argnums=(8,))
 
 
+def ptx_demonstrations(path: str, task: Any, *, completion_field: str = "response",
+                       max_len: int | None = None) -> Batch:
+    """The demonstration rows of PPO-ptx: a JSONL file of `{"prompt", completion_field}` lines, packed.
+
+    Prompts are rendered by `task.encode` (as the rollout's prompts are),
+    completions tokenised by `task.encode_completion`; the loss is on the
+    completion tokens (advantage 1: their likelihood).
+
+    Raises:
+      ConfigError: naming `ppo.ptx_data` and the file (and line), for a missing
+        file, a bad line, an empty completion, a row longer than `max_len`, or a
+        task without `encode_completion`.
+    """
+    from ouroboros_jax.data import DataError, read_jsonl
+
+    if task is None or getattr(task, "encode_completion", None) is None:
+        raise ConfigError(f"ppo.ptx_data: {path} needs a task that tokenises completions "
+                          "(Task.encode_completion: text -> token ids)")
+    try:
+        examples = read_jsonl(path, prompt_field="prompt", answer_field=completion_field)
+    except DataError as e:
+        raise ConfigError(f"ppo.ptx_data: {e}") from None
+    completions = []
+    for ex in examples:
+        text = ex.gold["answer"]
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"ppo.ptx_data: {path} line {ex.id.rsplit(':', 1)[1]}: field "
+                              f"{completion_field!r} must be a non-empty string (got {text!r:.80})")
+        completions.append(list(task.encode_completion(text)))
+    prompts = [list(p) for p in task.encode(examples)]
+    longest = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    if max_len is not None and longest > max_len:
+        row = max(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
+        raise ConfigError(f"ppo.ptx_data: {path} line {examples[row].id.rsplit(':', 1)[1]}: "
+                          f"{longest} tokens, longer than model.max_seq_len={max_len}")
+    width = -(-longest // 16) * 16
+    return pack_rows(prompts, completions, width=width if max_len is None else min(width, max_len))
+
+
 def actor_objective(cfg: ExperimentConfig, model_config: ModelConfig) -> Objective:
-    """The actor's objective from the config (an edge): PPO clip on per-token advantages."""
+    """The actor's objective from the config (an edge): PPO clip on per-token advantages, plus
+    `ppo.ptx_coef` times the demonstrations' likelihood loss (`with_ptx`) when it is > 0."""
+    actor = _clipped_actor(cfg, model_config)
+    if cfg.ppo.ptx_coef > 0:
+        return with_ptx(actor, sft(model_config), cfg.ppo.ptx_coef)
+    return actor
+
+
+def _clipped_actor(cfg: ExperimentConfig, model_config: ModelConfig) -> Objective:
     loss, ppo = cfg.loss, cfg.ppo
     return ppo_actor(model_config, variant=loss.variant, clip_low=loss.clip_low, clip_high=loss.clip_high,
                      aggregation=loss.aggregation, dual_clip=loss.dual_clip, entropy_coef=loss.entropy_coef,
                      temperature=cfg.sampling.temperature or 1.0,
-                     value_coef=ppo.value_coef if ppo.critic == "shared" else 0.0, value_clip=ppo.value_clip)
+                     value_coef=ppo.value_coef if ppo.critic == "shared" else 0.0, value_clip=ppo.value_clip,
+                     importance_level=loss.importance_level, importance_upper=loss.importance_upper,
+                     importance_lower=loss.importance_lower)
 
 
-def compile_ppo(cfg: ExperimentConfig, model_config: ModelConfig, params: Params, mesh: Any):
-    """The actor and critic steps and the initial `PPOState` (the trainer's `_compile_step` for PPO)."""
+def compile_ppo(cfg: ExperimentConfig, model_config: ModelConfig, params: Params, mesh: Any, *,
+                task: Any = None):
+    """The actor and critic steps and the initial `PPOState` (the trainer's `_compile_step` for PPO).
+
+    With `ppo.ptx_coef` > 0, `task` (the trainer's `Task`) renders and
+    tokenises the demonstrations of `ppo.ptx_data` (`ptx_demonstrations`).
+    """
     from ouroboros_jax.trainer import optimizer_from_config
 
     ppo = cfg.ppo
     if cfg.train.ref_update_every:
         raise ConfigError("train.ref_update_every: not supported with PPO (ppo.enabled); the reference "
                           "stays the initial policy, as InstructGPT's KL anchor")
+    ptx = None
+    if ppo.ptx_coef > 0:
+        ptx = ptx_demonstrations(ppo.ptx_data, task, completion_field=ppo.ptx_completion_field,
+                                 max_len=model_config.max_seq_len)
     per_step = cfg.train.inner_epochs * (cfg.rollout_batch_size // cfg.train.mini_batch_size)
     total = cfg.train.steps * per_step
     optimizer = optimizer_from_config(cfg.optimizer, total_steps=total)
@@ -203,7 +265,7 @@ def compile_ppo(cfg: ExperimentConfig, model_config: ModelConfig, params: Params
     actor = init_train_state(actor_params, optimizer, jax.random.key(cfg.seed), with_reference=True,
                              shardings=actor_sh)
     if shared:
-        return PPOSteps(actor_fn, None, model_config), PPOState(actor, None)
+        return PPOSteps(actor_fn, None, model_config, ptx), PPOState(actor, None)
     critic_opt = optimizer_from_config(
         dataclasses.replace(cfg.optimizer, learning_rate=ppo.critic_learning_rate), total_steps=total)
     critic_fn, critic_sh = make_train_step(value(model_config, clip_range=ppo.value_clip), critic_opt, mesh,
@@ -211,15 +273,19 @@ def compile_ppo(cfg: ExperimentConfig, model_config: ModelConfig, params: Params
                                            micro_batch_size=cfg.train.micro_batch_size)
     critic = init_train_state(init_critic(params), critic_opt, jax.random.key(cfg.seed + 1),
                               shardings=critic_sh)
-    return PPOSteps(actor_fn, critic_fn, model_config), PPOState(actor, critic)
+    return PPOSteps(actor_fn, critic_fn, model_config, ptx), PPOState(actor, critic)
 
 
 def ppo_epochs(
     step_fns: PPOSteps, state: PPOState, batch: PPOBatch, *, epochs: int, mini_batch_size: int,
     rng: np.random.Generator,
 ) -> tuple[PPOState, list[Metrics]]:
-    """`epochs` passes over the batch in shuffled mini-batches: actor update, then critic update."""
-    actor_fn, critic_fn = step_fns.actor, step_fns.critic
+    """`epochs` passes over the batch in shuffled mini-batches: actor update, then critic update.
+
+    With PPO-ptx (`step_fns.ptx`), each actor update also gets as many
+    demonstration rows, drawn at random (`PtxBatch`); the critic sees the PPO rows only.
+    """
+    actor_fn, critic_fn, ptx = step_fns.actor, step_fns.critic, step_fns.ptx
     rows = batch.tokens.shape[0]
     # Host arrays, cut per mini-batch: the step places each in its batch sharding.
     batch = jax.device_get(batch)
@@ -229,7 +295,13 @@ def ppo_epochs(
         for start in range(0, rows, mini_batch_size):
             idx = order[start:start + mini_batch_size]
             mb = jax.tree.map(lambda a, idx=idx: np.asarray(a)[idx], batch)
-            actor, metrics = actor_fn(state.actor, mb)
+            if ptx is None:
+                actor, metrics = actor_fn(state.actor, mb)
+            else:
+                n = ptx.tokens.shape[0]
+                demo = rng.choice(n, size=len(idx), replace=n < len(idx))
+                sft_mb = jax.tree.map(lambda a, demo=demo: np.asarray(a)[demo], ptx)
+                actor, metrics = actor_fn(state.actor, PtxBatch(mb, sft_mb))
             critic = state.critic
             if critic_fn is not None:
                 critic, c_metrics = critic_fn(critic, mb)

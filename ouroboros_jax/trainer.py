@@ -103,6 +103,9 @@ class Task:
         `PARReward`: raw and reference rewards) are logged with each step's
         metrics, as the values of the step's last rollout call, and each
         source's wall time as `time/verify` and `time/reward_model`.
+      encode_completion: a demonstration's completion text -> token ids, ending
+        with the end-of-completion token as sampled completions do; PPO-ptx
+        (`ppo.ptx_data`) needs it, with `encode` rendering the prompts.
     """
 
     train_source: Any
@@ -114,6 +117,7 @@ class Task:
     reward_model: RewardSource | None = None
     reward_model_weight: float = 1.0
     verifier_weight: float = 1.0
+    encode_completion: Callable[[str], list[int]] | None = None
 
 
 @dataclasses.dataclass
@@ -152,7 +156,9 @@ def policy_loss_settings(
     return dict(
         variant=loss.variant, clip_low=loss.clip_low, clip_high=loss.clip_high, aggregation=loss.aggregation,
         dual_clip=loss.dual_clip, max_len=loss.max_len or max_completion_len, kl_coef=loss.kl_coef,
-        kl_kind=loss.kl_kind, entropy_coef=loss.entropy_coef, temperature=temperature)
+        kl_kind=loss.kl_kind, entropy_coef=loss.entropy_coef, temperature=temperature,
+        importance_level=loss.importance_level, importance_upper=loss.importance_upper,
+        importance_lower=loss.importance_lower)
 
 
 def policy_objective(
@@ -242,7 +248,10 @@ def train(
     mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
     check_batch_fits_mesh(cfg, mesh)
     from ouroboros_jax import ppo  # PPO with a critic: its own step compilation and update phase
-    step_fn, state = (ppo.compile_ppo if cfg.ppo.enabled else _compile_step)(cfg, model_config, params, mesh)
+    if cfg.ppo.enabled:  # the task's demonstrations feed PPO-ptx
+        step_fn, state = ppo.compile_ppo(cfg, model_config, params, mesh, task=task)
+    else:
+        step_fn, state = _compile_step(cfg, model_config, params, mesh)
     checkpointer = ckpt.Checkpointer.from_config(cfg.checkpoint, checkpoint_directory(cfg))
     start, rl_seconds = 0, 0.0
     if checkpointer is not None and cfg.checkpoint.resume:

@@ -25,7 +25,8 @@ def test_instructgpt_three_stages_two_steps_each(tmp_path):
     run = tmp_path / "run"
     args = ["--demonstrations", str(demos), "--preferences", str(prefs), "--sft-steps", "2",
             "--sft-batch", "8", "--rm-steps", "2", "--rm-batch", "8",
-            "--prompts", str(demos), *tiny_args(ckpt, run, "--train.inner_epochs", "1")]
+            "--prompts", str(demos), *tiny_args(ckpt, run, "--train.inner_epochs", "1",
+                                                "--ppo.ptx_coef", "0.1", "--ppo.ptx_data", str(demos))]
     result = module.main(args)
     read = lambda p: [json.loads(x) for x in Path(p).read_text().splitlines()]
     sft = read(run / "sft" / "metrics.jsonl")
@@ -37,4 +38,5 @@ def test_instructgpt_three_stages_two_steps_each(tmp_path):
     for x in ppo:
         assert x["train/finite"] == 1.0 and math.isfinite(x["train/critic_value_loss"])
         assert math.isfinite(x["ppo/kl_ref_k1"])
+        assert x["train/ptx_loss"] > 0  # PPO-ptx on the demonstrations (chat-rendered prompts)
     assert isinstance(result.state, PPOState) and result.state.critic is not None

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from ouroboros_jax.algorithms import Aggregation, KLKind, PolicyVariant, policy_loss
+from ouroboros_jax.algorithms import Aggregation, KLKind, PolicyVariant, importance_weights, policy_loss
 from ouroboros_jax.batch import Batch
 from ouroboros_jax.config import ModelConfig
 from ouroboros_jax.models.logprobs import DEFAULT_CHUNK, policy_logprobs
@@ -44,6 +44,28 @@ def _count(mask: Bool[Array, "B T"], aggregation: Aggregation) -> Float[Array, "
     return jnp.maximum(count, 1.0)
 
 
+def off_policy_weights(
+    old_logp: Float[Array, "B T"],
+    rollout_logp: Float[Array, "B T"] | None,
+    mask: Bool[Array, "B T"],
+    *,
+    level: str,
+    upper: float | None,
+    lower: float | None,
+) -> tuple[Float[Array, "B T"] | None, Metrics]:
+    """The per-token factor of a policy loss for tokens sampled by another policy, and its metrics.
+
+    `algorithms.importance_weights(old_logp, rollout_logp, ...)` (TIS, or
+    IcePop with `lower`) and its `is_*` / `mismatch_*` metrics; `(None, {})`
+    when the correction is off (`upper` None) or the batch has no sampler
+    log-probs. Every objective with a policy loss (the GRPO family, the PPO
+    actor) takes its weights from here.
+    """
+    if upper is None or rollout_logp is None:
+        return None, {}
+    return importance_weights(old_logp, rollout_logp, mask, level=level, upper=upper, lower=lower)
+
+
 def policy_gradient(
     model_config: ModelConfig,
     *,
@@ -57,6 +79,9 @@ def policy_gradient(
     kl_kind: KLKind = "k3",
     entropy_coef: float = 0.0,
     temperature: float = 1.0,
+    importance_level: str = "token",
+    importance_upper: float | None = None,
+    importance_lower: float | None = None,
     logprob_chunk: int = DEFAULT_CHUNK,
 ) -> Objective:
     """The GRPO-family policy loss of `algorithms.policy_loss` as an objective on a `Batch`.
@@ -72,10 +97,15 @@ def policy_gradient(
         parameters in the state (`uses_reference` is set when it is nonzero).
       entropy_coef: weight of the entropy bonus.
       temperature: the sampling temperature; logits are divided by it.
+      importance_level, importance_upper, importance_lower: truncated
+        importance weights between `batch.old_logp` and `batch.rollout_logp`
+        (`off_policy_weights`), a per-token factor on the policy loss, used
+        when `importance_upper` is set and the batch has `rollout_logp`.
       logprob_chunk: positions per chunk of the output projection.
 
     Returns:
-      The objective. Its metrics are those of `policy_loss`.
+      The objective. Its metrics are those of `policy_loss`, plus the `is_*` /
+      `mismatch_*` metrics of `algorithms.importance_weights` when weighted.
 
     Raises:
       ValueError: `seq_mean_token_sum_norm` without `max_len`.
@@ -99,12 +129,17 @@ def policy_gradient(
         ref_logp = batch.ref_logp
         if ref_logp is None and ref_params is not None:
             ref_logp, _ = logprobs(jax.lax.stop_gradient(ref_params), with_entropy=False)
-        return policy_loss(
-            logp, batch.old_logp, batch.advantages, loss_tokens(batch),
+        mask = loss_tokens(batch)
+        weights, is_metrics = off_policy_weights(
+            batch.old_logp, batch.rollout_logp, mask, level=importance_level, upper=importance_upper,
+            lower=importance_lower)
+        total, metrics = policy_loss(
+            logp, batch.old_logp, batch.advantages, mask,
             ref_logp=None if ref_logp is None else jax.lax.stop_gradient(ref_logp), entropy=entropy,
             entropy_coef=entropy_coef, normalizer=count, variant=variant, clip_low=clip_low,
             clip_high=clip_high, aggregation=aggregation, dual_clip=dual_clip, max_len=max_len,
-            kl_coef=kl_coef, kl_kind=kl_kind)
+            kl_coef=kl_coef, kl_kind=kl_kind, importance_weights=weights)
+        return total, metrics | is_metrics
 
     def combine(metrics_M: Metrics, batch: Batch) -> Metrics:
         # Advantage statistics are over rows when advantages are per row, over tokens otherwise.

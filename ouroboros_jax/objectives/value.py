@@ -17,7 +17,8 @@ Two layouts, chosen by which objective runs:
 `ppo_actor` also carries the off-policy correction: when the batch has the
 sampler's log-probs (`PPOBatch.rollout_logp`) and `importance_upper` is set,
 `algorithms.importance_weights` (TIS, or IcePop with `importance_lower`)
-multiply the per-token policy loss, and their metrics are logged.
+multiply the per-token policy loss, and their metrics are logged, as in the
+GRPO family (`objectives.policy.off_policy_weights`, shared by both).
 
 Dimension legend (docs/dimensions.md): B rows, T positions, D model.
 """
@@ -33,7 +34,6 @@ from ouroboros_jax.algorithms import (
     Aggregation,
     KLKind,
     PolicyVariant,
-    importance_weights,
     policy_loss,
     value_loss,
 )
@@ -41,6 +41,7 @@ from ouroboros_jax.config import ModelConfig
 from ouroboros_jax.models.logprobs import DEFAULT_CHUNK, token_logprobs
 from ouroboros_jax.models.transformer import Params, hidden_states, lm_head, param_specs, positions_from_mask
 from ouroboros_jax.objectives.base import SUMMED, Metrics, Objective, combine_metrics
+from ouroboros_jax.objectives.policy import off_policy_weights
 
 
 @flax.struct.dataclass
@@ -253,11 +254,9 @@ def ppo_actor(
                                              chunk_size=logprob_chunk)
         if entropy_coef == 0:
             entropy = jax.lax.stop_gradient(entropy)
-        weights, is_metrics = None, {}
-        if importance_upper is not None and batch.rollout_logp is not None:
-            weights, is_metrics = importance_weights(batch.old_logp, batch.rollout_logp, mask,
-                                                     level=importance_level, upper=importance_upper,
-                                                     lower=importance_lower)
+        weights, is_metrics = off_policy_weights(
+            batch.old_logp, batch.rollout_logp, mask, level=importance_level, upper=importance_upper,
+            lower=importance_lower)
         total, metrics = policy_loss(
             logp, batch.old_logp, batch.advantages, mask, variant=variant, clip_low=clip_low,
             clip_high=clip_high, aggregation=aggregation, dual_clip=dual_clip,
