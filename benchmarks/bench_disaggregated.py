@@ -84,7 +84,7 @@ def main() -> None:
                                   train_logp=train_logp, to_train=to_train)
         jax.block_until_ready(state)
         per_step = (time.perf_counter() - start) / args.steps
-        transfer = np.mean([h["transfer/seconds"] for h in history])
+        transfer = np.mean([h["time/transfer"] for h in history])
         print(f"  {name:17s} {1e3 * per_step:8.1f} ms/step (transfer in the loop {1e3 * transfer:.2f} ms)")
 
 

@@ -553,6 +553,8 @@ class ExperimentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig())  # `--preset ppo`: PPO with a critic
+    # The sampler and the update on disjoint sub-meshes (ouroboros_jax.disaggregated); off by default.
+    disagg: DisaggregationConfig = field(default_factory=lambda: DisaggregationConfig())
     # XLA's persistent compilation cache ("" leaves JAX's own setting): a program
     # compiled once is loaded from this directory by later runs of the same shapes.
     compilation_cache_dir: str = ""
@@ -850,3 +852,38 @@ class PPOConfig:
 # The actor loss of `--preset ppo` (InstructGPT / verl): token-mean PPO clip, the KL
 # in the reward (`ppo.kl_coef`) rather than in the loss.
 LOSS_PRESETS["ppo"] = LossConfig(aggregation="token_mean", kl_coef=0.0)
+
+
+# ---------------------------------------------------------------------------
+# Disaggregated rollout and training (ouroboros_jax.disaggregated)
+
+
+@dataclass(frozen=True)
+class DisaggregationConfig:
+    """How the devices are split between the sampler and the update (`--disagg.*`).
+
+    Attributes:
+      sampler_devices: devices (of the global list, taken from its end; with several hosts,
+        the same number from each host's end) that sample; the rest train. 0: colocated,
+        both use every device, in turn (the default).
+      off_policy: one-step off-policy: the rollout of step t + 1 runs on the weights before
+        update t, while update t trains; truncated importance weights correct the staleness.
+      max_staleness: the most updates a batch may lag the trained weights (>= 1 with
+        off_policy); a batch older than that stops the run.
+      is_cap: truncation of the importance weights pi_train / pi_sampler (TIS, > 0).
+    """
+
+    sampler_devices: int = 0
+    off_policy: bool = False
+    max_staleness: int = 1
+    is_cap: float = 2.0
+
+    def __post_init__(self) -> None:
+        _require(self.sampler_devices >= 0, "disagg.sampler_devices", "must be >= 0 (0: colocated)",
+                 self.sampler_devices)
+        _require(not self.off_policy or self.sampler_devices > 0, "disagg.off_policy",
+                 "needs disagg.sampler_devices > 0: the rollout overlaps the update only on devices of "
+                 "its own")
+        _require(not self.off_policy or self.max_staleness >= 1, "disagg.max_staleness",
+                 "must be >= 1 with disagg.off_policy (the rollout is one update behind)", self.max_staleness)
+        _require(math.isfinite(self.is_cap) and self.is_cap > 0, "disagg.is_cap", "must be > 0", self.is_cap)

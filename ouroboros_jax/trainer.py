@@ -245,6 +245,11 @@ def train(
     use_compilation_cache(cfg.compilation_cache_dir)
     run_dir = paths.check(cfg.logging.run_dir)
     prepare_run_dir(cfg)
+    rl_step = _rl_step
+    if cfg.disagg.sampler_devices:  # the sampler on devices of its own (ouroboros_jax.disaggregated)
+        from ouroboros_jax.disaggregated import DisaggregatedStep
+        rl_step = DisaggregatedStep(cfg, model_config, mesh, update=_update)
+        mesh = rl_step.train_mesh  # the update, the evaluation and the checkpoints live here
     mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
     check_batch_fits_mesh(cfg, mesh)
     from ouroboros_jax import ppo  # PPO with a critic: its own step compilation and update phase
@@ -285,8 +290,8 @@ def train(
             if baseline is not None:
                 result.evals.append(baseline)
         for step in range(start, cfg.train.steps):
-            state, metrics = _rl_step(cfg, model_config, step_fn, state, task, settings, reward, timer, mesh,
-                                      step)
+            state, metrics = rl_step(cfg, model_config, step_fn, state, task, settings, reward, timer, mesh,
+                                     step)
             result.history.append(metrics)
             done = step + 1
             if metrics["train/finite"] < 1:
@@ -312,6 +317,8 @@ def train(
                      f"({rl_seconds:.0f} s of RL steps)")
                 break
     finally:
+        if rl_step is not _rl_step:
+            rl_step.close()  # the background rollout first: it may be using the pool
         pool.close()
         if checkpointer is not None:
             checkpointer.wait()
