@@ -31,6 +31,11 @@
    (runs/reward_hacking/reward_hacking.png), and the script ends with one line per arm:
    `reward_hacking: <arm> steps=N proxy_gain first=.. last=.. anchor_acc first=0.xx last=0.yy ...`
    ("first" and "last" per-step values are means over the first and last 5 steps).
+5. With `--export_dir DIR`, each arm's trained policy is written to DIR/<arm> as a
+   Hugging Face checkpoint (safetensors, config.json, this script's character-level
+   tokenizer) that `transformers.AutoModelForCausalLM` loads; load the tokenizer with
+   `transformers.PreTrainedTokenizerFast.from_pretrained(DIR/<arm>)` (`AutoTokenizer` gives
+   every qwen2 model the Qwen2 BPE pre-tokenizer instead of the file's one-character split).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from ouroboros_jax.config import (
 )
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.metrics import MetricsLogger
-from ouroboros_jax.models import Tokenizer, init_sharded
+from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, init_sharded
 from ouroboros_jax.rewards import (
     Completions,
     ModelReward,
@@ -222,6 +227,15 @@ def reward_models(cfg: ExperimentConfig, policy, mesh) -> list:
     return members
 
 
+def export_policy(params, cfg: ExperimentConfig, directory: str | Path) -> Path:
+    """A policy as a Hugging Face checkpoint: weights, config.json (with this tokenizer's special
+    token ids) and the tokenizer files. Every process calls it; process 0 writes."""
+    out = export_hf_checkpoint(params, cfg.model, directory, extra_config=TOKENIZER.special_token_ids())
+    if jax.process_index() == 0:
+        TOKENIZER.save(out)
+    return out
+
+
 def run_arm(arm: str, cfg: ExperimentConfig, policy, members, mesh) -> dict:
     """Train one arm from the warm-started policy; its per-step records and the hacking flag."""
     run_cfg = dataclasses.replace(cfg, logging=dataclasses.replace(
@@ -234,6 +248,8 @@ def run_arm(arm: str, cfg: ExperimentConfig, policy, members, mesh) -> dict:
     t0 = time.perf_counter()
     out = train(run_cfg, model_config=cfg.model, params=jax.tree.map(lambda x: x.copy(), policy), task=task,
                 mesh=mesh, logger=MetricsLogger.from_config(run_cfg.logging))
+    if cfg.export_dir:
+        export_policy(out.state.params, cfg, Path(cfg.export_dir) / arm)
     steps = list(range(1, len(out.history) + 1))
     gain = [r["gain"] for r in reward.log]
     accuracy = [h["accuracy"] for h in out.history]
@@ -245,11 +261,12 @@ def run_arm(arm: str, cfg: ExperimentConfig, policy, members, mesh) -> dict:
             "length": (steps, [r["length"] for r in reward.log]),
             "rm_std": (steps, [r["rm_std"] for r in reward.log]),
             "anchor": (eval_steps, [e["eval/pass@1"] for e in out.evals]),
-            "flagged_at": tracker.flagged_at, "seconds": time.perf_counter() - t0}
+            "flagged_at": tracker.flagged_at, "seconds": time.perf_counter() - t0, "params": out.state.params}
 
 
-def main() -> None:
-    argv = sys.argv[1:]
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Run the arms; their results (per-step records and the trained `params`) by arm."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     arms = ("plain", "par")
     if "--arms" in argv:
         i = argv.index("--arms")
@@ -286,6 +303,9 @@ def main() -> None:
         print(f"reward_hacking: {arm} steps={len(r['gain'][1])} proxy_gain first={g0:.2f} last={g1:.2f} "
               f"anchor_acc first={anchor[0]:.2f} last={anchor[-1]:.2f} length first={l0:.1f} last={l1:.1f} "
               f"rm_std first={s0:.2f} last={s1:.2f} hacking_flag={flag}")
+    if cfg.export_dir:
+        print(f"reward_hacking: policies exported to {cfg.export_dir}/<arm>")
+    return results
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ even while it is right.
    `<run_dir>/<arm>/reports.jsonl`; `<run_dir>/selfplay_collapse.png` draws
    pass@1 and distinct-2 of both arms; the script ends with one line per arm:
    `selfplay: <arm> generations=N pass@1 first=0.xx last=0.yy distinct-2 first=0.xx last=0.yy`.
+4. With `--export_dir DIR`, each arm's last model is written to DIR/<arm> as a Hugging
+   Face checkpoint (safetensors, config.json, this script's character-level tokenizer)
+   that `transformers.AutoModelForCausalLM` loads; load the tokenizer with
+   `transformers.PreTrainedTokenizerFast.from_pretrained(DIR/<arm>)` (`AutoTokenizer` gives
+   every qwen2 model the Qwen2 BPE pre-tokenizer instead of the file's one-character split).
 
 Measured with the defaults (8 generations; 4-5 minutes of wall time, about
 100 s of CPU time, on a shared 2-core machine):
@@ -53,6 +58,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -60,7 +66,7 @@ import tyro
 
 from ouroboros_jax.config import MeshConfig, ModelConfig, OptimizerConfig, SamplingConfig, WarmStartConfig
 from ouroboros_jax.data import Example, LazyExamples, PromptSource
-from ouroboros_jax.models import Tokenizer, init_sharded
+from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, init_sharded
 from ouroboros_jax.selfplay.generations import GenerationsConfig, GenerationTask, run_generations
 from ouroboros_jax.selfplay.reports import CollapseGuard, plot_arms
 from ouroboros_jax.sharding import make_mesh
@@ -127,6 +133,8 @@ class CollapseExperiment:
 
     seed: int = 0
     run_dir: str = "runs/selfplay_collapse"
+    # Write each arm's last model to EXPORT_DIR/<arm> as a Hugging Face checkpoint; "" writes none.
+    export_dir: str = ""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         family="qwen2", vocab_size=TOKENIZER.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
         head_dim=16, d_ff=256, max_seq_len=16, tie_embeddings=True))
@@ -140,8 +148,18 @@ class CollapseExperiment:
         data_policy="accumulate", seed_fraction=0.25))
 
 
-def main() -> None:
-    cfg = tyro.cli(CollapseExperiment, default=CollapseExperiment(), description=__doc__,
+def export_policy(params, model_config: ModelConfig, directory: str | Path) -> Path:
+    """A model as a Hugging Face checkpoint: weights, config.json (with this tokenizer's special
+    token ids) and the tokenizer files. Every process calls it; process 0 writes."""
+    out = export_hf_checkpoint(params, model_config, directory, extra_config=TOKENIZER.special_token_ids())
+    if jax.process_index() == 0:
+        TOKENIZER.save(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run both arms; their `GenerationsResult`s by arm."""
+    cfg = tyro.cli(CollapseExperiment, default=CollapseExperiment(), description=__doc__, args=argv,
                    use_underscores=True, config=(tyro.conf.FlagConversionOff,))
     started = time.perf_counter()
     # Both arms compile the same update and sampling programs: the second loads them from disk.
@@ -168,6 +186,8 @@ def main() -> None:
         print(f"selfplay: arm {arm}", flush=True)
         results[arm] = run_generations(arm_cfg, model_config=cfg.model, params=params, task=task,
                                        run_dir=f"{cfg.run_dir}/{arm}", mesh=mesh)
+        if cfg.export_dir:
+            export_policy(results[arm].params, cfg.model, Path(cfg.export_dir) / arm)
     plot = plot_arms({arm: r.reports for arm, r in results.items()}, ("pass@1", "distinct-2"),
                      f"{cfg.run_dir}/selfplay_collapse.png")
     print(f"selfplay: plot in {plot}; {time.perf_counter() - started:.0f} s in all")
@@ -176,6 +196,9 @@ def main() -> None:
         print(f"selfplay: {arm} generations={last['generation']} pass@1 first={first['pass@1']:.2f} "
               f"last={last['pass@1']:.2f} distinct-2 first={first['distinct-2']:.2f} "
               f"last={last['distinct-2']:.2f}")
+    if cfg.export_dir:
+        print(f"selfplay: models exported to {cfg.export_dir}/<arm>")
+    return results
 
 
 if __name__ == "__main__":

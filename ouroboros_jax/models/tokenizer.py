@@ -139,6 +139,23 @@ class Tokenizer:
     def decode_batch(self, batch: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
         return self._tok.decode_batch([list(b) for b in batch], skip_special_tokens=skip_special_tokens)
 
+    def special_token_ids(self) -> dict[str, int]:
+        """`bos_token_id`, `eos_token_id`, `pad_token_id` (those this tokenizer has): the keys a
+        model's config.json carries, e.g. `export_hf_checkpoint(..., extra_config=...)`."""
+        ids = {"bos_token_id": self.bos_id, "eos_token_id": self.eos_id,
+               "pad_token_id": self.token_to_id(self.pad_token)}
+        return {k: v for k, v in ids.items() if v is not None}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write `tokenizer.json` and `tokenizer_config.json` into directory `path`: the files
+        `transformers.AutoTokenizer` loads (a fast tokenizer) and `Tokenizer.from_dir` reads back."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
         **kwargs: Any,

@@ -1,0 +1,100 @@
+"""`--export_dir` on the tiny-model experiment scripts: `transformers` loads the policy with equal logits,
+and the script's character-level tokenizer with it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+PARITY = "parity with transformers needs torch and transformers (pip install -e '.[parity]')"
+torch = pytest.importorskip("torch", reason=PARITY)
+transformers = pytest.importorskip("transformers", reason=PARITY)
+
+from ouroboros_jax.config import parse_cli  # noqa: E402
+from ouroboros_jax.models import Tokenizer, forward, init_params  # noqa: E402
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"export_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_export(directory: Path, params, model_config, tokenizer: Tokenizer, prompt: str) -> None:
+    """transformers' logits of the exported model equal ours of `params`; its tokenizer is the script's."""
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory).float().eval()
+    tokens = np.asarray([tokenizer.encode(prompt), tokenizer.encode(prompt[::-1])])
+    with torch.no_grad():
+        want = hf_model(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(jax.jit(forward, static_argnums=1)(jax.device_get(params), model_config, tokens))
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    # The tokenizer.json as written (transformers 5's AutoTokenizer puts the Qwen2 BPE pre-tokenizer on
+    # every qwen2 model, whatever tokenizer_config.json says; these models read one character per token).
+    hf_tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
+    assert hf_tokenizer(prompt, add_special_tokens=False)["input_ids"] == tokenizer.encode(prompt)
+    assert hf_tokenizer.eos_token_id == tokenizer.eos_id
+    config = json.loads((directory / "config.json").read_text())
+    assert config["eos_token_id"] == tokenizer.eos_id and config["pad_token_id"] == tokenizer.pad_id
+    assert Tokenizer.from_dir(directory).encode(prompt) == tokenizer.encode(prompt)
+
+
+def test_reward_hacking_takes_export_dir_and_writes_a_checkpoint_transformers_loads(tmp_path):
+    module = _script("reward_hacking")
+    cfg = parse_cli(module.DEFAULT, args=["--export_dir", str(tmp_path / "out")])
+    assert cfg.export_dir == str(tmp_path / "out")
+    params = init_params(cfg.model, jax.random.key(1))
+    written = module.export_policy(params, cfg, Path(cfg.export_dir) / "plain")
+    assert written == tmp_path / "out" / "plain"
+    _check_export(written, params, cfg.model, module.TOKENIZER, "What is 3 + 4?")
+
+
+def test_selfplay_collapse_takes_export_dir_and_writes_a_checkpoint_transformers_loads(tmp_path):
+    import tyro
+
+    module = _script("selfplay_collapse")
+    cfg = tyro.cli(module.CollapseExperiment, default=module.CollapseExperiment(),
+                   args=["--export_dir", str(tmp_path / "out")], use_underscores=True,
+                   config=(tyro.conf.FlagConversionOff,))
+    assert cfg.export_dir == str(tmp_path / "out")
+    params = init_params(cfg.model, jax.random.key(2))
+    written = module.export_policy(params, cfg.model, Path(cfg.export_dir) / "anchored")
+    _check_export(written, params, cfg.model, module.TOKENIZER, "57=23+34")
+
+
+@pytest.mark.slow  # warm-start, a reward model and one RL step, end to end (~20 s on 2 cores)
+def test_reward_hacking_smoke_run_exports_the_trained_arm(tmp_path, monkeypatch):
+    module = _script("reward_hacking")
+    monkeypatch.setattr(module, "RM_STEPS", 4)
+    monkeypatch.setattr(module, "ENSEMBLE", 1)
+    results = module.main([
+        "--arms", "plain", "--warmstart.steps", "4", "--train.steps", "1", "--train.prompts_per_step", "2",
+        "--train.mini_batch_size", "16", "--train.micro_batch_size", "16", "--train.eval_every", "1",
+        "--train.eval_size", "4", "--sampling.eval_num_samples", "2", "--verifier.num_workers", "1",
+        "--logging.run_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "out")])
+    out, params = tmp_path / "out" / "plain", results["plain"]["params"]
+    _check_export(out, params, module.DEFAULT.model, module.TOKENIZER, "What is 3 + 4?")
+
+
+@pytest.mark.slow  # warm-start and one generation of each arm, end to end (~30 s on 2 cores)
+def test_selfplay_collapse_smoke_run_exports_both_arms(tmp_path):
+    module = _script("selfplay_collapse")
+    tiny = []
+    for arm in ("collapse", "anchored"):
+        tiny += [f"--{arm}.generations", "1", f"--{arm}.prompts_per_generation", "8", f"--{arm}.train_steps",
+                 "1", f"--{arm}.batch_size", "8", f"--{arm}.batch_prompts", "8", f"--{arm}.eval_k", "2",
+                 f"--{arm}.sampling.eval_num_samples", "2"]
+    results = module.main(["--warmstart.steps", "4", "--run_dir", str(tmp_path / "run"),
+                           "--export_dir", str(tmp_path / "out"), *tiny])
+    model_config = module.CollapseExperiment().model
+    for arm in ("collapse", "anchored"):
+        _check_export(tmp_path / "out" / arm, results[arm].params, model_config, module.TOKENIZER, "57=23+34")
