@@ -23,7 +23,11 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"export_{name}", EXPERIMENTS / f"{name}.py")
+    """experiments/<name>.py imported as module `name`, with experiments/ on sys.path: the verifier
+    pool's workers import the script's verifier from it, as when the script runs."""
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -71,7 +75,7 @@ def test_selfplay_collapse_takes_export_dir_and_writes_a_checkpoint_transformers
     _check_export(written, params, cfg.model, module.TOKENIZER, "57=23+34")
 
 
-@pytest.mark.slow  # warm-start, a reward model and one RL step, end to end (~20 s on 2 cores)
+@pytest.mark.slow  # warm-start, a reward model and one RL step, end to end (~1 min of CPU)
 def test_reward_hacking_smoke_run_exports_the_trained_arm(tmp_path, monkeypatch):
     module = _script("reward_hacking")
     monkeypatch.setattr(module, "RM_STEPS", 4)
@@ -85,7 +89,7 @@ def test_reward_hacking_smoke_run_exports_the_trained_arm(tmp_path, monkeypatch)
     _check_export(out, params, module.DEFAULT.model, module.TOKENIZER, "What is 3 + 4?")
 
 
-@pytest.mark.slow  # warm-start and one generation of each arm, end to end (~30 s on 2 cores)
+@pytest.mark.slow  # warm-start and one generation of each arm, end to end (~40 s of CPU)
 def test_selfplay_collapse_smoke_run_exports_both_arms(tmp_path):
     module = _script("selfplay_collapse")
     tiny = []
