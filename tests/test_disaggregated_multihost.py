@@ -53,6 +53,7 @@ def test_two_processes_split_synchronous_equals_colocated(tmp_path):
         assert result["same_start"] == 0.0
         assert result["train_processes"] == [0, 1]  # the train sub-mesh spans both processes
         assert all(t > 0 for t in result["transfer"])
-        # 8 devices vs 4: other reduction orders, which Adam's early steps amplify (as on one process)
-        assert result["max_diff"] < 1e-4, result
+        # 8 devices vs 4: other reduction orders, which Adam's early steps (about lr x the sign of the
+        # gradient, lr 3e-2) amplify where a gradient is near 0: measured 9.9e-5, against a 0.09 move
+        assert result["max_diff"] < 5e-4, result
         assert result["moved"] > 1e-3  # the loop trained
