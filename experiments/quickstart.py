@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import jax
 
@@ -136,6 +137,15 @@ def make_task(cfg: ExperimentConfig) -> Task:
                 encode_completion=lambda text: TOKENIZER.encode(text) + [TOKENIZER.eos_id])
 
 
+def export_policy(params, cfg: ExperimentConfig, directory: str) -> Path:
+    """`--export_dir`: the policy as a Hugging Face checkpoint (weights, config.json with this
+    tokenizer's special token ids, the tokenizer files). Every process calls it; process 0 writes."""
+    out = export_hf_checkpoint(params, cfg.model, directory, extra_config=TOKENIZER.special_token_ids())
+    if jax.process_index() == 0:
+        TOKENIZER.save(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(DEFAULT, args=argv, description=__doc__)
     if cfg.train.eval_every <= 0 or cfg.train.eval_size <= 0:
@@ -155,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         params = warm_start(cfg, params, mesh)
 
     result = train(cfg, model_config=cfg.model, params=params, task=task, mesh=mesh)
-    if cfg.export_dir:  # weights and config.json; the embedded task's tokenizer is this script's own
-        export_hf_checkpoint(result.state.params, cfg.model, cfg.export_dir)
+    if cfg.export_dir:  # weights, config.json and this script's character-level tokenizer
+        export_policy(result.state.params, cfg, cfg.export_dir)
     before, after = result.evals[0], result.evals[-1]
     k = cfg.sampling.eval_num_samples
     plot_run(result.run_dir)

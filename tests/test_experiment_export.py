@@ -62,6 +62,15 @@ def test_reward_hacking_takes_export_dir_and_writes_a_checkpoint_transformers_lo
     _check_export(written, params, cfg.model, module.TOKENIZER, "What is 3 + 4?")
 
 
+def test_quickstart_export_writes_the_tokenizer_too(tmp_path):
+    module = _script("quickstart")
+    cfg = parse_cli(module.DEFAULT, args=["--export_dir", str(tmp_path / "out"), "--model.d_model", "32",
+                                          "--model.head_dim", "8"])
+    params = init_params(cfg.model, jax.random.key(3))
+    written = module.export_policy(params, cfg, cfg.export_dir)
+    _check_export(written, params, cfg.model, module.TOKENIZER, "What is 47 + 85?")
+
+
 def test_selfplay_collapse_takes_export_dir_and_writes_a_checkpoint_transformers_loads(tmp_path):
     import tyro
 
