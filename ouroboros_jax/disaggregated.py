@@ -261,8 +261,9 @@ def run_loop(
 
 
 def sampler_mesh_config(mesh: MeshConfig) -> MeshConfig:
-    """The sampler's mesh shape: rows over fsdp (every sampler device), the train mesh's tensor axis."""
-    return MeshConfig(data=1, fsdp=-1, tensor=mesh.tensor)
+    """The sampler's mesh shape: the train mesh's tensor axis, rows over fsdp on the other devices
+    (tensor -1, "the rest", stays so: every sampler device on the tensor axis)."""
+    return MeshConfig(data=1, fsdp=1 if mesh.tensor == -1 else -1, tensor=mesh.tensor)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "start", "temperature"))

@@ -27,7 +27,7 @@ from ouroboros_jax.config import (
     parse_cli,
 )
 from ouroboros_jax.data import arithmetic_source
-from ouroboros_jax.disaggregated import DisaggregatedStep
+from ouroboros_jax.disaggregated import DisaggregatedStep, sampler_mesh_config
 from ouroboros_jax.models import Tokenizer, init_params
 from ouroboros_jax.trainer import Task, _update, train
 
@@ -80,6 +80,9 @@ def test_the_cli_sets_the_split_and_bad_splits_name_the_field(tmp_path, capsys):
     flags = ["--disagg.sampler_devices", "4", "--disagg.off_policy", "true", "--disagg.max_staleness", "1"]
     cfg = parse_cli(_config(tmp_path, 1), args=flags)
     assert cfg.disagg == OFF_POLICY
+    # the sampler keeps the train mesh's tensor axis and puts its rows over the rest
+    assert sampler_mesh_config(MeshConfig(data=2, fsdp=-1, tensor=2)).resolve(4) == (1, 2, 2)
+    assert sampler_mesh_config(MeshConfig(data=1, fsdp=2, tensor=-1)).resolve(4) == (1, 1, 4)
     with pytest.raises(ConfigError, match=r"disagg.sampler_devices: 8 leaves none of the 8 devices"):
         DisaggregatedStep(_config(tmp_path, 1, DisaggregationConfig(sampler_devices=8)), MODEL, None, _update)
     with pytest.raises(ConfigError, match=r"disagg.sampler_devices: 3 of the 8 devices sample and 5 train; "
