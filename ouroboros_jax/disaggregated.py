@@ -292,7 +292,9 @@ class DisaggregatedStep:
     (off-policy), runs the trainer's update phase, and moves the new weights to the sampler.
     Off-policy, the rollout of a step whose number is a multiple of `checkpoint.save_every`
     is not prefetched: the checkpoint before it holds the data position and the weights
-    that sample it, so a resumed run continues exactly as the uninterrupted one.
+    that sample it, so a resumed run continues exactly as the uninterrupted one. (A run
+    stopped by `train.time_limit_s` saves after a step whose successor's prompts the
+    prefetch has already drawn: resumed, it goes on from the prompts after those.)
 
     Args:
       cfg: the experiment (an edge: read here).
@@ -308,6 +310,10 @@ class DisaggregatedStep:
     def __init__(self, cfg: ExperimentConfig, model_config: ModelConfig, mesh: Mesh | None,
                  update: Callable[..., tuple[Any, dict[str, float], int]]) -> None:
         n = cfg.disagg.sampler_devices
+        if jax.process_count() > 1:
+            raise ConfigError(f"disagg.sampler_devices: {n} splits the devices of one process; the trainer "
+                              f"over {jax.process_count()} processes runs colocated (disagg.sampler_devices 0) "
+                              "(`run_loop` splits every process's devices, tested with two processes)")
         if cfg.ppo.enabled:
             raise ConfigError(f"disagg.sampler_devices: {n} splits the devices, which the policy-gradient "
                               "loop supports; PPO with a critic (ppo.enabled) runs colocated "
