@@ -311,9 +311,9 @@ class DisaggregatedStep:
                  update: Callable[..., tuple[Any, dict[str, float], int]]) -> None:
         n = cfg.disagg.sampler_devices
         if jax.process_count() > 1:
-            raise ConfigError(f"disagg.sampler_devices: {n} splits the devices of one process; the trainer "
-                              f"over {jax.process_count()} processes runs colocated (disagg.sampler_devices 0) "
-                              "(`run_loop` splits every process's devices, tested with two processes)")
+            raise ConfigError(f"disagg.sampler_devices: {n} splits the devices of one process; the "
+                              f"trainer over {jax.process_count()} processes runs colocated "
+                              "(disagg.sampler_devices 0); `run_loop` splits every process's devices")
         if cfg.ppo.enabled:
             raise ConfigError(f"disagg.sampler_devices: {n} splits the devices, which the policy-gradient "
                               "loop supports; PPO with a critic (ppo.enabled) runs colocated "
