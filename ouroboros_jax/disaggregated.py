@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from ouroboros_jax import multihost
 from ouroboros_jax.algorithms import importance_weights
 from ouroboros_jax.batch import Batch
 from ouroboros_jax.config import ConfigError, DisaggregationConfig, ExperimentConfig, MeshConfig, ModelConfig
@@ -310,10 +311,10 @@ class DisaggregatedStep:
     def __init__(self, cfg: ExperimentConfig, model_config: ModelConfig, mesh: Mesh | None,
                  update: Callable[..., tuple[Any, dict[str, float], int]]) -> None:
         n = cfg.disagg.sampler_devices
-        if jax.process_count() > 1:
-            raise ConfigError(f"disagg.sampler_devices: {n} splits the devices of one process; the "
-                              f"trainer over {jax.process_count()} processes runs colocated "
-                              "(disagg.sampler_devices 0); `run_loop` splits every process's devices")
+        if jax.process_count() > 1 and cfg.disagg.off_policy:
+            raise ConfigError(f"disagg.off_policy: the trainer over {jax.process_count()} processes splits "
+                              "the devices synchronously only (a background rollout's collectives could "
+                              "interleave with the update's in another order on each process)")
         if cfg.ppo.enabled:
             raise ConfigError(f"disagg.sampler_devices: {n} splits the devices, which the policy-gradient "
                               "loop supports; PPO with a critic (ppo.enabled) runs colocated "
@@ -343,6 +344,11 @@ class DisaggregatedStep:
         produce = functools.partial(self._produce, cfg, model_config, task, settings, reward)
         (rollout, timings), staleness, waited = self._pipeline.take(step, produce)
         source, extra = rollout, {}
+        several = multihost.spans_processes(self.sampler_mesh)
+        if several:  # the global batch, moved shard by shard to the training devices of each process
+            batch = rollout.to_batch()
+            batch = transfer_weights(batch, jax.tree.map(lambda _: batch_sharding(self.train_mesh), batch))[0]
+            source = _Corrected(batch)
         if cfg.disagg.off_policy:
             batch = jax.device_put(rollout.to_batch(), batch_sharding(self.train_mesh))
             logp = _train_logp(state.params, batch.tokens, batch.attention_mask, model_config=model_config,
@@ -353,8 +359,10 @@ class DisaggregatedStep:
         with timer.phase("update"):
             state, metrics, tokens = self._update(step_fn, state, source, cfg, step)
         transfer = self._pipeline.updated(state.params)
-        lap = timer.lap()
-        metrics |= rollout_metrics(rollout) | timings | lap | extra
+        lap = timer.lap() | timings
+        if several:  # one clock for every process (train.time_limit_s), the whole batch's metrics
+            lap = multihost.slowest(lap)
+        metrics |= (multihost.rollout_metrics(rollout) if several else rollout_metrics(rollout)) | lap | extra
         metrics |= {"time/transfer": transfer, "time/rollout_wait": waited,
                     "rollout/staleness": float(staleness),
                     "throughput/tokens_per_s": tokens / lap["time/step"]}
@@ -367,11 +375,21 @@ class DisaggregatedStep:
         own = PhaseTimer()
         if isinstance(reward, WeightedRewards):
             reward = dataclasses.replace(reward, timer=own)
-        rollout = collect(
-            task.train_source.take, task.encode, params, model_config, num_prompts=cfg.train.prompts_per_step,
-            settings=settings, decode=task.decode, reward=reward,
-            rng=jax.random.fold_in(jax.random.key(cfg.seed), step), mesh=self.sampler_mesh,
-            dynamic_sampling=cfg.loss.dynamic_sampling, max_rounds=cfg.loss.max_sampling_rounds, timer=own)
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        if multihost.spans_processes(self.sampler_mesh):  # each process samples and scores its share
+            if cfg.loss.dynamic_sampling:
+                raise ConfigError("loss.dynamic_sampling runs on one process only (the sampler's mesh "
+                                  f"spans {jax.process_count()} processes)")
+            rollout = multihost.collect_rows(
+                task.train_source, task.encode, params, model_config, num_prompts=cfg.train.prompts_per_step,
+                settings=settings, decode=task.decode, reward=reward, rng=rng, mesh=self.sampler_mesh,
+                timer=own)
+        else:
+            rollout = collect(
+                task.train_source.take, task.encode, params, model_config,
+                num_prompts=cfg.train.prompts_per_step, settings=settings, decode=task.decode, reward=reward,
+                rng=rng, mesh=self.sampler_mesh, dynamic_sampling=cfg.loss.dynamic_sampling,
+                max_rounds=cfg.loss.max_sampling_rounds, timer=own)
         timings = own.lap()
         return rollout, {k: v for k, v in timings.items() if k != "time/step"}
 
