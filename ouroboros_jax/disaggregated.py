@@ -305,7 +305,8 @@ class DisaggregatedStep:
         (state, metrics, tokens), reading the rollout through `to_batch()`.
 
     Raises:
-      ConfigError: PPO with a critic (it runs colocated), or a split that the meshes do not fit.
+      ConfigError: PPO with a critic (it runs colocated), off-policy over several processes
+        (synchronous only there), or a split that the meshes do not fit.
     """
 
     def __init__(self, cfg: ExperimentConfig, model_config: ModelConfig, mesh: Mesh | None,
