@@ -141,6 +141,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(checkpoint):
         np.testing.assert_allclose(logits_from_hidden(params, cfg, h)[:, 0], full[:, t], atol=1e-5)
 
 
+@pytest.mark.slow  # 10-15 s: the slow set (CI runs it) keeps the default suite under 10 minutes
 def test_remat_matches_values_and_gradients():
     cfg = ModelConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48)
     params = init_params(cfg, jax.random.key(1))

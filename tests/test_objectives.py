@@ -84,7 +84,12 @@ def _state(objective, params):
     return state._replace(ref_params=_perturbed(params)) if objective.uses_reference else state
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# The costliest cases (8-17 s each on 2 cores) run in the slow set, which CI runs too.
+SLOW_CASES = ("ppo_clip_kl", "spin_ipo", "gspo", "bradley_terry")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n
+                                  for n in CASES])
 def test_micro_batches_equal_the_full_batch_and_jit_equals_eager(name):
     objective, params, batch = CASES[name]()
     state = _state(objective, params)

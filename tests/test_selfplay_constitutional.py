@@ -86,6 +86,7 @@ def _mesh():
     return make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow  # 11-15 s: the slow set (CI runs it) keeps the default suite under 10 minutes
 def test_sft_on_revisions_teaches_the_revisions():
     params = init_params(CFG, jax.random.key(0))
     prompts, revisions = ["1+2=", "3+4="], ["3", "7"]

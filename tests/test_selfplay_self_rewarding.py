@@ -57,6 +57,7 @@ def _length_scorer(calls):
     return score
 
 
+@pytest.mark.slow  # 13 s: the slow set (CI runs it) keeps the default suite under 10 minutes
 def test_iteration_trains_dpo_on_judged_pairs_against_the_start():
     params = init_params(CFG, jax.random.key(0))
     calls = []
@@ -96,6 +97,7 @@ def test_run_reports_every_iteration_and_ties_leave_params():
     assert final is params
 
 
+@pytest.mark.slow  # 10-12 s: the slow set (CI runs it) keeps the default suite under 10 minutes
 def test_judge_training_pairs_are_mixed_in():
     from ouroboros_jax.batch import EncodedPairs
 

@@ -205,6 +205,7 @@ def test_bad_arguments_are_named(params):
 # Compilation, sharding, numerics
 
 
+@pytest.mark.slow  # 20 s on 2 cores: the slow set (CI runs it) keeps the default suite under 10 minutes
 def test_jit_equals_eager(params):
     batch = make_batch(params, seed=3)
     eager_state, eager = train_step(init_train_state(params, ADAM, jax.random.key(0)), batch, **ADAM_STEP_KW)
@@ -240,6 +241,7 @@ def test_sharded_step_on_8_devices_equals_one_device(params):
     assert m8["kl_ref"] > 0 and m8["learning_rate"] > 0
 
 
+@pytest.mark.slow  # 9-12 s: the slow set (CI runs it) keeps the default suite under 10 minutes
 def test_remat_and_bfloat16_compute_with_float32_master_weights(params, reference):
     batch, want = reference
     want_grads = want["token_mean"][0]

@@ -109,6 +109,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, capsys):
     assert steps == ["1", "2"]
 
 
+@pytest.mark.slow  # 15 s: the slow set (CI runs it) keeps the default suite under 10 minutes
 def test_non_finite_update_stops_with_a_clear_error(tmp_path):
     cfg = _config(tmp_path / "nan", 2)
     params = _params(cfg)
