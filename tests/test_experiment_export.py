@@ -84,6 +84,23 @@ def test_selfplay_collapse_takes_export_dir_and_writes_a_checkpoint_transformers
     _check_export(written, params, cfg.model, module.TOKENIZER, "57=23+34")
 
 
+def _tyro(module, config_class, args: list[str]):
+    import tyro
+
+    return tyro.cli(config_class, default=config_class(), args=args, use_underscores=True,
+                    config=(tyro.conf.FlagConversionOff,))
+
+
+def test_self_rewarding_takes_export_dir_and_writes_a_checkpoint_transformers_loads(tmp_path):
+    module = _script("self_rewarding")
+    cfg = _tyro(module, module.SelfRewardingExperiment, ["--export_dir", str(tmp_path / "out")])
+    assert cfg.export_dir == str(tmp_path / "out")
+    params = init_params(cfg.model, jax.random.key(4))
+    written = module.export_policy(params, cfg.model, Path(cfg.export_dir) / "self")
+    assert written == tmp_path / "out" / "self"
+    _check_export(written, params, cfg.model, module.TOKENIZER, "47+8=55?")
+
+
 @pytest.mark.slow  # warm-start, a reward model and one RL step, end to end (~1 min of CPU)
 def test_reward_hacking_smoke_run_exports_the_trained_arm(tmp_path, monkeypatch):
     module = _script("reward_hacking")
