@@ -101,6 +101,16 @@ def test_self_rewarding_takes_export_dir_and_writes_a_checkpoint_transformers_lo
     _check_export(written, params, cfg.model, module.TOKENIZER, "47+8=55?")
 
 
+def test_human_loop_takes_export_dir_and_writes_a_checkpoint_transformers_loads(tmp_path):
+    module = _script("human_loop")
+    cfg = parse_cli(module.DEFAULT, args=["--export_dir", str(tmp_path / "out")])
+    assert cfg.export_dir == str(tmp_path / "out")
+    params = init_params(cfg.model, jax.random.key(5))
+    written = module.export_policy(params, cfg, cfg.export_dir)
+    assert written == tmp_path / "out"
+    _check_export(written, params, cfg.model, module.TOKENIZER, "What is 3 + 4?")
+
+
 @pytest.mark.slow  # warm-start, a reward model and one RL step, end to end (~1 min of CPU)
 def test_reward_hacking_smoke_run_exports_the_trained_arm(tmp_path, monkeypatch):
     module = _script("reward_hacking")
