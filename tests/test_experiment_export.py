@@ -111,6 +111,47 @@ def test_human_loop_takes_export_dir_and_writes_a_checkpoint_transformers_loads(
     _check_export(written, params, cfg.model, module.TOKENIZER, "What is 3 + 4?")
 
 
+def test_constitutional_ai_takes_export_dir_and_writes_a_checkpoint_transformers_loads(tmp_path):
+    module = _script("constitutional_ai")
+    cfg = _tyro(module, module.ConstitutionalExperiment, ["--export_dir", str(tmp_path / "out")])
+    assert cfg.export_dir == str(tmp_path / "out")
+    params = init_params(cfg.model, jax.random.key(6))
+    written = module.export_policy(params, cfg.model, cfg.export_dir)
+    assert written == tmp_path / "out"
+    _check_export(written, params, cfg.model, module.TOKENIZER, "47+8=54?46=0|")
+
+
+def test_constitutional_ai_checkpoint_mode_exports_to_export_dir_with_the_checkpoints_tokenizer(tmp_path):
+    from ouroboros_jax.models import export_hf_checkpoint, load_hf_checkpoint
+    from ouroboros_jax.models.tiny import make_tiny_checkpoint
+
+    module = _script("constitutional_ai")
+    policy_dir = module.run_checkpoint.__globals__["policy_dir"]  # where --model.path runs write the policy
+    ckpt = make_tiny_checkpoint(tmp_path / "qwen2", "qwen2")
+    base = ["--model.path", str(ckpt), "--run_dir", str(tmp_path / "run")]
+    assert policy_dir(_tyro(module, module.ConstitutionalExperiment, base)) == tmp_path / "run" / "policy"
+    assert policy_dir(_tyro(module, module.ConstitutionalExperiment, [*base, "--hf.export", "False"])) is None
+    cfg = _tyro(module, module.ConstitutionalExperiment, [*base, "--hf.export", "False",
+                                                          "--export_dir", str(tmp_path / "out")])
+    assert policy_dir(cfg) == tmp_path / "out"  # asked for by name: written even with --hf.export False
+
+    model_config, params = load_hf_checkpoint(cfg.model.path)  # as run_checkpoint exports its policy
+    written = export_hf_checkpoint(params, model_config, policy_dir(cfg))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(written).float().eval()
+    source = Tokenizer.from_dir(ckpt)
+    tokens = np.asarray([source.encode("What is 1 plus 2?"), source.encode("?2 sulp 1 si tahW")])
+    with torch.no_grad():
+        want = hf_model(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(jax.jit(forward, static_argnums=1)(params, model_config, tokens))
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the checkpoint's tokenizer, as it was
+        assert (written / name).read_bytes() == (ckpt / name).read_bytes()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(written)
+    assert hf_tokenizer("What is 1 plus 2?", add_special_tokens=False)["input_ids"] == tokens[0].tolist()
+    config, source_config = (json.loads((d / "config.json").read_text()) for d in (written, ckpt))
+    assert config["eos_token_id"] == source_config["eos_token_id"]
+
+
 @pytest.mark.slow  # warm-start, a reward model and one RL step, end to end (~1 min of CPU)
 def test_reward_hacking_smoke_run_exports_the_trained_arm(tmp_path, monkeypatch):
     module = _script("reward_hacking")
