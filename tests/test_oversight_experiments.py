@@ -82,3 +82,16 @@ def test_simulated_rater_prefers_the_nearer_answer():
     assert decide(item(["5", "7"])) == {"choice": 1}
     assert decide(item(["8", "x"])) == {"choice": 0}
     assert decide(item(["6", "8"])) == {"skip": True}
+
+
+@pytest.mark.parametrize("name", ["recursive_reward_modeling", "weak_to_strong"])
+def test_classifier_scripts_say_why_they_take_no_export_dir(name, capsys):
+    script = load_script(name)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "MLP" in help_text and "so this script takes no --export_dir" in help_text.replace("`", "")
+    with pytest.raises(SystemExit) as exit_info:  # refused, not silently ignored
+        script.main(["--export_dir", "out"])
+    assert exit_info.value.code == 2
