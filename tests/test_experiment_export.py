@@ -152,6 +152,82 @@ def test_constitutional_ai_checkpoint_mode_exports_to_export_dir_with_the_checkp
     assert config["eos_token_id"] == source_config["eos_token_id"]
 
 
+def _shifted(params, by: float):
+    """Trained stand-in parameters: every weight moved by `by` (each arm its own, so a swap shows)."""
+    return jax.tree.map(lambda x: x + by, params)
+
+
+def _skip_training(module, monkeypatch) -> None:
+    """The script's model initialised unsharded (no compile) and its warm-start a no-op."""
+    monkeypatch.setattr(module, "init_sharded", lambda config, key, mesh: init_params(config, key))
+    monkeypatch.setattr(module, "supervised_warmstart", lambda params, *a, **k: params)
+
+
+TINY_CHAR_MODEL = ["--model.d_model", "32", "--model.n_heads", "2", "--model.n_kv_heads", "2",
+                   "--model.d_ff", "64"]
+
+
+def test_self_rewarding_main_writes_each_arms_last_model_to_its_own_directory(tmp_path, monkeypatch):
+    """The script's wiring, without its training: each arm's returned model lands in DIR/<arm>."""
+    module = _script("self_rewarding")
+    trained = []
+
+    def iterations(params, model_config, prompts, **kwargs):
+        trained.append(_shifted(params, 0.01 * (len(trained) + 1)))
+        return trained[-1], [{"iteration": 0, "accuracy": 0.5, "judge_agreement": 0.5}]
+
+    _skip_training(module, monkeypatch)
+    monkeypatch.setattr(module, "run_self_rewarding", iterations)
+    monkeypatch.setattr(module, "plot_arms", lambda *a, **k: tmp_path / "plot.png")
+    module.main(["--run_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "out"), *TINY_CHAR_MODEL])
+    model_config = _tyro(module, module.SelfRewardingExperiment, TINY_CHAR_MODEL).model
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["grounded", "self"]
+    for arm, params in zip(("self", "grounded"), trained, strict=True):
+        _check_export(tmp_path / "out" / arm, params, model_config, module.TOKENIZER, "47+8=55?")
+
+
+def test_constitutional_ai_main_writes_the_rlaif_policy(tmp_path, monkeypatch):
+    """The script's wiring, without its training: the policy the RLAIF phase returns lands in DIR."""
+    from types import SimpleNamespace
+
+    module = _script("constitutional_ai")
+    trained = []
+
+    def rlaif(cfg, feedback_params, sl_params, *args, **kwargs):
+        trained.append(_shifted(sl_params, 0.02))
+        return {"pairs": 1, "rm_accuracy": 0.5, "before": 0.5, "after": 0.5, "params": trained[-1]}
+
+    revise = lambda generator, prompts, *a, **k: SimpleNamespace(initial=["1"] * len(prompts),
+                                                                  final=["1"] * len(prompts))
+    _skip_training(module, monkeypatch)
+    monkeypatch.setattr(module, "gen", lambda *a, **k: lambda prompts, *b, **c: ["1"] * len(prompts))
+    monkeypatch.setattr(module, "critique_and_revise", revise)
+    monkeypatch.setattr(module, "sft_on_revisions", lambda params, *a, **k: (_shifted(params, 0.01), 0))
+    monkeypatch.setattr(module, "accuracy", lambda *a, **k: 0.5)
+    monkeypatch.setattr(module, "rlaif_phase", rlaif)
+    module.main(["--run_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "out"), *TINY_CHAR_MODEL])
+    model_config = _tyro(module, module.ConstitutionalExperiment, TINY_CHAR_MODEL).model
+    _check_export(tmp_path / "out", trained[0], model_config, module.TOKENIZER, "47+8=54?46=0|")
+
+
+def test_human_loop_main_writes_the_trained_policy(tmp_path, monkeypatch):
+    """The script's wiring, without its training: the policy `train` returns lands in DIR."""
+    from types import SimpleNamespace
+
+    module = _script("human_loop")
+    trained = []
+
+    def train(cfg, *, params, **kwargs):
+        trained.append(_shifted(params, 0.01))
+        return SimpleNamespace(state=SimpleNamespace(params=trained[-1]), evals=[{"eval/pass@1": 0.5}],
+                               history=[{"accuracy": 0.5}])
+
+    _skip_training(module, monkeypatch)
+    monkeypatch.setattr(module, "train", train)
+    module.main(["--logging.run_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "out")])
+    _check_export(tmp_path / "out", trained[0], module.DEFAULT.model, module.TOKENIZER, "What is 3 + 4?")
+
+
 @pytest.mark.slow  # warm-start, a reward model and one RL step, end to end (~1 min of CPU)
 def test_reward_hacking_smoke_run_exports_the_trained_arm(tmp_path, monkeypatch):
     module = _script("reward_hacking")

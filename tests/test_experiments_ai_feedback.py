@@ -103,9 +103,9 @@ def test_constitutional_tiny_run_prints_both_phases(tmp_path, capsys):
 
 @pytest.mark.parametrize("name, flags", [
     ("self_rewarding", ("--iterations", "--judge_fraction", "--iteration.num_candidates",
-                        "--iteration.beta")),
+                        "--iteration.beta", "--export_dir")),
     ("constitutional_ai", ("--feedback_steps", "--sft_steps", "--rm_steps", "--rl_steps", "--model.path",
-                           "--prompts", "--rounds", "--hf.undecided", "--hf.rl")),
+                           "--prompts", "--rounds", "--hf.undecided", "--hf.rl", "--export_dir")),
 ])
 def test_help_names_the_config_fields(name, flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
