@@ -228,6 +228,46 @@ def test_human_loop_main_writes_the_trained_policy(tmp_path, monkeypatch):
     _check_export(tmp_path / "out", trained[0], module.DEFAULT.model, module.TOKENIZER, "What is 3 + 4?")
 
 
+def test_instructgpt_main_writes_the_ppo_policy_with_the_checkpoints_tokenizer(tmp_path, monkeypatch):
+    """The script's wiring, without its training: the policy PPO returns lands in DIR, with the
+    tokenizer files of --model.path."""
+    from types import SimpleNamespace
+
+    from ouroboros_jax.models import load_hf_checkpoint
+    from ouroboros_jax.models.tiny import make_tiny_checkpoint
+
+    module = _script("instructgpt")
+    ckpt = make_tiny_checkpoint(tmp_path / "qwen2", "qwen2")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "What is 1 plus 2?", "response": "3", "chosen": "3",
+                                "rejected": "4"}) + "\n")
+    trained = []
+
+    def train(cfg, *, params, **kwargs):
+        trained.append(_shifted(params, 0.01))
+        return SimpleNamespace(state=SimpleNamespace(params=trained[-1]), history=[], evals=[])
+
+    monkeypatch.setattr(module, "supervised", lambda params, *a, **k: (params, []))
+    monkeypatch.setattr(module, "train_reward_model", lambda params, *a, **k: SimpleNamespace(
+        params=params, history=[]))
+    monkeypatch.setattr(module, "train", train)
+    monkeypatch.setattr(module, "finish", lambda *a: None)
+    module.main(["--model.path", str(ckpt), "--demonstrations", str(rows), "--preferences", str(rows),
+                 "--prompts", str(rows), "--sft-batch", "8", "--rm-batch", "8", "--train.eval_every", "0",
+                 "--sampling.max_new_tokens", "8", "--sampling.prompt_len_buckets", "256",
+                 "--logging.run_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "out")])
+    out = tmp_path / "out"
+    model_config, params = load_hf_checkpoint(out)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    tokens = np.asarray([Tokenizer.from_dir(ckpt).encode("What is 1 plus 2?")])
+    with torch.no_grad():
+        want = hf_model(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(jax.jit(forward, static_argnums=1)(jax.device_get(trained[0]), model_config, tokens))
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (ckpt / name).read_bytes()
+
+
 @pytest.mark.slow  # warm-start, a reward model and one RL step, end to end (~1 min of CPU)
 def test_reward_hacking_smoke_run_exports_the_trained_arm(tmp_path, monkeypatch):
     module = _script("reward_hacking")
