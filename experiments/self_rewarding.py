@@ -235,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]
             prompt_len_buckets=BUCKETS)
         results[arm] = [dict(r, generation=r["iteration"]) for r in reports]
         if cfg.export_dir:
-            export_policy(trained, cfg.model, Path(cfg.export_dir) / arm)
+            written = export_policy(trained, cfg.model, Path(cfg.export_dir) / arm)
+            print(f"self_rewarding: {arm} exported to {written}", flush=True)
     plot = plot_arms(results, ("accuracy", "judge_agreement"), f"{cfg.run_dir}/self_rewarding.png")
     print(f"self_rewarding: plot in {plot}; {time.perf_counter() - started:.0f} s in all")
     for arm, reports in results.items():
@@ -243,8 +244,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]
         print(f"self_rewarding: {arm} iterations={len(reports) - 1} accuracy first={first['accuracy']:.2f} "
               f"last={last['accuracy']:.2f} judge_agreement first={first['judge_agreement']:.2f} "
               f"last={last['judge_agreement']:.2f}")
-    if cfg.export_dir:
-        print(f"self_rewarding: models exported to {cfg.export_dir}/<arm>")
     return results
 
 

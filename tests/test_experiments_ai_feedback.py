@@ -46,7 +46,7 @@ def test_self_rewarding_tiny_run_prints_one_line_per_arm(tmp_path, capsys):
                       "--warmstart.target_accuracy", "0", "--judge_steps", "10", "--iterations", "3",
                       "--prompts_per_iteration", "8",
                       "--heldout", "16", "--labelled", "16", "--iteration.steps", "2",
-                      "--iteration.batch_size", "4"])
+                      "--iteration.batch_size", "4", "--export_dir", str(tmp_path / "out")])
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
     for line, arm in zip(lines, ("self", "grounded"), strict=True):
         pattern = (rf"self_rewarding: {arm} iterations=3 accuracy first=(\d\.\d\d) last=(\d\.\d\d) "
@@ -57,6 +57,11 @@ def test_self_rewarding_tiny_run_prints_one_line_per_arm(tmp_path, capsys):
     assert (tmp_path / "self_rewarding.png").is_file()
     # both arms start from the same warm start
     assert results["self"][0]["accuracy"] == results["grounded"][0]["accuracy"]
+    from ouroboros_jax.models import Tokenizer, load_hf_checkpoint
+    for arm in ("self", "grounded"):  # each arm's last model, with the script's tokenizer
+        model_config, _ = load_hf_checkpoint(tmp_path / "out" / arm)
+        assert (model_config.d_model, model_config.vocab_size) == (32, m.TOKENIZER.vocab_size)
+        assert Tokenizer.from_dir(tmp_path / "out" / arm).encode("47+8=55?") == m.TOKENIZER.encode("47+8=55?")
 
 
 def test_constitutional_toy_feedback_rows():
