@@ -89,7 +89,7 @@ def test_constitutional_tiny_run_prints_both_phases(tmp_path, capsys):
     args = ["--run_dir", str(tmp_path), "--model.d_model", "32", "--model.n_heads", "2",
             "--model.n_kv_heads", "2", "--model.d_ff", "64", "--warmstart.steps", "10",
             "--warmstart.target_accuracy", "0", "--feedback_steps", "10", "--heldout", "16",
-            "--sft_steps", "2", "--rm_steps", "2", "--rl_steps", "2"]
+            "--sft_steps", "2", "--rm_steps", "2", "--rl_steps", "2", "--export_dir", str(tmp_path / "out")]
     sl_line = (r"constitutional_ai: sl first_try=\d\.\d\d revision=\d\.\d\d after_sft=\d\.\d\d "
                r"\(\d+ revisions.*")
     try:
@@ -104,6 +104,10 @@ def test_constitutional_tiny_run_prints_both_phases(tmp_path, capsys):
     assert re.fullmatch(r"constitutional_ai: rlaif preference_pairs=\d+ rm_gold_accuracy=\d\.\d\d "
                         r"accuracy before=\d\.\d\d after=\d\.\d\d", lines[1])
     assert out["pairs"] > 0
+    from ouroboros_jax.models import Tokenizer, load_hf_checkpoint
+    model_config, _ = load_hf_checkpoint(tmp_path / "out")  # the RLAIF policy, with the script's tokenizer
+    assert (model_config.d_model, model_config.vocab_size) == (32, m.TOKENIZER.vocab_size)
+    assert Tokenizer.from_dir(tmp_path / "out").encode("47+8=54?46=0|") == m.TOKENIZER.encode("47+8=54?46=0|")
 
 
 @pytest.mark.parametrize("name, flags", [
