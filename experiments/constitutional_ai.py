@@ -32,6 +32,14 @@ The gold verifier only grades.
    verifier weight 0). Reports the reward model's accuracy on gold-labelled
    held-out pairs, and held-out accuracy before and after RL.
 
+With `--export_dir DIR` the final policy (after RLAIF) is written to DIR as a
+Hugging Face checkpoint (safetensors, config.json, this script's
+character-level tokenizer) that `transformers.AutoModelForCausalLM` loads; load
+the tokenizer with `transformers.PreTrainedTokenizerFast.from_pretrained(DIR)`
+(`AutoTokenizer` gives every qwen2 model the Qwen2 BPE pre-tokenizer instead of
+the file's one-character split). With `--model.path` the final policy goes to
+`<run_dir>/policy`, or to DIR when `--export_dir` is set.
+
 It ends with two lines:
 `constitutional_ai: sl first_try=0.xx revision=0.yy after_sft=0.zz` and
 `constitutional_ai: rlaif preference_pairs=N rm_gold_accuracy=0.xx accuracy before=0.yy after=0.zz`.
@@ -70,7 +78,7 @@ from ouroboros_jax.config import (  # noqa: E402
 )
 from ouroboros_jax.data import Example, LazyExamples, PromptSource  # noqa: E402
 from ouroboros_jax.metrics import MetricsLogger  # noqa: E402
-from ouroboros_jax.models import Tokenizer, init_sharded  # noqa: E402
+from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, init_sharded  # noqa: E402
 from ouroboros_jax.rewards import ModelReward  # noqa: E402
 from ouroboros_jax.rewards.judge import Judge  # noqa: E402
 from ouroboros_jax.sampling import generate  # noqa: E402
@@ -170,6 +178,9 @@ class ConstitutionalExperiment:
     rl_learning_rate: float = 1e-4
     rounds: int = 1  # critique-and-revision rounds of the SL phase
     prompts: str = ""  # with --model.path: a JSONL file of prompts
+    # Write the final policy here as a Hugging Face checkpoint; "" writes none (with --model.path:
+    # <run_dir>/policy unless --hf.export false).
+    export_dir: str = ""
     hf: CheckpointPipeline = field(default_factory=CheckpointPipeline)  # read with --model.path only
 
 
@@ -234,7 +245,16 @@ def rlaif_phase(cfg: ConstitutionalExperiment, feedback_params, sl_params, train
                 mesh=mesh, logger=MetricsLogger.from_config(exp.logging))
     after = accuracy(out.state.params, cfg.model, heldout, mesh)
     return {"pairs": pairs.size, "judge": judged, "rm_accuracy": rm_accuracy, "before": before,
-            "after": after, "rl": out.history}
+            "after": after, "rl": out.history, "params": out.state.params}
+
+
+def export_policy(params, model_config: ModelConfig, directory: str | Path) -> Path:
+    """A model as a Hugging Face checkpoint: weights, config.json (with this tokenizer's special
+    token ids) and the tokenizer files. Every process calls it; process 0 writes."""
+    out = export_hf_checkpoint(params, model_config, directory, extra_config=TOKENIZER.special_token_ids())
+    if jax.process_index() == 0:
+        TOKENIZER.save(out)
+    return out
 
 
 def gen(params, cfg: ConstitutionalExperiment, mesh, temperature: float = 0.0) -> Generator:
@@ -292,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"{time.perf_counter() - started:.0f} s)", flush=True)
 
     rl = rlaif_phase(cfg, params, sl_params, train_prompts, heldout, mesh, rng)
+    if cfg.export_dir:
+        export_policy(rl["params"], cfg.model, cfg.export_dir)
+        print(f"constitutional_ai: policy exported to {cfg.export_dir}", flush=True)
     print(f"constitutional_ai: done in {time.perf_counter() - started:.0f} s")
     print(f"constitutional_ai: sl first_try={first_try:.2f} revision={revised:.2f} after_sft={after_sft:.2f}")
     print(f"constitutional_ai: rlaif preference_pairs={rl['pairs']} rm_gold_accuracy={rl['rm_accuracy']:.2f} "

@@ -25,7 +25,8 @@ prompt's first try, critiques, revisions and principles) and `sl/metrics.jsonl`,
 `sft/metrics.jsonl`, `preferences/pairs.jsonl` and `preferences/metrics.jsonl`,
 `reward_model/metrics.jsonl` and the reward model (`reward_model/checkpoint`),
 the RL run (`rl/`: config, metrics, curves) and the final policy as a Hugging
-Face checkpoint (`policy/`).
+Face checkpoint (`policy/`: weights, config.json and the tokenizer files of
+`--model.path`); `--export_dir DIR` writes that checkpoint to DIR instead.
 """
 
 from __future__ import annotations
@@ -96,12 +97,19 @@ class CheckpointPipeline:
     group_size: int = 4
     prompts_per_step: int = 8
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    export: bool = True  # write the final policy to <run_dir>/policy
+    export: bool = True  # write the final policy to <run_dir>/policy (to --export_dir when that is set)
 
 
 def unverified(completion: str, example: Any) -> Verdict:
     """The RL phase's verifier without reference answers: nothing to grade (weight 0 in the reward)."""
     return Verdict(0.0, False, reason="no reference answer")
+
+
+def policy_dir(cfg: Any) -> Path | None:
+    """Where the final policy goes: `--export_dir`, else `<run_dir>/policy` (None: `--hf.export false`)."""
+    if cfg.export_dir:
+        return Path(cfg.export_dir)
+    return Path(cfg.run_dir) / "policy" if cfg.hf.export else None
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -224,8 +232,8 @@ def run_checkpoint(cfg: Any) -> dict[str, Any]:
     task = dataclasses.replace(task, reward_model=ModelReward([rm.params], model_config, mesh=mesh),
                                reward_model_weight=1.0, verifier_weight=0.0)
     result = train(exp, model_config=model_config, params=sl_params, task=task, mesh=mesh)
-    if hf.export:
-        export_hf_checkpoint(result.state.params, model_config, run_dir / "policy")
+    if (out := policy_dir(cfg)) is not None:  # with the tokenizer files of model.path
+        export_hf_checkpoint(result.state.params, model_config, out)
     rewards = [h["reward/mean"] for h in result.history]
     print(f"constitutional_ai: checkpoint sl revisions={sl['sl/revisions']} sft_rows={len(demos)} "
           f"rlaif preference_pairs={len(pairs)} parse_failures={judged['judge/parse_failures']:.0f} "

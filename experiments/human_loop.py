@@ -18,6 +18,12 @@
 4. Held-out pass@1 (exact match on prompts never trained on) is measured
    before and during training.
 
+With `--export_dir DIR` the trained policy is written to DIR as a Hugging Face
+checkpoint (safetensors, config.json, this script's character-level tokenizer)
+that `transformers.AutoModelForCausalLM` loads; load the tokenizer with
+`transformers.PreTrainedTokenizerFast.from_pretrained(DIR)` (`AutoTokenizer` gives
+every qwen2 model the Qwen2 BPE pre-tokenizer instead of the file's one-character split).
+
 It ends with
 `human_loop: ratings=N pairs=P retrainings=R heldout_accuracy first=0.xx last=0.yy`.
 """
@@ -48,7 +54,7 @@ from ouroboros_jax.config import (
 )
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.metrics import MetricsLogger
-from ouroboros_jax.models import Tokenizer, init_sharded
+from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, init_sharded
 from ouroboros_jax.rate import Item, RatingClient, RatingServer, RatingStore, run_rater
 from ouroboros_jax.rewards import HumanPreferenceReward
 from ouroboros_jax.selfplay.reward_model import init_reward_model
@@ -128,6 +134,15 @@ def start_rater(server: RatingServer, decide, stop: threading.Event) -> threadin
     return thread
 
 
+def export_policy(params, cfg: ExperimentConfig, directory: str | Path) -> Path:
+    """A policy as a Hugging Face checkpoint: weights, config.json (with this tokenizer's special
+    token ids) and the tokenizer files. Every process calls it; process 0 writes."""
+    out = export_hf_checkpoint(params, cfg.model, directory, extra_config=TOKENIZER.special_token_ids())
+    if jax.process_index() == 0:
+        TOKENIZER.save(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     noise = NOISE
@@ -167,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             stop.set()
             rater.join(10)
+    if cfg.export_dir:
+        export_policy(out.state.params, cfg, cfg.export_dir)
     counts = store.counts().to_json()
     accuracy = [e["eval/pass@1"] for e in out.evals]
     print(f"held-out pass@1 per eval: {' '.join(f'{a:.2f}' for a in accuracy)}; "

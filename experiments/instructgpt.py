@@ -16,7 +16,9 @@
 Prompts go through the checkpoint's chat template when it has one (as in
 every script built on `hf_run`). One run directory holds every stage:
 `sft/metrics.jsonl`, `reward_model/metrics.jsonl`, and the PPO run's own
-config.json, metrics.jsonl and checkpoints.
+config.json, metrics.jsonl and checkpoints. `--export_dir DIR` writes the PPO
+policy to DIR as a Hugging Face checkpoint (with the tokenizer files of
+`--model.path`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from ouroboros_jax.config import (
     parse_cli,
 )
 from ouroboros_jax.data import jsonl_source, read_jsonl
-from ouroboros_jax.models import param_specs
+from ouroboros_jax.models import export_hf_checkpoint, param_specs
 from ouroboros_jax.objectives import sft
 from ouroboros_jax.rewards import ModelReward
 from ouroboros_jax.selfplay.preference import PreferencePair, encode_pairs
@@ -154,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     task = dataclasses.replace(task, reward_model=ModelReward([rm.params], model_config, mesh=mesh),
                                reward_model_weight=1.0, verifier_weight=0.0)
     result = train(cfg, model_config=model_config, params=params, task=task, mesh=mesh)
+    if cfg.export_dir:  # every process gathers its shards; process 0 writes
+        export_hf_checkpoint(result.state.params, model_config, cfg.export_dir)
     finish(cfg, result, started)
     return result
 

@@ -23,6 +23,10 @@ deferred). With `--run-dir` the deferred computations go on that run's rating
 queue (`RUN_DIR/ratings.sqlite`, served by ``python -m ouroboros_jax.rate``).
 It ends with one line per level:
 `rrm: level=K anchor_accuracy checked=0.xx unchecked=0.yy deferred=0.zz`.
+
+The reward models are small MLPs on numeric features, not language models: there
+is no policy and no transformer checkpoint to export, so this script takes no
+`--export_dir` (the Hugging Face export writes decoder LMs and their reward models).
 """
 
 from __future__ import annotations

@@ -27,6 +27,11 @@ set and labels the judging set; the self-judged arm never sees it.
    measured as one). `<run_dir>/self_rewarding.png` draws both; the script
    ends with one line per arm:
    `self_rewarding: <arm> iterations=N accuracy first=0.xx last=0.yy judge_agreement first=0.xx last=0.yy`.
+4. With `--export_dir DIR`, each arm's last model is written to DIR/<arm> as a Hugging
+   Face checkpoint (safetensors, config.json, this script's character-level tokenizer)
+   that `transformers.AutoModelForCausalLM` loads; load the tokenizer with
+   `transformers.PreTrainedTokenizerFast.from_pretrained(DIR/<arm>)` (`AutoTokenizer` gives
+   every qwen2 model the Qwen2 BPE pre-tokenizer instead of the file's one-character split).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -43,7 +49,7 @@ import tyro
 
 from ouroboros_jax.config import MeshConfig, ModelConfig, WarmStartConfig
 from ouroboros_jax.data import Example
-from ouroboros_jax.models import Tokenizer, init_sharded
+from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, init_sharded
 from ouroboros_jax.rewards.judge import Judge, JudgeScores
 from ouroboros_jax.sampling import generate
 from ouroboros_jax.selfplay.reports import plot_arms
@@ -157,6 +163,8 @@ class SelfRewardingExperiment:
 
     seed: int = 0
     run_dir: str = "runs/self_rewarding"
+    # Write each arm's last model to EXPORT_DIR/<arm> as a Hugging Face checkpoint; "" writes none.
+    export_dir: str = ""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         family="qwen2", vocab_size=TOKENIZER.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
         head_dim=16, d_ff=256, max_seq_len=16, tie_embeddings=True))
@@ -173,6 +181,15 @@ class SelfRewardingExperiment:
     iteration: SelfRewardingSettings = field(default_factory=lambda: SelfRewardingSettings(
         num_candidates=4, temperature=1.0, max_new_tokens=4, steps=10, batch_size=32, learning_rate=1e-4,
         beta=0.1, judge_threshold=0.5))
+
+
+def export_policy(params, model_config: ModelConfig, directory: str | Path) -> Path:
+    """A model as a Hugging Face checkpoint: weights, config.json (with this tokenizer's special
+    token ids) and the tokenizer files. Every process calls it; process 0 writes."""
+    out = export_hf_checkpoint(params, model_config, directory, extra_config=TOKENIZER.special_token_ids())
+    if jax.process_index() == 0:
+        TOKENIZER.save(out)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]:
@@ -209,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]
                   f"{m['judge_agreement']:.2f} pairs {m.get('pairs', 0):.0f} ties {m.get('ties', 0):.0f} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
 
-        _, reports = run_self_rewarding(
+        trained, reports = run_self_rewarding(
             params, cfg.model, train, iterations=cfg.iterations, scorer=scorer,
             heldout_accuracy=lambda p: accuracy(p, cfg.model, heldout, mesh), labels=labels,
             rng=jax.random.key(cfg.seed + 1), judge_prompts_per_iteration=cfg.prompts_per_iteration,
@@ -217,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]
             stop_token_ids=(EOS,), settings=cfg.iteration, mesh=mesh, seed=cfg.seed,
             prompt_len_buckets=BUCKETS)
         results[arm] = [dict(r, generation=r["iteration"]) for r in reports]
+        if cfg.export_dir:
+            written = export_policy(trained, cfg.model, Path(cfg.export_dir) / arm)
+            print(f"self_rewarding: {arm} exported to {written}", flush=True)
     plot = plot_arms(results, ("accuracy", "judge_agreement"), f"{cfg.run_dir}/self_rewarding.png")
     print(f"self_rewarding: plot in {plot}; {time.perf_counter() - started:.0f} s in all")
     for arm, reports in results.items():

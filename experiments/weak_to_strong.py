@@ -21,6 +21,10 @@ pretrained language models). Per seed:
 
 It ends with the means over seeds:
 `weak_to_strong: weak=0.xx strong_gold=0.yy strong_on_weak=0.zz pgr=0.pp pgr_confidence=0.qq`.
+
+The weak and strong models are small MLP classifiers, not language models: there is
+no policy and no transformer checkpoint to export, so this script takes no
+`--export_dir` (the Hugging Face export writes decoder LMs and their reward models).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def test_self_rewarding_tiny_run_prints_one_line_per_arm(tmp_path, capsys):
                       "--warmstart.target_accuracy", "0", "--judge_steps", "10", "--iterations", "3",
                       "--prompts_per_iteration", "8",
                       "--heldout", "16", "--labelled", "16", "--iteration.steps", "2",
-                      "--iteration.batch_size", "4"])
+                      "--iteration.batch_size", "4", "--export_dir", str(tmp_path / "out")])
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
     for line, arm in zip(lines, ("self", "grounded"), strict=True):
         pattern = (rf"self_rewarding: {arm} iterations=3 accuracy first=(\d\.\d\d) last=(\d\.\d\d) "
@@ -57,6 +57,11 @@ def test_self_rewarding_tiny_run_prints_one_line_per_arm(tmp_path, capsys):
     assert (tmp_path / "self_rewarding.png").is_file()
     # both arms start from the same warm start
     assert results["self"][0]["accuracy"] == results["grounded"][0]["accuracy"]
+    from ouroboros_jax.models import Tokenizer, load_hf_checkpoint
+    for arm in ("self", "grounded"):  # each arm's last model, with the script's tokenizer
+        model_config, _ = load_hf_checkpoint(tmp_path / "out" / arm)
+        assert (model_config.d_model, model_config.vocab_size) == (32, m.TOKENIZER.vocab_size)
+        assert Tokenizer.from_dir(tmp_path / "out" / arm).encode("47+8=55?") == m.TOKENIZER.encode("47+8=55?")
 
 
 def test_constitutional_toy_feedback_rows():
@@ -84,7 +89,7 @@ def test_constitutional_tiny_run_prints_both_phases(tmp_path, capsys):
     args = ["--run_dir", str(tmp_path), "--model.d_model", "32", "--model.n_heads", "2",
             "--model.n_kv_heads", "2", "--model.d_ff", "64", "--warmstart.steps", "10",
             "--warmstart.target_accuracy", "0", "--feedback_steps", "10", "--heldout", "16",
-            "--sft_steps", "2", "--rm_steps", "2", "--rl_steps", "2"]
+            "--sft_steps", "2", "--rm_steps", "2", "--rl_steps", "2", "--export_dir", str(tmp_path / "out")]
     sl_line = (r"constitutional_ai: sl first_try=\d\.\d\d revision=\d\.\d\d after_sft=\d\.\d\d "
                r"\(\d+ revisions.*")
     try:
@@ -99,13 +104,17 @@ def test_constitutional_tiny_run_prints_both_phases(tmp_path, capsys):
     assert re.fullmatch(r"constitutional_ai: rlaif preference_pairs=\d+ rm_gold_accuracy=\d\.\d\d "
                         r"accuracy before=\d\.\d\d after=\d\.\d\d", lines[1])
     assert out["pairs"] > 0
+    from ouroboros_jax.models import Tokenizer, load_hf_checkpoint
+    model_config, _ = load_hf_checkpoint(tmp_path / "out")  # the RLAIF policy, with the script's tokenizer
+    assert (model_config.d_model, model_config.vocab_size) == (32, m.TOKENIZER.vocab_size)
+    assert Tokenizer.from_dir(tmp_path / "out").encode("47+8=54?46=0|") == m.TOKENIZER.encode("47+8=54?46=0|")
 
 
 @pytest.mark.parametrize("name, flags", [
     ("self_rewarding", ("--iterations", "--judge_fraction", "--iteration.num_candidates",
-                        "--iteration.beta")),
+                        "--iteration.beta", "--export_dir")),
     ("constitutional_ai", ("--feedback_steps", "--sft_steps", "--rm_steps", "--rl_steps", "--model.path",
-                           "--prompts", "--rounds", "--hf.undecided", "--hf.rl")),
+                           "--prompts", "--rounds", "--hf.undecided", "--hf.rl", "--export_dir")),
 ])
 def test_help_names_the_config_fields(name, flags, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -64,13 +64,19 @@ def test_weak_to_strong_script_tiny_run(capsys):
 def test_human_loop_tiny_run(tmp_path, capsys):
     loop = load_script("human_loop")
     result = loop.main(["--train.steps", "2", "--train.eval-every", "1", "--train.eval-size", "8",
-                        "--warmstart.steps", "5", "--logging.run-dir", str(tmp_path / "run"), "--noise", "0"])
+                        "--warmstart.steps", "5", "--logging.run-dir", str(tmp_path / "run"), "--noise", "0",
+                        "--export_dir", str(tmp_path / "out")])
     out = capsys.readouterr()
     assert re.fullmatch(r"human_loop: ratings=\d+ pairs=\d+ retrainings=\d+ heldout_accuracy first=\d\.\d\d "
                         r"last=\d\.\d\d", out.out.strip().splitlines()[-1])
     assert result["ratings"] > 0 and result["retrainings"] >= 1
     assert "ratings: waiting for" in out.err
     assert (tmp_path / "run" / "ratings.sqlite").exists()
+    from ouroboros_jax.models import Tokenizer, load_hf_checkpoint
+    model_config, _ = load_hf_checkpoint(tmp_path / "out")  # the trained policy, with the script's tokenizer
+    assert model_config.vocab_size == loop.TOKENIZER.vocab_size
+    prompt = "What is 3 + 4?"
+    assert Tokenizer.from_dir(tmp_path / "out").encode(prompt) == loop.TOKENIZER.encode(prompt)
 
 
 def test_simulated_rater_prefers_the_nearer_answer():
@@ -82,3 +88,16 @@ def test_simulated_rater_prefers_the_nearer_answer():
     assert decide(item(["5", "7"])) == {"choice": 1}
     assert decide(item(["8", "x"])) == {"choice": 0}
     assert decide(item(["6", "8"])) == {"skip": True}
+
+
+@pytest.mark.parametrize("name", ["recursive_reward_modeling", "weak_to_strong"])
+def test_classifier_scripts_say_why_they_take_no_export_dir(name, capsys):
+    script = load_script(name)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "MLP" in help_text and "so this script takes no --export_dir" in help_text.replace("`", "")
+    with pytest.raises(SystemExit) as exit_info:  # refused, not silently ignored
+        script.main(["--export_dir", "out"])
+    assert exit_info.value.code == 2
