@@ -77,8 +77,9 @@ from ouroboros_jax.config import (  # noqa: E402
     WarmStartConfig,
 )
 from ouroboros_jax.data import Example, LazyExamples, PromptSource  # noqa: E402
+from ouroboros_jax.export import export_with_tokenizer
 from ouroboros_jax.metrics import MetricsLogger  # noqa: E402
-from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, init_sharded  # noqa: E402
+from ouroboros_jax.models import Tokenizer, init_sharded  # noqa: E402
 from ouroboros_jax.rewards import ModelReward  # noqa: E402
 from ouroboros_jax.rewards.judge import Judge  # noqa: E402
 from ouroboros_jax.sampling import generate  # noqa: E402
@@ -251,10 +252,7 @@ def rlaif_phase(cfg: ConstitutionalExperiment, feedback_params, sl_params, train
 def export_policy(params, model_config: ModelConfig, directory: str | Path) -> Path:
     """A model as a Hugging Face checkpoint: weights, config.json (with this tokenizer's special
     token ids) and the tokenizer files. Every process calls it; process 0 writes."""
-    out = export_hf_checkpoint(params, model_config, directory, extra_config=TOKENIZER.special_token_ids())
-    if jax.process_index() == 0:
-        TOKENIZER.save(out)
-    return out
+    return export_with_tokenizer(params, model_config, TOKENIZER, directory)
 
 
 def gen(params, cfg: ConstitutionalExperiment, mesh, temperature: float = 0.0) -> Generator:

@@ -53,8 +53,9 @@ from ouroboros_jax.config import (
     parse_cli,
 )
 from ouroboros_jax.data import arithmetic_source
+from ouroboros_jax.export import export_with_tokenizer
 from ouroboros_jax.metrics import MetricsLogger
-from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, init_sharded
+from ouroboros_jax.models import Tokenizer, init_sharded
 from ouroboros_jax.rate import Item, RatingClient, RatingServer, RatingStore, run_rater
 from ouroboros_jax.rewards import HumanPreferenceReward
 from ouroboros_jax.selfplay.reward_model import init_reward_model
@@ -137,10 +138,7 @@ def start_rater(server: RatingServer, decide, stop: threading.Event) -> threadin
 def export_policy(params, cfg: ExperimentConfig, directory: str | Path) -> Path:
     """A policy as a Hugging Face checkpoint: weights, config.json (with this tokenizer's special
     token ids) and the tokenizer files. Every process calls it; process 0 writes."""
-    out = export_hf_checkpoint(params, cfg.model, directory, extra_config=TOKENIZER.special_token_ids())
-    if jax.process_index() == 0:
-        TOKENIZER.save(out)
-    return out
+    return export_with_tokenizer(params, cfg.model, TOKENIZER, directory)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -48,8 +48,9 @@ from ouroboros_jax.config import (
 )
 from ouroboros_jax.data import arithmetic_source
 from ouroboros_jax.evaluation import evaluate
+from ouroboros_jax.export import export_with_tokenizer
 from ouroboros_jax.metrics import MetricsLogger, plot_run
-from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, init_sharded
+from ouroboros_jax.models import Tokenizer, init_sharded
 from ouroboros_jax.plots import WARMSTART_DIR
 from ouroboros_jax.sharding import make_mesh
 from ouroboros_jax.supervised import supervised_warmstart
@@ -140,10 +141,7 @@ def make_task(cfg: ExperimentConfig) -> Task:
 def export_policy(params, cfg: ExperimentConfig, directory: str) -> Path:
     """`--export_dir`: the policy as a Hugging Face checkpoint (weights, config.json with this
     tokenizer's special token ids, the tokenizer files). Every process calls it; process 0 writes."""
-    out = export_hf_checkpoint(params, cfg.model, directory, extra_config=TOKENIZER.special_token_ids())
-    if jax.process_index() == 0:
-        TOKENIZER.save(out)
-    return out
+    return export_with_tokenizer(params, cfg.model, TOKENIZER, directory)
 
 
 def main(argv: list[str] | None = None) -> None:

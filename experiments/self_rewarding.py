@@ -49,7 +49,8 @@ import tyro
 
 from ouroboros_jax.config import MeshConfig, ModelConfig, WarmStartConfig
 from ouroboros_jax.data import Example
-from ouroboros_jax.models import Tokenizer, export_hf_checkpoint, init_sharded
+from ouroboros_jax.export import export_with_tokenizer
+from ouroboros_jax.models import Tokenizer, init_sharded
 from ouroboros_jax.rewards.judge import Judge, JudgeScores
 from ouroboros_jax.sampling import generate
 from ouroboros_jax.selfplay.reports import plot_arms
@@ -186,10 +187,7 @@ class SelfRewardingExperiment:
 def export_policy(params, model_config: ModelConfig, directory: str | Path) -> Path:
     """A model as a Hugging Face checkpoint: weights, config.json (with this tokenizer's special
     token ids) and the tokenizer files. Every process calls it; process 0 writes."""
-    out = export_hf_checkpoint(params, model_config, directory, extra_config=TOKENIZER.special_token_ids())
-    if jax.process_index() == 0:
-        TOKENIZER.save(out)
-    return out
+    return export_with_tokenizer(params, model_config, TOKENIZER, directory)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]:

@@ -30,6 +30,18 @@ from ouroboros_jax.step import init_train_state
 from ouroboros_jax.trainer import CONFIG_FILE, checkpoint_directory, optimizer_from_config, policy_objective
 
 
+def export_with_tokenizer(params, model_config: ModelConfig, tokenizer,
+                          directory: str | os.PathLike[str]) -> Path:
+    """`params` as a Hugging Face checkpoint with `tokenizer` (a `models.Tokenizer`): the weights,
+    config.json carrying the tokenizer's special token ids, and the tokenizer files; what the
+    scripts with their own (character-level) tokenizer write for `--export_dir`. Every process
+    calls it (the weights are gathered); process 0 writes."""
+    out = export_hf_checkpoint(params, model_config, directory, extra_config=tokenizer.special_token_ids())
+    if jax.process_index() == 0:
+        tokenizer.save(out)
+    return out
+
+
 def run_model_config(cfg: ExperimentConfig) -> ModelConfig:
     """The architecture a run trained: its HF checkpoint's when `model.path` is set, else `cfg.model`."""
     if not cfg.model.path:
