@@ -77,7 +77,7 @@ from ouroboros_jax.config import (  # noqa: E402
     WarmStartConfig,
 )
 from ouroboros_jax.data import Example, LazyExamples, PromptSource  # noqa: E402
-from ouroboros_jax.export import export_with_tokenizer
+from ouroboros_jax.export import export_with_tokenizer  # noqa: E402
 from ouroboros_jax.metrics import MetricsLogger  # noqa: E402
 from ouroboros_jax.models import Tokenizer, init_sharded  # noqa: E402
 from ouroboros_jax.rewards import ModelReward  # noqa: E402
