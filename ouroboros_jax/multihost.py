@@ -42,7 +42,7 @@ from ouroboros_jax.metrics import PhaseTimer
 from ouroboros_jax.rewards.base import RewardSource
 from ouroboros_jax.rollout import Rollout, RolloutSettings, sample_and_score
 from ouroboros_jax.rollout import rollout_metrics as host_rollout_metrics
-from ouroboros_jax.sharding import batch_sharding, batch_shards, check_divisible, logical_to_spec, replicated
+from ouroboros_jax.sharding import batch_sharding, batch_shards, logical_to_spec, replicated
 
 
 def spans_processes(mesh: Mesh | None) -> bool:
@@ -156,21 +156,14 @@ def generate_rows(
     P = sampling.bucket_size(T, prompt_len_buckets)
     tokens_p, mask_p = sampling._pad_to_bucket(tokens, mask, len(block), P)
     B_pad = sampling.bucket_size(num_prompts, None, multiple=batch_shards(mesh))
-    cache_axes = sampling.ACTIVATION_AXES["kv_cache_LBKSH"]
-    check_divisible("kv_cache", (cfg.n_layers, B_pad * G, cfg.n_kv_heads, P + C, cfg.head_dim),
-                    logical_to_spec(cache_axes), mesh, cache_axes)
+    sampling.check_cache_fits(cfg, mesh, rows=B_pad * G, cache_slots=P + C)
     rows, by_row = NamedSharding(mesh, logical_to_spec(("batch", None))), batch_sharding(mesh)
     inputs = (jax.make_array_from_process_local_data(rows, tokens_p, (B_pad, P)),
               jax.make_array_from_process_local_data(rows, mask_p, (B_pad, P)),
               jax.make_array_from_process_local_data(by_row, np.asarray(block) < num_prompts, (B_pad,)))
-    greedy = temperature == 0
-    static = sampling._Static(C, G, greedy, 0 if greedy else int(top_k), top_p < 1 and not greedy, mesh,
-                              sampling._unroll_layers("auto", mesh, P + C))
-    stop_V = np.zeros(cfg.vocab_size, bool)
-    stop_V[list(stop_token_ids)] = True
-    knobs = (np.float32(temperature or 1.0), np.float32(top_p), stop_V)
-    if not jax.numpy.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a legacy uint32 key
-        rng = jax.random.wrap_key_data(rng)
+    static, knobs, rng = sampling.program_settings(
+        cfg, mesh, max_new_tokens=C, num_samples=G, temperature=temperature, top_p=top_p, top_k=top_k,
+        stop_token_ids=stop_token_ids, rng=rng, cache_slots=P + C)
     out = sampling._sample_bucket(params, cfg, *inputs, knobs, rng, static=static)
     host = {k: local_rows(v, by_row)[:real * G] for k, v in out.items() if k != "steps"}
     lengths = host["lengths"]

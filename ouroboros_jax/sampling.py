@@ -427,6 +427,31 @@ def _unroll_layers(layer_loop: str, mesh: Mesh | None, cache_slots: int) -> bool
     return layer_loop == "unroll"
 
 
+def program_settings(
+    cfg: ModelConfig, mesh: Mesh | None, *, max_new_tokens: int, num_samples: int, temperature: float,
+    top_p: float, top_k: int, stop_token_ids: Sequence[int], rng: jax.Array, cache_slots: int,
+    layer_loop: str = "auto",
+) -> tuple[_Static, tuple[np.ndarray, np.ndarray, np.ndarray], jax.Array]:
+    """The sampler program's static settings, its traced knobs (temperature, top-p, stop-token
+    mask) and a typed PRNG key, as `generate` (and `multihost.generate_rows`) pass them."""
+    greedy = temperature == 0  # top-k / top-p do not change an argmax: keep one greedy program
+    static = _Static(max_new_tokens, num_samples, greedy, 0 if greedy else int(top_k),
+                     top_p < 1 and not greedy, mesh, _unroll_layers(layer_loop, mesh, cache_slots))
+    stop_V = np.zeros(cfg.vocab_size, bool)
+    stop_V[list(stop_token_ids)] = True
+    knobs = (np.float32(temperature or 1.0), np.float32(top_p), stop_V)
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a legacy uint32 key
+        rng = jax.random.wrap_key_data(rng)
+    return static, knobs, rng
+
+
+def check_cache_fits(cfg: ModelConfig, mesh: Mesh, *, rows: int, cache_slots: int) -> None:
+    """Raise (naming the axis) when the KV cache of `rows` rows cannot be split over `mesh`."""
+    cache_shape = (cfg.n_layers, rows, cfg.n_kv_heads, cache_slots, cfg.head_dim)
+    cache_axes = ACTIVATION_AXES["kv_cache_LBKSH"]
+    check_divisible("kv_cache", cache_shape, logical_to_spec(cache_axes), mesh, cache_axes)
+
+
 def _check_args(cfg: ModelConfig, max_new_tokens, num_samples, temperature, top_p, top_k, stop_token_ids):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be >= 1 (got {max_new_tokens})")
@@ -509,19 +534,12 @@ def generate(
     P = bucket_size(T, prompt_len_buckets)
     B_pad = bucket_size(B, batch_buckets, multiple=shards)
     tokens_p, mask_p = _pad_to_bucket(tokens, mask, B_pad, P)
-    greedy = temperature == 0  # top-k / top-p do not change an argmax: keep one greedy program
-    static = _Static(C, G, greedy, 0 if greedy else int(top_k), top_p < 1 and not greedy, mesh,
-                     _unroll_layers(layer_loop, mesh, P + C))
-    stop_V = np.zeros(cfg.vocab_size, bool)
-    stop_V[list(stop_token_ids)] = True
-    knobs = (np.float32(temperature or 1.0), np.float32(top_p), stop_V)
-    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a legacy uint32 key
-        rng = jax.random.wrap_key_data(rng)
+    static, knobs, rng = program_settings(cfg, mesh, max_new_tokens=C, num_samples=G, temperature=temperature,
+                                          top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids, rng=rng,
+                                          cache_slots=P + C, layer_loop=layer_loop)
     inputs = (tokens_p, mask_p, np.arange(B_pad) < B)
     if mesh is not None:
-        cache_shape = (cfg.n_layers, B_pad * G, cfg.n_kv_heads, P + C, cfg.head_dim)
-        cache_axes = ACTIVATION_AXES["kv_cache_LBKSH"]
-        check_divisible("kv_cache", cache_shape, logical_to_spec(cache_axes), mesh, cache_axes)
+        check_cache_fits(cfg, mesh, rows=B_pad * G, cache_slots=P + C)
         rows = NamedSharding(mesh, logical_to_spec(("batch", None)))
         inputs = (jax.device_put(tokens_p, rows), jax.device_put(mask_p, rows),
                   jax.device_put(inputs[2], NamedSharding(mesh, logical_to_spec(("batch",)))))
